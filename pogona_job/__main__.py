@@ -1,0 +1,3 @@
+from pogona_job.cli import main
+
+raise SystemExit(main())

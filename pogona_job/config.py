@@ -1,0 +1,233 @@
+"""The job's configuration: one pydantic-settings class, read from `POGONA_*` variables.
+
+This class is the single source of truth for every knob, its default and its doc; the
+README's variable table is generated from it (`python -m pogona_job.config --markdown`).
+AWS credentials, region and endpoint are deliberately absent: boto3 reads its own
+standard variables (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL_S3`, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pogona_job.errors import ConfigError
+
+ENV_PREFIX = "POGONA_"
+_S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda|cuda:\d+|\d+(,\d+)*)$")
+
+
+def _check_s3_uri(value: str) -> str:
+    if not _S3_URI.match(value):
+        raise ValueError("must look like s3://bucket/prefix")
+    return value.rstrip("/")
+
+
+S3Uri = Annotated[str, AfterValidator(_check_s3_uri)]
+
+
+class Settings(BaseSettings):
+    """Every knob of the job. Field docs become the README table."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    # --- where things are ---------------------------------------------------------------
+    dataset_uri: S3Uri | None = Field(
+        None, description="`s3://bucket/prefix` of the labelled dataset (required by `run`, `dataset pull/push`)"
+    )
+    output_uri: S3Uri | None = Field(
+        None, description="`s3://bucket/prefix` under which runs are written (required by `run`)"
+    )
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$",
+        description="names the run; default `AWS_BATCH_JOB_ID`, then `KUBERNETES_JOB_NAME`, else generated. "
+        "The same id on a retry resumes that run",
+    )
+    work_dir: Path = Field(
+        Path(os.environ.get("TMPDIR", "/tmp")) / "pogona-job",
+        description="local scratch: dataset cache, staged dataset, ultralytics runs",
+    )
+
+    # --- training -----------------------------------------------------------------------
+    model: str = Field("yolo11s.pt", description="pretrained weights name, a `.yaml` (from scratch), or an `s3://` URI")
+    class_names: str = Field("pogona_head", description="comma-separated class names, in class-id order")
+    epochs: int = Field(60, ge=1, description="full-training epochs")
+    sanity_epochs: int = Field(3, ge=2, description="sanity epochs run before full training")
+    imgsz: int = Field(640, ge=32, le=4096, description="training image size (pixels)")
+    batch: int = Field(8, ge=-1, description="batch size; `-1` lets ultralytics' AutoBatch fill the GPU")
+    device: str = Field(
+        "auto",
+        description="`auto` (CUDA if present, else CPU - never MPS), `cpu`, `0`, `0,1`, `mps`",
+    )
+    allow_mps: bool = Field(False, description="permit `POGONA_DEVICE=mps` (known to train silently on zeros)")
+    workers: int = Field(2, ge=0, description="dataloader workers (capped by CPU count and /dev/shm)")
+    seed: int = Field(42, description="seed for training and the train/val split")
+    optimizer: Literal["SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto"] = Field(
+        "AdamW", description="optimizer"
+    )
+    lr0: float = Field(0.001, gt=0, le=1, description="initial learning rate")
+    patience: int = Field(100, ge=0, description="early-stopping patience (epochs without improvement)")
+
+    # --- dataset ------------------------------------------------------------------------
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of a flat dataset put in the val split")
+    validation_policy: Literal["strict", "lenient"] = Field(
+        "strict", description="`strict`: any dataset problem stops the job; `lenient`: drop bad items"
+    )
+
+    # --- sanity gate --------------------------------------------------------------------
+    gate_min_loss_drop: float = Field(
+        0.02, ge=0, lt=1, description="sanity: total train loss must fall by at least this fraction"
+    )
+    gate_min_map50: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="sanity: minimum mAP@0.5; default 0.05 for pretrained weights, 0 for a `.yaml` "
+        "(a from-scratch model scores 0 for its first epochs)",
+    )
+
+    gate_zero_batches: int = Field(
+        6, ge=1, le=1000, description="watchdog: abort after this many consecutive labelled batches with box = dfl = 0"
+    )
+    modality_lag_margin: float = Field(
+        0.1, ge=0, le=1, description="report: flag a modality whose mAP@0.5 trails the best one by more than this"
+    )
+
+    # --- logging, storage ---------------------------------------------------------------
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="`json` (one object a line), `console`, or `auto` (console on a TTY)"
+    )
+    s3_threads: int = Field(32, ge=1, le=256, description="parallel S3 transfers (one shared client)")
+    s3_max_attempts: int = Field(5, ge=1, le=20, description="botocore attempts per S3 call (standard retry mode)")
+    debug: bool = Field(False, description="show tracebacks and ultralytics' own output")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError("must be auto, cpu, mps, cuda, a GPU index like 0, or a list like 0,1")
+        return value
+
+    @field_validator("class_names")
+    @classmethod
+    def _class_names(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError("must be distinct, non-empty, comma-separated names")
+        return ",".join(names)
+
+    # --- derived values -----------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return self.class_names.split(",")
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.model.endswith((".yaml", ".yml"))
+
+    @property
+    def min_map50(self) -> float:
+        if self.gate_min_map50 is not None:
+            return self.gate_min_map50
+        return 0.0 if self.from_scratch else 0.05
+
+    def effective_run_id(self) -> str:
+        """The run id: explicit, else the scheduler's stable job id, else a new one."""
+        for candidate in (self.run_id, os.environ.get("AWS_BATCH_JOB_ID"), os.environ.get("KUBERNETES_JOB_NAME")):
+            if candidate:
+                return candidate
+        return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+    def require_uris(self) -> None:
+        for name in ("dataset_uri", "output_uri"):
+            if getattr(self, name) is None:
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name.upper()} is required: set it to an s3://bucket/prefix "
+                    "(run `pogona-job config` to see every variable)."
+                )
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def known_env_names() -> list[str]:
+    return [env_name(f) for f in Settings.model_fields]
+
+
+def check_unknown_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """A misspelled POGONA_* variable would be silently ignored; stop instead."""
+    known = set(known_env_names())
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+            hint = f" - did you mean {close[0]}?" if close else f"; known variables: {', '.join(sorted(known))}."
+            raise ConfigError(f"Unknown variable {name}{hint}")
+
+
+def load_settings() -> Settings:
+    """Read and validate the environment, or raise ConfigError naming the variable."""
+    check_unknown_env()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raw = os.environ.get(env_name(field), "")
+        shown = f" (got {raw!r})" if raw else ""
+        raise ConfigError(f"{env_name(field)} is invalid{shown}: {err['msg']}.") from None
+
+
+def mask(value: str | None) -> str:
+    if not value:
+        return "(unset)"
+    return value[:4] + "*" * max(4, len(value) - 4) if len(value) > 8 else "****"
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """Everything the job will use, for `pogona-job config` and config.json; secrets masked."""
+    out: dict[str, Any] = {
+        env_name(k): (str(v) if isinstance(v, Path) else v) for k, v in settings.model_dump().items()
+    }
+    out["aws"] = {
+        "AWS_ENDPOINT_URL_S3": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        "AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        "AWS_PROFILE": os.environ.get("AWS_PROFILE"),
+        "AWS_ACCESS_KEY_ID": mask(os.environ.get("AWS_ACCESS_KEY_ID")),
+        "AWS_SECRET_ACCESS_KEY": "****" if os.environ.get("AWS_SECRET_ACCESS_KEY") else "(unset)",
+        "AWS_SESSION_TOKEN": "****" if os.environ.get("AWS_SESSION_TOKEN") else "(unset)",
+    }
+    return out
+
+
+def markdown_table() -> str:
+    """The README's variable table, generated so that it cannot drift from the class."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        if name in ("dataset_uri", "output_uri"):
+            default = "required"
+        elif name == "work_dir":
+            default = "`$TMPDIR/pogona-job`"
+        elif field.default is None:
+            default = "see meaning"
+        else:
+            default = f"`{field.default}`"
+        lines.append(f"| {env_name(name)} | {default} | {field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - used by `make readme`
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table(), end="")

@@ -1,0 +1,67 @@
+"""Every way the job can end, as an exception that knows its exit code.
+
+The scheduler acts on the exit code (see the contract's table); the user reads the
+sentence. `job.run()` is the only place that turns these into a process exit.
+"""
+
+from __future__ import annotations
+
+
+class JobError(Exception):
+    """A failure with a documented exit code and one human sentence."""
+
+    exit_code = 6
+    status = "failed"
+
+    def __init__(self, sentence: str) -> None:
+        super().__init__(sentence)
+        self.sentence = sentence
+
+
+class ConfigError(JobError):
+    """Invalid, missing or misspelled configuration (also: weights we cannot obtain)."""
+
+    exit_code = 2
+
+
+class DatasetError(JobError):
+    """The dataset is empty, malformed or fails validation."""
+
+    exit_code = 3
+
+
+class StorageDenied(JobError):
+    """The bucket refused us for good: access denied, no such bucket, bad credentials."""
+
+    exit_code = 4
+
+
+class SanityFailed(JobError):
+    """The model is not learning on this backend/data; full training must not start."""
+
+    exit_code = 5
+
+
+class TrainingFailed(JobError):
+    """Training failed for any other reason."""
+
+    exit_code = 6
+
+
+class TransientFailure(JobError):
+    """Network or storage kept failing after botocore's retries; a retry may succeed."""
+
+    exit_code = 75
+
+
+class RunBusy(JobError):
+    """Another live job holds this run id; retry later (the retry exits 0 once it succeeded)."""
+
+    exit_code = 75
+
+
+class Interrupted(JobError):
+    """SIGTERM/SIGINT: we saved what we could; a restart with the same run id resumes."""
+
+    exit_code = 143
+    status = "interrupted"

@@ -1,0 +1,415 @@
+"""The whole job as a straight story: config, pull, stage, validate, sanity, verdict, full
+training, report, push. `run()` maps every outcome to an exit code and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pogona_job import storage
+from pogona_job.config import Settings, effective_config
+from pogona_job.errors import Interrupted, JobError, TrainingFailed
+from pogona_job.gate import BatchWatchdog
+from pogona_job.logs import bind, get_logger
+from pogona_job.report import RunRecord, render
+from pogona_job.storage import S3Path
+
+log = get_logger()
+PLOTS = ("results.png", "BoxPR_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask for a stop at the next safe point; a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.requested_at: float | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.requested_at is not None:
+            os._exit(143)
+        self.requested_at = time.monotonic()
+        log.warning("stop requested", signal=signal.Signals(signum).name)
+
+    def check(self) -> None:
+        if self.requested_at is not None:
+            raise Interrupted(
+                "Stopped by a termination signal; progress so far is saved - start the job again with the same "
+                "POGONA_RUN_ID to resume."
+            )
+
+
+@dataclass
+class Job:
+    settings: Settings
+    run_id: str
+    attempt: int
+    client: Any
+    out: S3Path  # <output>/<run_id>
+    work: Path
+    record: RunRecord
+    stop: StopFlag
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.stop.check()
+        bind(phase=name)
+        log.info("phase started")
+        start = time.monotonic()
+        try:
+            yield
+        except JobError:
+            self.record.failed_phase = self.record.failed_phase or name
+            raise
+        finally:
+            self.record.timings[name] = round(time.monotonic() - start, 2)
+        log.info("phase finished", seconds=self.record.timings[name])
+        self.stop.check()
+
+
+def run(settings: Settings) -> int:
+    """Run the job; every outcome becomes an exit code and, on failure, one sentence on stderr."""
+    job: Job | None = None
+    try:
+        job = _prepare(settings)
+        _execute(job)
+        return 0
+    except JobError as err:
+        return _finish_failed(job, err, settings.debug)
+    except Exception as err:  # a bug or an unforeseen library error: still one sentence, exit 6
+        if settings.debug:
+            raise
+        wrapped = TrainingFailed(
+            f"Unexpected error: {type(err).__name__}: {err}. Re-run with POGONA_DEBUG=true for details."
+        )
+        return _finish_failed(job, wrapped, settings.debug)
+
+
+def _prepare(settings: Settings) -> Job:
+    settings.require_uris()
+    assert settings.dataset_uri and settings.output_uri
+    run_id = settings.effective_run_id()
+    attempt = int(os.environ.get("AWS_BATCH_JOB_ATTEMPT", "1") or 1)
+    bind(run_id=run_id, attempt=attempt, phase="config")
+    stop = StopFlag()
+    stop.install()
+    work = settings.work_dir.resolve()
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    from pogona_job import offline
+
+    offline.prepare(work / "ultralytics")
+    client = storage.make_client(threads=settings.s3_threads, max_attempts=settings.s3_max_attempts)
+    out = S3Path.parse(settings.output_uri) / run_id
+    record = RunRecord(
+        run_id=run_id,
+        attempt=attempt,
+        output_uri=settings.output_uri,
+        config=effective_config(settings),
+        model=settings.model,
+        classes=settings.classes,
+        started_at=_now(),
+    )
+    return Job(settings, run_id, attempt, client, out, work, record, stop)
+
+
+def _execute(job: Job) -> None:
+    s, rec = job.settings, job.record
+    from pogona_job import dataset, training
+    from pogona_job.gate import parity_probe, require_parity, verdict
+
+    with job.phase("config"):
+        assert s.dataset_uri
+        storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from")
+        storage.check_bucket(job.client, job.out, "checking the output prefix")
+        previous = storage.get_json(job.client, job.out / "manifest.json")
+        if previous and previous.get("status") == "succeeded":
+            log.info("run already succeeded; nothing to redo", manifest=(job.out / "manifest.json").uri)
+            print(f"Run {job.run_id} already succeeded: {job.out.uri}/ (nothing redone).", file=sys.stderr)
+            raise _AlreadyDone("already succeeded")
+        import ultralytics  # noqa: F401 - after offline.prepare(); the first import is the slow part
+
+        from pogona_job import logs, offline
+
+        offline.switch_off_outbound()
+        logs.route_ultralytics(debug=s.debug)
+        device = training.resolve_device(s)
+        workers, workers_reason = training.resolve_workers(s.workers)
+        rec.settings_used.update(device=device, workers=workers, workers_reason=workers_reason)
+        log.info("resources", device=device, workers=workers_reason)
+        model_source = _model_source(job)
+
+    with job.phase("pull"):
+        src = S3Path.parse(s.dataset_uri)
+        local = job.work / "cache" / src.bucket / src.key
+        result = storage.pull_prefix(job.client, src, local, threads=s.s3_threads, progress=_progress(job, "pull"))
+        log.info(
+            "dataset pulled", files=result.files, bytes=result.bytes, fetched=result.fetched, cached=result.skipped
+        )
+        rec.dataset.update(uri=s.dataset_uri, fingerprint=result.fingerprint, files=result.files, bytes=result.bytes)
+
+    with job.phase("stage"):
+        inventory = dataset.inspect_dataset(local, s.classes)
+        staged_root = job.work / "staged"
+        try:
+            staged = dataset.stage_dataset(
+                inventory, staged_root, s.classes, policy=s.validation_policy, val_fraction=s.val_fraction, seed=s.seed
+            )
+        finally:
+            rec.dataset.update(problems=len(inventory.problems), junk_ignored=inventory.junk_ignored)
+            problems = staged_root / "problems.txt"
+            if problems.exists():
+                _upload(job, [(problems, "dataset/problems.txt")])
+        rec.dataset.update(
+            layout=inventory.layout,
+            images=staged.images,
+            boxes=staged.boxes,
+            backgrounds=staged.backgrounds,
+            counts=staged.counts,
+            dropped=staged.dropped,
+        )
+        log.info("dataset staged", images=staged.images, boxes=staged.boxes, counts=staged.counts)
+
+    with job.phase("sanity"):
+        if device != "cpu":
+            rec.parity = parity_probe(training.batch_loss_fn(model_source, staged.data_yaml, s.imgsz), device)
+            log.info("parity probe", passed=rec.parity.passed, cpu=rec.parity.cpu, device=rec.parity.accelerator)
+            require_parity(rec.parity)
+        else:
+            rec.parity_note = "skipped: training runs on the CPU, the reference itself"
+            log.info("parity probe skipped", reason="device is the CPU")
+        rec.sanity = _train(job, "sanity", model_source, staged.data_yaml, device, workers, s.sanity_epochs)
+        _upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
+
+    with job.phase("verdict"):
+        rec.verdict = verdict(rec.sanity.rows, min_loss_drop=s.gate_min_loss_drop, min_map50=s.min_map50)
+        for c in rec.verdict.criteria:
+            log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
+        if not rec.verdict.passed:
+            from pogona_job.errors import SanityFailed
+
+            raise SanityFailed(rec.verdict.failure_sentence())
+
+    with job.phase("full"):
+        rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
+
+    with job.phase("evaluate"):
+        from pogona_job.evaluate import evaluate_per_modality, lagging_modalities
+
+        best = rec.full.save_dir / "weights" / "best.pt"
+        rec.per_modality = evaluate_per_modality(
+            best, staged, imgsz=s.imgsz, batch=max(s.batch, 1), device=device, work_dir=job.work / "runs"
+        )
+        rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)
+
+    with job.phase("push"):
+        _push_outputs(job, rec.full.save_dir, staged.split_files)
+        rec.status, rec.finished_at = "succeeded", _now()
+        _publish(job)
+    log.info("run succeeded", outputs=job.out.uri, **_final_numbers(rec))
+
+
+class _AlreadyDone(JobError):
+    exit_code = 0
+
+
+def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str, workers: int, epochs: int) -> Any:
+    from pogona_job import training
+
+    # A SIGTERM is honoured between batches, never mid-step.
+    watchdog = BatchWatchdog(zero_batches=job.settings.gate_zero_batches, phase=phase, between_batches=job.stop.check)
+    try:
+        return training.train_phase(
+            phase,
+            model_source=model_source,
+            data_yaml=data_yaml,
+            settings=job.settings,
+            device=device,
+            workers=workers,
+            epochs=epochs,
+            project=job.work / "runs" / job.run_id,
+            watchdog=watchdog,
+        )
+    finally:
+        job.record.watchdog = {
+            "phase": phase,
+            "batches": watchdog.batches,
+            "tripped": watchdog.tripped,
+            "last_batches": watchdog.history[-5:],
+        }
+
+
+def _model_source(job: Job) -> str:
+    """Weights by name, .yaml, or an s3:// URI (downloaded once into the work dir)."""
+    model = job.settings.model
+    if not model.startswith("s3://"):
+        return model
+    src = S3Path.parse(model)
+    dest = job.work / "weights" / Path(src.key).name
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with storage.errors_for(src.bucket, f"downloading the weights {model}"):
+            job.client.download_file(src.bucket, src.key, str(dest))
+    return str(dest)
+
+
+def _progress(job: Job, what: str) -> storage.Progress:
+    """A rich bar on a terminal; otherwise a progress event every 5 s."""
+    last = [time.monotonic()]
+
+    def report(files: int, nbytes: int) -> None:
+        job.stop.check()
+        now = time.monotonic()
+        if now - last[0] >= 5:
+            last[0] = now
+            log.info(f"{what} progress", files=files, mbytes=round(nbytes / 1e6, 1))
+
+    return report
+
+
+def _upload(job: Job, items: list[tuple[Path, str]]) -> list[storage.Artifact]:
+    pairs = [(path, job.out / key) for path, key in items if path.exists()]
+    return storage.upload_many(job.client, pairs, threads=job.settings.s3_threads)
+
+
+def _push_outputs(job: Job, save_dir: Path, split_files: list[Path]) -> None:
+    items: list[tuple[Path, str]] = [
+        (save_dir / "results.csv", "results.csv"),
+        (save_dir / "weights" / "best.pt", "weights/best.pt"),
+        (save_dir / "weights" / "last.pt", "weights/last.pt"),
+        *[(f, f"dataset/{f.name}") for f in split_files],
+    ]
+    for name in PLOTS:
+        src = save_dir / name
+        if src.suffix == ".jpg" and src.exists():  # the contract promises plots/*.png
+            from PIL import Image
+
+            png = src.with_suffix(".png")
+            Image.open(src).save(png)
+            src = png
+        items.append((src, f"plots/{src.name}"))
+    artifacts = _upload(job, items)
+    job.record.artifacts = [a.key.removeprefix(job.out.key + "/") for a in artifacts]
+    job.record.__dict__["_artifact_sums"] = {a.key: a for a in artifacts}
+
+
+def _publish(job: Job) -> None:
+    """config.json and report.md, then manifest.json LAST, then latest.json: readers trust the manifest."""
+    rec = job.record
+    config_path = job.work / "config.json"
+    config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
+    rec.artifacts += ["config.json", "report.md"]
+    report_path = job.work / "report.md"
+    report_path.write_text(render(rec))
+    extra = _upload(job, [(config_path, "config.json"), (report_path, "report.md")])
+    sums: dict[str, storage.Artifact] = {**rec.__dict__.get("_artifact_sums", {}), **{a.key: a for a in extra}}
+    storage.put_json(job.client, job.out / "manifest.json", _manifest(job, sums))
+    if rec.status == "succeeded":
+        latest = S3Path.parse(job.settings.output_uri or "") / "latest.json"
+        current = storage.get_json(job.client, latest)
+        if current is None or str(current.get("finished_at", "")) <= rec.finished_at:
+            storage.put_json(
+                job.client,
+                latest,
+                {"run_id": job.run_id, "manifest": (job.out / "manifest.json").uri, "finished_at": rec.finished_at},
+            )
+
+
+def _manifest(job: Job, sums: dict[str, storage.Artifact]) -> dict[str, Any]:
+    import torch
+    import ultralytics
+
+    rec = job.record
+    trained = rec.full or rec.sanity
+    hardware = trained.hardware if trained else None
+    return {
+        "status": rec.status,
+        "exit_code": rec.exit_code or 0,
+        "failure": rec.failure,
+        "failed_phase": rec.failed_phase,
+        "run_id": job.run_id,
+        "attempt": job.attempt,
+        "started_at": rec.started_at,
+        "finished_at": rec.finished_at or _now(),
+        "timings_s": rec.timings,
+        "metrics": _final_numbers(rec),
+        "sanity_metrics": training_final(rec.sanity.rows) if rec.sanity else {},
+        "verdict": rec.verdict.as_dict() if rec.verdict else None,
+        "parity": rec.parity.__dict__ if rec.parity else None,
+        "watchdog": rec.watchdog,
+        "per_modality": rec.per_modality,
+        "dataset": rec.dataset,
+        "model": rec.model,
+        "versions": {
+            "torch": torch.__version__,
+            "ultralytics": ultralytics.__version__,
+            "cuda": torch.version.cuda,
+            "python": sys.version.split()[0],
+        },
+        "device": hardware.__dict__ if hardware else rec.settings_used.get("device"),
+        "settings_used": rec.settings_used,
+        "artifacts": {
+            a.key.removeprefix(job.out.key + "/"): {"sha256": a.sha256, "size": a.size}
+            for a in sorted(sums.values(), key=lambda a: a.key)
+        },
+    }
+
+
+def training_final(rows: list[dict[str, float]]) -> dict[str, float]:
+    from pogona_job.training import final_metrics
+
+    return final_metrics(rows)
+
+
+def _final_numbers(rec: RunRecord) -> dict[str, float]:
+    return training_final(rec.full.rows) if rec.full else {}
+
+
+def _finish_failed(job: Job | None, err: JobError, debug: bool) -> int:
+    if isinstance(err, _AlreadyDone):
+        return 0
+    if job is not None:
+        rec = job.record
+        rec.status, rec.exit_code, rec.failure, rec.finished_at = err.status, err.exit_code, err.sentence, _now()
+        log.error("run failed", exit_code=err.exit_code, reason=err.sentence, phase=rec.failed_phase)
+        if err.exit_code not in (2, 4):  # config and access errors: there is nowhere (or nothing) to write
+            _publish_failure(job)
+    print(err.sentence, file=sys.stderr)
+    return err.exit_code
+
+
+def _publish_failure(job: Job) -> None:
+    """Best effort: the failure report and a manifest saying `failed`, never presented as complete."""
+    try:
+        deadline_items: list[tuple[Path, str]] = []
+        if job.record.sanity is None:
+            partial = job.work / "runs" / job.run_id / "sanity" / "results.csv"
+            if partial.exists():
+                deadline_items.append((partial, "sanity/results.csv"))
+        _upload(job, deadline_items)
+        _publish(job)
+        log.info("failure report pushed", report=(job.out / "report.md").uri)
+    except JobError as exc:
+        log.error("could not push the failure report", reason=exc.sentence)
+
+
+def clean_work(path: Path) -> None:  # pragma: no cover - used by run-local
+    shutil.rmtree(path, ignore_errors=True)

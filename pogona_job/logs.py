@@ -1,0 +1,86 @@
+"""structlog set-up: JSON lines for CloudWatch/Loki, readable lines for humans.
+
+Every event carries `run_id` and `phase` (bound as context variables by the job).
+Ultralytics' own logger is routed into the same stream so JSON mode stays one object
+per line; its progress bars are off unless debugging (they are not line-oriented).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+import structlog
+
+Format = Literal["auto", "json", "console"]
+
+
+def resolve_format(fmt: Format, stream: TextIO = sys.stderr) -> Literal["json", "console"]:
+    if fmt == "auto":
+        return "console" if stream.isatty() else "json"
+    return fmt
+
+
+def configure(fmt: Format = "auto", *, debug: bool = False, stream: TextIO | None = None) -> str:
+    """Configure structlog once per process; returns the resolved format."""
+    stream = stream or sys.stderr
+    resolved = resolve_format(fmt, stream)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if resolved == "json"
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty(), pad_event_to=28)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks if resolved == "json" else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+    return resolved
+
+
+def get_logger(**initial: Any) -> structlog.typing.FilteringBoundLogger:
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(**initial)
+    return logger
+
+
+def bind(**values: Any) -> None:
+    """Attach values (run_id, phase, attempt) to every later event."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+class _ToStructlog(logging.Handler):
+    """Forwards stdlib records (ultralytics') as structlog events."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().strip()
+        if not message:
+            return
+        log = get_logger()
+        if record.levelno >= logging.ERROR:
+            log.error("ultralytics", message=message)
+        elif record.levelno >= logging.WARNING:
+            log.warning("ultralytics", message=message)
+        else:
+            log.info("ultralytics", message=message)
+
+
+def route_ultralytics(*, debug: bool) -> None:
+    """Send ultralytics' logger through structlog; keep warnings, drop chatter unless debugging.
+
+    At WARNING level ultralytics also disables its tqdm bars (they rewrite one line with \\r,
+    which would corrupt JSON output).
+    """
+    ul = logging.getLogger("ultralytics")
+    for handler in list(ul.handlers):
+        ul.removeHandler(handler)
+    ul.addHandler(_ToStructlog())
+    ul.setLevel(logging.INFO if debug else logging.WARNING)
+    ul.propagate = False

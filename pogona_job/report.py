@@ -1,0 +1,307 @@
+"""The markdown training log, modelled on the project's origin log and filled from what happened.
+
+Pure rendering: `render(record)` turns a `RunRecord` into markdown. A failed run gets a
+report too, with the numbers seen so far and what to try next.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pogona_job.gate import LOSSES, ParityResult, Verdict, train_total
+from pogona_job.training import METRICS, PhaseResult
+
+
+@dataclass
+class RunRecord:
+    """Everything the report and the manifest say about one run, gathered as phases finish."""
+
+    run_id: str
+    attempt: int
+    output_uri: str
+    config: dict[str, Any]
+    model: str
+    classes: list[str]
+    status: str = "running"
+    exit_code: int | None = None
+    failure: str | None = None
+    failed_phase: str | None = None
+    started_at: str = ""
+    finished_at: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    settings_used: dict[str, Any] = field(default_factory=dict)  # what the job picked (device, workers, ...)
+    sanity: PhaseResult | None = None
+    full: PhaseResult | None = None
+    verdict: Verdict | None = None
+    parity: ParityResult | None = None
+    parity_note: str = ""
+    watchdog: dict[str, Any] = field(default_factory=dict)
+    per_modality: dict[str, dict[str, float]] = field(default_factory=dict)
+    lagging: list[str] = field(default_factory=list)
+    artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _trend(rows: list[dict[str, float]]) -> str:
+    if not rows:
+        return "no epoch completed"
+    if any(not math.isfinite(train_total(r)) for r in rows):
+        return "NaN/inf"
+    if all(r["train/box_loss"] == 0 and r["train/dfl_loss"] == 0 for r in rows):
+        return "box/dfl all zeros"
+    if len(rows) < 2:
+        return "one epoch"
+    first, last = train_total(rows[0]), train_total(rows[-1])
+    return f"{'decreasing' if last < first else 'not decreasing'} ({first:.3f} -> {last:.3f})"
+
+
+def _status(result: PhaseResult | None, passed: bool) -> str:
+    if result is None:
+        return "not run"
+    return "✅ WORKING" if passed else "❌ BROKEN"
+
+
+def _phase_section(title: str, result: PhaseResult, record: RunRecord) -> list[str]:
+    rows = result.rows
+    cfg = record.config
+    out = [
+        f"### {title}",
+        f"- **Hardware**: {result.hardware.line()}",
+        f"- **Duration**: {result.seconds / 60:.2f} minutes ({len(rows)} epochs)",
+        "",
+        "**Configuration:**",
+        "```yaml",
+        f"epochs: {len(rows)}",
+        f"batch: {cfg.get('POGONA_BATCH')}",
+        f"device: {result.hardware.device}",
+        f"imgsz: {cfg.get('POGONA_IMGSZ')}",
+        f"optimizer: {cfg.get('POGONA_OPTIMIZER')}",
+        f"lr0: {cfg.get('POGONA_LR0')}",
+        f"workers: {record.settings_used.get('workers')}",
+        f"seed: {cfg.get('POGONA_SEED')}",
+        "```",
+        "",
+    ]
+    if rows:
+        last = rows[-1]
+        out += [
+            f"**Final metrics (epoch {int(last['epoch'])}):**",
+            f"- **mAP@0.5**: {_num(last.get(METRICS['map50']))}",
+            f"- **Recall**: {_num(last.get(METRICS['recall']))}",
+            f"- **Precision**: {_num(last.get(METRICS['precision']))}",
+            f"- **mAP@0.5-0.95**: {_num(last.get(METRICS['map50_95']))}",
+            "",
+            "**Loss progression:**",
+            "",
+            "| Epoch | Box Loss | Cls Loss | DFL Loss | mAP@0.5 | Seconds |",
+            "|-------|----------|----------|----------|---------|---------|",
+        ]
+        prev_time = 0.0
+        for row in rows:
+            seconds = row.get("time", 0.0) - prev_time
+            prev_time = row.get("time", 0.0)
+            losses = " | ".join(_num(row.get(f"train/{k}")) for k in LOSSES)
+            out.append(f"| {int(row['epoch'])} | {losses} | {_num(row.get(METRICS['map50']))} | {seconds:.1f} |")
+        out.append("")
+    else:
+        out += ["No epoch completed.", ""]
+    return out
+
+
+def _recommendations(record: RunRecord) -> list[str]:
+    """Derived from the numbers, not canned: each line cites what triggered it."""
+    recs: list[str] = []
+    if record.status == "failed" and record.failed_phase in ("sanity", "gate", "parity"):
+        recs.append(f"Do not start a long run on this backend/data: {record.failure}")
+        if record.settings_used.get("device") not in (None, "cpu"):
+            recs.append(
+                "Re-run the sanity epochs with `POGONA_DEVICE=cpu` to separate a backend bug from a data problem."
+            )
+        recs.append(
+            "Check the labels with `pogona-job dataset validate DIR` (empty or unfindable labels show the same zeros)."
+        )
+        return recs
+    if record.status != "succeeded":
+        recs.append(f"The run did not finish ({record.status}): {record.failure or 'see the log'}.")
+        if record.status == "interrupted":
+            recs.append("Start it again with the same POGONA_RUN_ID to resume from the last checkpoint.")
+        return recs
+    full = record.full.rows if record.full else []
+    if full:
+        map50 = full[-1].get(METRICS["map50"], 0.0)
+        best_epoch = max(full, key=lambda r: r.get(METRICS["map50"], 0.0))
+        gain_last5 = map50 - full[max(0, len(full) - 6)].get(METRICS["map50"], 0.0)
+        if map50 < 0.5:
+            recs.append(
+                f"mAP@0.5 is {map50:.3f}: train longer (POGONA_EPOCHS, now {len(full)}), use pretrained weights, "
+                "or check the labels."
+            )
+        elif len(full) >= 6 and gain_last5 > 0.02:
+            recs.append(f"mAP@0.5 still rose by {gain_last5:.3f} over the last 5 epochs: more epochs should pay off.")
+        elif int(best_epoch["epoch"]) < len(full) - 5:
+            recs.append(
+                f"The best mAP@0.5 came at epoch {int(best_epoch['epoch'])} of {len(full)}: fewer epochs (or "
+                "early-stopping patience) would save GPU time."
+            )
+        else:
+            recs.append(f"mAP@0.5 {map50:.3f} has levelled off: this model is ready to evaluate on held-out data.")
+    for modality in record.lagging:
+        recs.append(f"The {modality} images lag the others (table above): add or check {modality} labels.")
+    if record.settings_used.get("workers_reason", "").startswith("0 (requested"):
+        recs.append("Dataloader workers were disabled by a small /dev/shm: run with --ipc=host or --shm-size=8g.")
+    return recs
+
+
+def render(record: RunRecord) -> str:
+    ds = record.dataset
+    sanity_rows = record.sanity.rows if record.sanity else []
+    full_rows = record.full.rows if record.full else []
+    trained = record.full or record.sanity
+    params = trained.params if trained else None
+    out = [
+        f"# Training Log - {record.run_id}",
+        "",
+        f"**Status: {record.status.upper()}**" + (f" (exit {record.exit_code})" if record.exit_code else ""),
+    ]
+    if record.failure:
+        out += ["", f"> **What went wrong:** {record.failure}"]
+    out += [
+        "",
+        "## Project Overview",
+        f"- **Model**: {record.model}" + (f" ({params / 1e6:.2f}M parameters)" if params else ""),
+        f"- **Dataset**: {ds.get('images', '?')} images, {ds.get('boxes', '?')} labelled boxes, "
+        f"{ds.get('backgrounds', 0)} background images ({ds.get('uri', '')})",
+        f"- **Classes**: {len(record.classes)} ({', '.join(record.classes)})",
+        f"- **Run**: `{record.run_id}`, attempt {record.attempt}, started {record.started_at}",
+    ]
+    counts: dict[str, dict[str, int]] = ds.get("counts", {})
+    if counts:
+        modalities = sorted({m for split in counts.values() for m in split})
+        out += ["", "| Split | " + " | ".join(modalities) + " | Total |", "|---" * (len(modalities) + 2) + "|"]
+        for split, per in counts.items():
+            cells = " | ".join(str(per.get(m, 0)) for m in modalities)
+            out.append(f"| {split} | {cells} | {sum(per.values())} |")
+    if ds.get("dropped"):
+        out += [
+            "",
+            f"Dropped by the lenient validation policy: {len(ds['dropped'])} images (see dataset/problems.txt).",
+        ]
+    out += ["", "## Training History", ""]
+    if record.parity is not None:
+        p = record.parity
+        out += [
+            "### Backend parity probe",
+            f"{'✅ passed' if p.passed else '❌ FAILED'}: one batch, same weights, CPU vs `{p.device}` "
+            f"(tolerance {p.tolerance:.0%}). {p.reason}",
+            "",
+            "| Loss | CPU | Device |",
+            "|---|---|---|",
+            *[f"| {k} | {_num(v, 4)} | {_num(p.accelerator.get(k), 4)} |" for k, v in p.cpu.items()],
+            "",
+        ]
+    elif record.parity_note:
+        out += [f"*Backend parity probe: {record.parity_note}.*", ""]
+    if record.sanity:
+        out += _phase_section("Sanity check", record.sanity, record)
+    if record.watchdog.get("tripped"):
+        out += [
+            f"**Batch watchdog stopped the run** after {record.watchdog.get('batches')} batches: "
+            f"{record.watchdog['tripped']}.",
+            "",
+            "| Batch (last seen) | Box Loss | Cls Loss | DFL Loss |",
+            "|---|---|---|---|",
+            *[
+                f"| {record.watchdog['batches'] - len(record.watchdog.get('last_batches', [])) + i + 1} | "
+                + " | ".join(_num(b.get(k), 4) for k in LOSSES)
+                + " |"
+                for i, b in enumerate(record.watchdog.get("last_batches", []))
+            ],
+            "",
+        ]
+    if record.verdict:
+        out += [
+            f"### Sanity verdict: {'PASSED' if record.verdict.passed else 'FAILED'}",
+            "",
+            "| Criterion | Threshold | Observed | Result |",
+            "|---|---|---|---|",
+            *[
+                f"| {c.name} | {c.threshold} | {c.observed} | {'✅ pass' if c.passed else '❌ fail'} |"
+                for c in record.verdict.criteria
+            ],
+            "",
+        ]
+    if record.full:
+        out += _phase_section("Full training", record.full, record)
+    out += [
+        "## Analysis",
+        "",
+        "| Phase | Backend | Losses | Final mAP@0.5 | Learning Status |",
+        "|---|---|---|---|---|",
+    ]
+    sanity_ok = bool(record.verdict and record.verdict.passed) and not record.watchdog.get("tripped")
+    for name, result, ok in (
+        ("Sanity", record.sanity, sanity_ok),
+        ("Full", record.full, record.status == "succeeded"),
+    ):
+        rows = result.rows if result else []
+        backend = result.hardware.device if result else record.settings_used.get("device", "-")
+        final = _num(rows[-1].get(METRICS["map50"])) if rows else "-"
+        out.append(f"| {name} | {backend} | {_trend(rows)} | {final} | {_status(result, ok)} |")
+    out.append("")
+    if sanity_rows and full_rows:
+        s, f = sanity_rows[-1], full_rows[-1]
+        out += [
+            "### Full run against the sanity baseline",
+            "",
+            "| Metric | Sanity | Full | Change |",
+            "|---|---|---|---|",
+        ]
+        for label, key in (
+            ("mAP@0.5", "map50"),
+            ("mAP@0.5-0.95", "map50_95"),
+            ("Precision", "precision"),
+            ("Recall", "recall"),
+        ):
+            a, b = s.get(METRICS[key], 0.0), f.get(METRICS[key], 0.0)
+            out.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+        out.append("")
+    if record.per_modality:
+        out += [
+            "### Per-modality validation (best.pt)",
+            "",
+            "| Modality | Images | Precision | Recall | mAP@0.5 | mAP@0.5-0.95 | Flag |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for modality, m in record.per_modality.items():
+            flag = "⚠️ lags" if modality in record.lagging else ""
+            out.append(
+                f"| {modality} | {int(m.get('images', 0))} | {_num(m.get('precision'))} | {_num(m.get('recall'))} | "
+                f"{_num(m.get('map50'))} | {_num(m.get('map50_95'))} | {flag} |"
+            )
+        out.append("")
+    out += ["## Recommendations", "", *[f"{i}. {r}" for i, r in enumerate(_recommendations(record), 1)], ""]
+    if record.timings:
+        out += ["## Timings", "", "| Phase | Seconds |", "|---|---|"]
+        out += [f"| {k} | {v:.1f} |" for k, v in record.timings.items()]
+        out.append("")
+    if record.artifacts:
+        base = f"{record.output_uri}/{record.run_id}"
+        out += ["## File Locations", ""]
+        out += [f"- `{base}/{key}`" for key in record.artifacts]
+        out.append("")
+    plots = [k for k in record.artifacts if k.startswith("plots/")]
+    if plots:
+        out += ["## Plots", ""]
+        out += [f"![{k.removeprefix('plots/')}]({k})" for k in plots]
+        out.append("")
+    return "\n".join(out)

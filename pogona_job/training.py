@@ -1,0 +1,300 @@
+"""Running ultralytics: device policy, one training phase with the watchdog attached, results.
+
+`ultralytics` and `torch` are imported lazily so `pogona-job config` and `--help` stay instant.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pogona_job.config import Settings
+from pogona_job.errors import ConfigError, JobError, TrainingFailed
+from pogona_job.gate import BatchWatchdog
+from pogona_job.logs import get_logger
+
+log = get_logger()
+
+METRICS = {
+    "precision": "metrics/precision(B)",
+    "recall": "metrics/recall(B)",
+    "map50": "metrics/mAP50(B)",
+    "map50_95": "metrics/mAP50-95(B)",
+}
+_SMALL_SHM = 1 << 30  # below 1 GiB of /dev/shm, dataloader workers die with "bus error"
+
+
+# --- device and resources -------------------------------------------------------------
+
+
+def resolve_device(settings: Settings) -> str:
+    """`auto` is CUDA when present, else the CPU - never MPS (it trains on zeros, see the origin log)."""
+    import torch
+
+    device = settings.device
+    if device == "mps" and not settings.allow_mps:
+        raise ConfigError(
+            "POGONA_DEVICE=mps is refused: Apple's MPS backend is known to train YOLO silently on zero losses; "
+            "use cpu or a CUDA GPU, or set POGONA_ALLOW_MPS=true to try it under the sanity gate."
+        )
+    if device == "auto":
+        return "0" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "mps") and not torch.cuda.is_available():
+        raise ConfigError(f"POGONA_DEVICE={device} asks for a CUDA GPU but torch sees none; use auto or cpu.")
+    return device
+
+
+def resolve_workers(requested: int, shm: Path = Path("/dev/shm")) -> tuple[int, str]:
+    """Workers capped by CPU count and /dev/shm (Docker's 64 MB default crashes workers)."""
+    workers = min(requested, os.cpu_count() or 1)
+    reason = f"{workers} (requested {requested}, {os.cpu_count()} CPUs)"
+    try:
+        shm_bytes = shutil.disk_usage(shm).total
+    except OSError:
+        shm_bytes = 0
+    if workers > 0 and shm_bytes < _SMALL_SHM:
+        reason = (
+            f"0 (requested {requested}): /dev/shm is only {shm_bytes >> 20} MiB, which crashes dataloader "
+            "workers; run the container with --ipc=host or --shm-size=8g"
+        )
+        workers = 0
+    return workers, reason
+
+
+@dataclass
+class Hardware:
+    device: str  # what we passed to ultralytics
+    name: str  # GPU or CPU model
+    cuda: str | None
+    torch: str
+    ultralytics: str
+    amp: bool | None = None
+
+    def line(self) -> str:
+        cuda = f"CUDA {self.cuda}" if self.cuda and self.device not in ("cpu", "mps") else "no CUDA"
+        amp = "AMP on" if self.amp else "AMP off"
+        return (
+            f"{self.name} (device `{self.device}`, {cuda}, {amp}; torch {self.torch}, ultralytics {self.ultralytics})"
+        )
+
+
+def describe_hardware(device: str) -> Hardware:
+    import torch
+    import ultralytics
+
+    if device not in ("cpu", "mps") and torch.cuda.is_available():
+        index = int(device.split(",")[0].removeprefix("cuda:")) if device[-1].isdigit() else 0
+        name = (
+            ", ".join(torch.cuda.get_device_name(int(i)) for i in device.split(","))
+            if "," in device
+            else (torch.cuda.get_device_name(index))
+        )
+    elif device == "mps":
+        name = "Apple MPS"
+    else:
+        name = _cpu_name()
+    return Hardware(device, name, torch.version.cuda, torch.__version__, ultralytics.__version__)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+# --- model ------------------------------------------------------------------------------
+
+
+def load_model(source: str) -> Any:
+    """A YOLO model from weights or a .yaml; a failed download becomes one sentence, exit 2."""
+    from ultralytics import YOLO
+
+    try:
+        return YOLO(source)
+    except (ConnectionError, OSError) as exc:
+        if "Download failure" in str(exc) or "offline" in str(exc).lower() or isinstance(exc, ConnectionError):
+            raise ConfigError(
+                f"The weights {source!r} are not present and could not be downloaded (no internet): bake them "
+                "into the image, give an s3:// URI in POGONA_MODEL, or name a .yaml (e.g. yolo11s.yaml) "
+                "to train from scratch."
+            ) from None
+        raise
+    except FileNotFoundError:
+        raise ConfigError(f"POGONA_MODEL={source!r} does not exist: name weights, a .yaml, or an s3:// URI.") from None
+
+
+# --- one training phase -------------------------------------------------------------------
+
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    save_dir: Path
+    rows: list[dict[str, float]]
+    seconds: float
+    hardware: Hardware
+    params: int
+    first_batch_s: float | None  # wall time from phase start to the first finished batch
+
+
+def train_phase(
+    phase: str,
+    *,
+    model_source: str,
+    data_yaml: Path,
+    settings: Settings,
+    device: str,
+    workers: int,
+    epochs: int,
+    project: Path,
+    watchdog: BatchWatchdog,
+    on_epoch: EpochHook | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> PhaseResult:
+    """Train `epochs` epochs into project/phase; the watchdog sees every batch."""
+    start = time.monotonic()
+    model = load_model(model_source)
+    hardware = describe_hardware(device)
+    state: dict[str, Any] = {"boxes": 0, "first_batch": None}
+
+    def on_train_start(trainer: Any) -> None:
+        # The batch is a local of ultralytics' loop; wrap preprocess_batch to count its boxes.
+        original = trainer.preprocess_batch
+
+        def counting(batch: dict[str, Any]) -> dict[str, Any]:
+            state["boxes"] = int(batch["cls"].shape[0]) if "cls" in batch else 0
+            return original(batch)  # type: ignore[no-any-return]
+
+        trainer.preprocess_batch = counting
+        hardware.amp = bool(getattr(trainer, "amp", False))
+
+    def on_batch_end(trainer: Any) -> None:
+        if state["first_batch"] is None:
+            state["first_batch"] = time.monotonic() - start
+        watchdog.check(trainer.loss_items, state["boxes"])
+
+    def on_fit_epoch_end(trainer: Any) -> None:
+        metrics = dict(trainer.metrics)
+        if trainer.epoch >= trainer.epochs or not any(k.startswith("val/") for k in metrics):
+            return  # the extra call after final validation (field notes)
+        losses = {k: round(float(v), 5) for k, v in trainer.tloss.items()} if trainer.tloss else {}
+        values = {**losses, **{name: round(float(metrics[key]), 5) for name, key in METRICS.items()}}
+        log.info(
+            "epoch",
+            epoch=trainer.epoch + 1,
+            epochs=trainer.epochs,
+            seconds=round(float(trainer.epoch_time or 0.0), 2),
+            **values,
+        )
+        if on_epoch:
+            on_epoch(trainer.epoch + 1, values)
+
+    model.add_callback("on_train_start", on_train_start)
+    model.add_callback("on_train_batch_end", on_batch_end)
+    model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
+    args: dict[str, Any] = {
+        "data": str(data_yaml),
+        "epochs": epochs,
+        "imgsz": settings.imgsz,
+        "batch": settings.batch,
+        "device": device,
+        "workers": workers,
+        "seed": settings.seed,
+        "deterministic": True,
+        "optimizer": settings.optimizer,
+        "lr0": settings.lr0,
+        "patience": settings.patience,
+        "project": str(project),
+        "name": phase,
+        "exist_ok": True,
+        "plots": True,
+        "verbose": settings.debug,
+        **(extra or {}),
+    }
+    log.info("training started", epochs=epochs, model=model_source, device=device, imgsz=settings.imgsz)
+    try:
+        model.train(**args)
+    except JobError:
+        raise
+    except Exception as exc:  # ultralytics raises anything from anywhere; keep the cause for --debug
+        log.debug("training exception", exc_info=True)
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        raise TrainingFailed(f"Training ({phase}) failed: {type(exc).__name__}: {first_line}.") from None
+    save_dir = Path(model.trainer.save_dir)
+    params = sum(p.numel() for p in model.model.parameters())
+    return PhaseResult(
+        phase=phase,
+        save_dir=save_dir,
+        rows=read_results(save_dir / "results.csv"),
+        seconds=time.monotonic() - start,
+        hardware=hardware,
+        params=params,
+        first_batch_s=state["first_batch"],
+    )
+
+
+def read_results(path: Path) -> list[dict[str, float]]:
+    """ultralytics' results.csv as floats (its headers may carry padding spaces)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [{k.strip(): float(v) for k, v in row.items() if k} for row in csv.DictReader(fh)]
+
+
+def final_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    if not rows:
+        return {}
+    last = rows[-1]
+    out = {name: last.get(key, 0.0) for name, key in METRICS.items()}
+    out.update({k.removeprefix("train/"): last[k] for k in last if k.startswith("train/")})
+    return out
+
+
+# --- parity probe's loss computation ------------------------------------------------------
+
+
+def batch_loss_fn(
+    model_source: str, data_yaml: Path, imgsz: int, n_images: int = 4
+) -> Callable[[str], dict[str, float]]:
+    """Loss of one fixed batch from the real train split, for the CPU-vs-device parity probe."""
+    import copy
+
+    import torch
+    import yaml
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+
+    cfg = get_cfg(overrides={"imgsz": imgsz, "mosaic": 0.0, "augment": False})
+    data = yaml.safe_load(data_yaml.read_text())
+    data["nc"] = len(data["names"])
+    img_path = str(Path(data["path"]) / data["train"])
+    dataset = build_yolo_dataset(cfg, img_path, n_images, data, mode="val", rect=False, stride=32)
+    batch = dataset.collate_fn([dataset[i] for i in range(min(n_images, len(dataset)))])
+    base = load_model(model_source).model
+
+    def compute(device: str) -> dict[str, float]:
+        model = copy.deepcopy(base).to(device).float().train()
+        model.args = cfg
+        model.criterion = None
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        moved["img"] = moved["img"].float() / 255
+        with torch.no_grad():
+            _, items = model.loss(moved)
+        if isinstance(items, dict):
+            return {k: float(v) for k, v in items.items()}
+        return dict(zip(("box_loss", "cls_loss", "dfl_loss"), (float(v) for v in items), strict=False))
+
+    return compute
