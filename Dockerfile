@@ -44,7 +44,8 @@ FROM builder AS assets
 ENV YOLO_CONFIG_DIR=/opt/ultralytics
 COPY docker/fetch_assets.py docker/fetch_assets.py
 # yolo11s.pt: the default POGONA_MODEL; yolo26n.pt: the model ultralytics' AMP check loads on CUDA;
-# Arial.ttf: the font every dataset check asks for. The script self-checks offline resolution.
+# Arial.ttf + Arial.Unicode.ttf: the fonts its dataset checks and plots ask for. Settings: sync and
+# integrations off, absolute weights/datasets/runs dirs. The script proves offline resolution.
 RUN /opt/venv/bin/python docker/fetch_assets.py \
       --weights-dir /opt/ultralytics/weights --work-dir /work yolo11s.pt yolo26n.pt
 

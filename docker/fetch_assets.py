@@ -9,7 +9,9 @@ Run by the Dockerfile with network access and YOLO_CONFIG_DIR set (e.g. /opt/ult
    integration off and ABSOLUTE weights/datasets/runs dirs (the defaults follow the CWD);
 2. downloads the named weights into that weights_dir with ultralytics' own downloader (so the
    release URL always matches the installed ultralytics version) and checks each one loads;
-3. places the plotting font Arial.ttf in $YOLO_CONFIG_DIR/Ultralytics/ (check_font looks there);
+3. places the fonts Arial.ttf and Arial.Unicode.ttf in $YOLO_CONFIG_DIR/Ultralytics/ (check_font
+   looks there; the job's offline.prepare() would otherwise write them into that dir at run time,
+   which a read-only root filesystem forbids);
 4. writes assets.json (name, size, sha256 of each baked file) for provenance;
 5. proves, in a fresh interpreter with YOLO_OFFLINE=true and network lookups disabled, that a bare
    name such as `yolo11s.pt` resolves to the baked file from an unrelated working directory.
@@ -55,12 +57,14 @@ from ultralytics.utils import SETTINGS, USER_CONFIG_DIR, WEIGHTS_DIR
 from ultralytics.utils.checks import check_font
 from ultralytics.utils.downloads import attempt_download_asset
 for name in sys.argv[1:]:
+    if name.startswith("font:"):
+        font = check_font(name[5:])
+        assert font is not None and Path(font).parent == USER_CONFIG_DIR, (name, font)
+        print(f"offline: {name[5:]} -> {font}")
+        continue
     path = attempt_download_asset(name)
     assert Path(path) == WEIGHTS_DIR / name and Path(path).is_file(), (name, path)
     print(f"offline: {name} -> {path}")
-font = check_font("Arial.ttf")
-assert font is not None and Path(font).parent == USER_CONFIG_DIR, font
-print(f"offline: Arial.ttf -> {font}")
 assert SETTINGS["sync"] is False, "settings sync is on"
 """
 
@@ -79,9 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work-dir", type=Path, default=Path("/work"), help="absolute job work dir (datasets_dir, runs_dir)"
     )
-    parser.add_argument("--font", default="Arial.ttf", help="font ultralytics' plots ask for")
+    parser.add_argument(
+        "--font",
+        action="append",
+        dest="fonts",
+        help="font ultralytics' checks and plots ask for (repeatable; default Arial.ttf and Arial.Unicode.ttf)",
+    )
     parser.add_argument("weights", nargs="+", help="weights names, e.g. yolo11s.pt yolo26n.pt")
     args = parser.parse_args(argv)
+    args.fonts = args.fonts or ["Arial.ttf", "Arial.Unicode.ttf"]
 
     if not os.environ.get("YOLO_CONFIG_DIR"):
         parser.error("YOLO_CONFIG_DIR must be set (the image's ultralytics config root)")
@@ -111,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         YOLO(str(path))  # a truncated or foreign file fails here, not at run time
         baked.append(path)
 
-    font = check_font(args.font)
-    if font is None or not Path(font).is_file() or Path(font).parent != USER_CONFIG_DIR:
-        print(f"error: could not place {args.font} in {USER_CONFIG_DIR} (got {font})", file=sys.stderr)
-        return 1
-    baked.append(Path(font))
+    for name in args.fonts:
+        font = check_font(name)
+        if font is None or not Path(font).is_file() or Path(font).parent != USER_CONFIG_DIR:
+            print(f"error: could not place {name} in {USER_CONFIG_DIR} (got {font})", file=sys.stderr)
+            return 1
+        baked.append(Path(font))
 
     manifest = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256(p)} for p in baked]
     manifest_path = Path(os.environ["YOLO_CONFIG_DIR"]) / "assets.json"
@@ -125,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {**os.environ, "YOLO_OFFLINE": "true"}
     with tempfile.TemporaryDirectory() as cwd:  # a CWD without the weights: must use weights_dir
-        subprocess.run([sys.executable, "-c", _VERIFY, *args.weights], cwd=cwd, env=env, check=True)
+        verify_args = [*args.weights, *(f"font:{name}" for name in args.fonts)]
+        subprocess.run([sys.executable, "-c", _VERIFY, *verify_args], cwd=cwd, env=env, check=True)
     return 0
 
 

@@ -104,6 +104,17 @@ class Settings(BaseSettings):
         0.1, ge=0, le=1, description="report: flag a modality whose mAP@0.5 trails the best one by more than this"
     )
 
+    # --- preemption ---------------------------------------------------------------------
+    checkpoint_every_epochs: int = Field(
+        1, ge=1, description="upload last.pt, results and gate state to `<run>/checkpoint/` every N epochs"
+    )
+    stop_budget_s: float = Field(
+        25.0, gt=0, le=3600, description="after SIGTERM: seconds to save a checkpoint and report, then exit 143"
+    )
+    lease_ttl_s: float = Field(
+        120.0, ge=5, description="a run's lease expires this long after its holder's last heartbeat"
+    )
+
     # --- logging, storage ---------------------------------------------------------------
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="`json` (one object a line), `console`, or `auto` (console on a TTY)"
@@ -228,6 +239,18 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- BEGIN VARIABLES (make readme) -->", "<!-- END VARIABLES -->"
+
+
+def readme_with_table(text: str) -> str:
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return f"{head}{BEGIN}\n{markdown_table()}{END}{tail}"
+
+
 if __name__ == "__main__":  # pragma: no cover - used by `make readme`
-    if sys.argv[1:] == ["--markdown"]:
+    if sys.argv[1:2] == ["--update-readme"]:
+        readme = Path(sys.argv[2])
+        readme.write_text(readme_with_table(readme.read_text()))
+    else:
         print(markdown_table(), end="")

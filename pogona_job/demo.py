@@ -99,7 +99,7 @@ def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float
 
 def _head_shape(rng: np.random.Generator, size: int) -> _Head:
     """An egg-shaped head with a narrower snout, rotated; eyes set back from the snout."""
-    length = size * rng.uniform(0.22, 0.38)
+    length = size * rng.uniform(0.2, 0.35)
     width = length * rng.uniform(0.55, 0.7)
     angle = rng.uniform(0, 2 * math.pi)
     cx, cy = rng.uniform(0.2, 0.8) * size, rng.uniform(0.2, 0.8) * size

@@ -1,14 +1,18 @@
-"""The whole job as a straight story: config, pull, stage, validate, sanity, verdict, full
-training, report, push. `run()` maps every outcome to an exit code and a one-line reason.
+"""The whole job as a straight story: config, pull, stage, sanity, verdict, full training,
+evaluate, push. `run()` maps every outcome to an exit code and a one-line reason.
+
+Preemption: every phase can be interrupted by SIGTERM (exit 143 after saving what it can)
+and a restart with the same run id resumes: a succeeded run is left alone, a passed gate
+is not re-run, training continues from the last uploaded checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +24,7 @@ from typing import Any
 
 from pogona_job import storage
 from pogona_job.config import Settings, effective_config
-from pogona_job.errors import Interrupted, JobError, TrainingFailed
-from pogona_job.gate import BatchWatchdog
+from pogona_job.errors import Interrupted, JobError, SanityFailed, TrainingFailed
 from pogona_job.logs import bind, get_logger
 from pogona_job.report import RunRecord, render
 from pogona_job.storage import S3Path
@@ -35,25 +38,38 @@ def _now() -> str:
 
 
 class StopFlag:
-    """SIGTERM/SIGINT ask for a stop at the next safe point; a second signal exits at once."""
+    """SIGTERM/SIGINT ask for a stop at the next safe point; a second signal, or the budget
+    running out, exits at once (AWS Batch sends SIGKILL 30 s after SIGTERM)."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
         self.requested_at: float | None = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.requested_at is not None:
             os._exit(143)
         self.requested_at = time.monotonic()
-        log.warning("stop requested", signal=signal.Signals(signum).name)
+        log.warning("stop requested", signal=signal.Signals(signum).name, budget_s=self.budget_s)
+        timer = threading.Timer(self.budget_s, os._exit, (143,))
+        timer.daemon = True
+        timer.start()
+
+    def left(self) -> float:
+        return self.budget_s if self.requested_at is None else self.budget_s - (time.monotonic() - self.requested_at)
 
     def check(self) -> None:
         if self.requested_at is not None:
             raise Interrupted(
-                "Stopped by a termination signal; progress so far is saved - start the job again with the same "
+                "Stopped by a termination signal after saving progress: start the job again with the same "
                 "POGONA_RUN_ID to resume."
             )
 
@@ -68,6 +84,13 @@ class Job:
     work: Path
     record: RunRecord
     stop: StopFlag
+    sums: dict[str, storage.Artifact]
+    checkpoints: Any = None  # CheckpointSync once training starts
+    lease: Any = None
+
+    @property
+    def runs(self) -> Path:
+        return self.work / "runs" / self.run_id
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -77,13 +100,12 @@ class Job:
         start = time.monotonic()
         try:
             yield
-        except JobError:
+        except BaseException:
             self.record.failed_phase = self.record.failed_phase or name
             raise
         finally:
             self.record.timings[name] = round(time.monotonic() - start, 2)
         log.info("phase finished", seconds=self.record.timings[name])
-        self.stop.check()
 
 
 def run(settings: Settings) -> int:
@@ -93,32 +115,44 @@ def run(settings: Settings) -> int:
         job = _prepare(settings)
         _execute(job)
         return 0
+    except _AlreadyDone:
+        return 0
     except JobError as err:
-        return _finish_failed(job, err, settings.debug)
+        return _finish_failed(job, err)
     except Exception as err:  # a bug or an unforeseen library error: still one sentence, exit 6
         if settings.debug:
             raise
+        log.error("unexpected error", exc_info=True) if settings.log_format == "json" else None
         wrapped = TrainingFailed(
             f"Unexpected error: {type(err).__name__}: {err}. Re-run with POGONA_DEBUG=true for details."
         )
-        return _finish_failed(job, wrapped, settings.debug)
+        return _finish_failed(job, wrapped)
+    finally:
+        if job is not None:
+            if job.checkpoints is not None:
+                job.checkpoints.close()
+            if job.lease is not None:
+                job.lease.release()
+            job.stop.uninstall()
+
+
+class _AlreadyDone(Exception):
+    pass
 
 
 def _prepare(settings: Settings) -> Job:
     settings.require_uris()
-    assert settings.dataset_uri and settings.output_uri
+    assert settings.output_uri
     run_id = settings.effective_run_id()
-    attempt = int(os.environ.get("AWS_BATCH_JOB_ATTEMPT", "1") or 1)
+    attempt = int(os.environ.get("AWS_BATCH_JOB_ATTEMPT") or 1)
     bind(run_id=run_id, attempt=attempt, phase="config")
-    stop = StopFlag()
+    stop = StopFlag(settings.stop_budget_s)
     stop.install()
     work = settings.work_dir.resolve()
-    (work / "runs").mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     from pogona_job import offline
 
     offline.prepare(work / "ultralytics")
-    client = storage.make_client(threads=settings.s3_threads, max_attempts=settings.s3_max_attempts)
-    out = S3Path.parse(settings.output_uri) / run_id
     record = RunRecord(
         run_id=run_id,
         attempt=attempt,
@@ -128,23 +162,29 @@ def _prepare(settings: Settings) -> Job:
         classes=settings.classes,
         started_at=_now(),
     )
-    return Job(settings, run_id, attempt, client, out, work, record, stop)
+    client = storage.make_client(threads=settings.s3_threads, max_attempts=settings.s3_max_attempts)
+    out = S3Path.parse(settings.output_uri) / run_id
+    return Job(settings, run_id, attempt, client, out, work, record, stop, sums={})
 
 
 def _execute(job: Job) -> None:
     s, rec = job.settings, job.record
     from pogona_job import dataset, training
+    from pogona_job.checkpoint import CheckpointSync
     from pogona_job.gate import parity_probe, require_parity, verdict
+    from pogona_job.lease import Lease
 
     with job.phase("config"):
-        assert s.dataset_uri
+        assert s.dataset_uri and s.output_uri
         storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from")
         storage.check_bucket(job.client, job.out, "checking the output prefix")
         previous = storage.get_json(job.client, job.out / "manifest.json")
         if previous and previous.get("status") == "succeeded":
-            log.info("run already succeeded; nothing to redo", manifest=(job.out / "manifest.json").uri)
+            log.info("run already succeeded; nothing redone", manifest=(job.out / "manifest.json").uri)
             print(f"Run {job.run_id} already succeeded: {job.out.uri}/ (nothing redone).", file=sys.stderr)
-            raise _AlreadyDone("already succeeded")
+            raise _AlreadyDone
+        job.lease = Lease(job.client, job.out / "lease.json", s.lease_ttl_s)
+        job.lease.acquire(job.run_id)
         import ultralytics  # noqa: F401 - after offline.prepare(); the first import is the slow part
 
         from pogona_job import logs, offline
@@ -156,6 +196,9 @@ def _execute(job: Job) -> None:
         rec.settings_used.update(device=device, workers=workers, workers_reason=workers_reason)
         log.info("resources", device=device, workers=workers_reason)
         model_source = _model_source(job)
+        job.checkpoints = CheckpointSync(
+            job.client, job.out, job.work / "checkpoint-staging", s.checkpoint_every_epochs
+        )
 
     with job.phase("pull"):
         src = S3Path.parse(s.dataset_uri)
@@ -169,15 +212,14 @@ def _execute(job: Job) -> None:
     with job.phase("stage"):
         inventory = dataset.inspect_dataset(local, s.classes)
         staged_root = job.work / "staged"
+        rec.dataset.update(problems=len(inventory.problems), junk_ignored=inventory.junk_ignored)
         try:
             staged = dataset.stage_dataset(
                 inventory, staged_root, s.classes, policy=s.validation_policy, val_fraction=s.val_fraction, seed=s.seed
             )
         finally:
-            rec.dataset.update(problems=len(inventory.problems), junk_ignored=inventory.junk_ignored)
-            problems = staged_root / "problems.txt"
-            if problems.exists():
-                _upload(job, [(problems, "dataset/problems.txt")])
+            if (staged_root / "problems.txt").exists():
+                _upload(job, [(staged_root / "problems.txt", "dataset/problems.txt")])
         rec.dataset.update(
             layout=inventory.layout,
             images=staged.images,
@@ -188,8 +230,11 @@ def _execute(job: Job) -> None:
         )
         log.info("dataset staged", images=staged.images, boxes=staged.boxes, counts=staged.counts)
 
+    gate = storage.get_json(job.client, job.out / "checkpoint" / "gate.json") or {}
     with job.phase("sanity"):
-        if device != "cpu":
+        if gate.get("passed"):
+            log.info("sanity gate already passed for this run; not repeated")
+        elif device != "cpu":
             rec.parity = parity_probe(training.batch_loss_fn(model_source, staged.data_yaml, s.imgsz), device)
             log.info("parity probe", passed=rec.parity.passed, cpu=rec.parity.cpu, device=rec.parity.accelerator)
             require_parity(rec.parity)
@@ -197,16 +242,16 @@ def _execute(job: Job) -> None:
             rec.parity_note = "skipped: training runs on the CPU, the reference itself"
             log.info("parity probe skipped", reason="device is the CPU")
         rec.sanity = _train(job, "sanity", model_source, staged.data_yaml, device, workers, s.sanity_epochs)
-        _upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
+        if not gate.get("passed"):
+            _upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
 
     with job.phase("verdict"):
         rec.verdict = verdict(rec.sanity.rows, min_loss_drop=s.gate_min_loss_drop, min_map50=s.min_map50)
         for c in rec.verdict.criteria:
             log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
         if not rec.verdict.passed:
-            from pogona_job.errors import SanityFailed
-
             raise SanityFailed(rec.verdict.failure_sentence())
+        storage.put_json(job.client, job.out / "checkpoint" / "gate.json", rec.verdict.as_dict())
 
     with job.phase("full"):
         rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
@@ -216,26 +261,45 @@ def _execute(job: Job) -> None:
 
         best = rec.full.save_dir / "weights" / "best.pt"
         rec.per_modality = evaluate_per_modality(
-            best, staged, imgsz=s.imgsz, batch=max(s.batch, 1), device=device, work_dir=job.work / "runs"
+            best, staged, imgsz=s.imgsz, batch=max(s.batch, 1), device=device, work_dir=job.runs / "eval"
         )
         rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)
+        for modality, metrics in rec.per_modality.items():
+            log.info("modality metrics", modality=modality, **metrics)
 
     with job.phase("push"):
+        pushed = time.monotonic()
         _push_outputs(job, rec.full.save_dir, staged.split_files)
+        rec.timings["push"] = round(time.monotonic() - pushed, 2)  # the manifest must carry its own phase
+        job.stop.check()  # before the manifest: an interrupted push is redone on restart, never half-published
         rec.status, rec.finished_at = "succeeded", _now()
         _publish(job)
+        storage.delete_prefix(job.client, job.out / "checkpoint")  # only kept while the run is in progress
     log.info("run succeeded", outputs=job.out.uri, **_final_numbers(rec))
 
 
-class _AlreadyDone(JobError):
-    exit_code = 0
-
-
 def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str, workers: int, epochs: int) -> Any:
-    from pogona_job import training
+    """One training phase, resumed from this run's checkpoint when there is one."""
+    from pogona_job import checkpoint, training
+    from pogona_job.gate import BatchWatchdog
 
+    save_dir = job.runs / phase
+    restored = checkpoint.restore(job.client, job.out, phase, save_dir)
+    if restored and restored.epoch >= epochs:
+        log.info("phase already complete in the checkpoint; not repeated", epochs=restored.epoch)
+        return training.completed_phase(phase, save_dir, device, data_yaml, job.settings, workers)
+    resume = restored is not None and restored.resumable
+    if restored and not resume:
+        log.warning("checkpoint is not resumable; starting the phase again", epoch=restored.epoch)
+    if resume:
+        assert restored
+        log.info("resuming from checkpoint", from_epoch=restored.epoch + 1, epochs=epochs)
     # A SIGTERM is honoured between batches, never mid-step.
     watchdog = BatchWatchdog(zero_batches=job.settings.gate_zero_batches, phase=phase, between_batches=job.stop.check)
+
+    def on_epoch(epoch: int, _values: dict[str, float]) -> None:
+        job.checkpoints.offer(phase, epoch, epochs, save_dir, {"attempt": job.attempt})
+
     try:
         return training.train_phase(
             phase,
@@ -245,8 +309,10 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
             device=device,
             workers=workers,
             epochs=epochs,
-            project=job.work / "runs" / job.run_id,
+            save_dir=save_dir,
             watchdog=watchdog,
+            on_epoch=on_epoch,
+            resume=resume,
         )
     finally:
         job.record.watchdog = {
@@ -272,7 +338,7 @@ def _model_source(job: Job) -> str:
 
 
 def _progress(job: Job, what: str) -> storage.Progress:
-    """A rich bar on a terminal; otherwise a progress event every 5 s."""
+    """A progress event every 5 s (one JSON line in json mode); honours SIGTERM between files."""
     last = [time.monotonic()]
 
     def report(files: int, nbytes: int) -> None:
@@ -287,7 +353,9 @@ def _progress(job: Job, what: str) -> storage.Progress:
 
 def _upload(job: Job, items: list[tuple[Path, str]]) -> list[storage.Artifact]:
     pairs = [(path, job.out / key) for path, key in items if path.exists()]
-    return storage.upload_many(job.client, pairs, threads=job.settings.s3_threads)
+    artifacts = storage.upload_many(job.client, pairs, threads=job.settings.s3_threads)
+    job.sums.update({a.key.removeprefix(job.out.key + "/"): a for a in artifacts})
+    return artifacts
 
 
 def _push_outputs(job: Job, save_dir: Path, split_files: list[Path]) -> None:
@@ -306,9 +374,7 @@ def _push_outputs(job: Job, save_dir: Path, split_files: list[Path]) -> None:
             Image.open(src).save(png)
             src = png
         items.append((src, f"plots/{src.name}"))
-    artifacts = _upload(job, items)
-    job.record.artifacts = [a.key.removeprefix(job.out.key + "/") for a in artifacts]
-    job.record.__dict__["_artifact_sums"] = {a.key: a for a in artifacts}
+    _upload(job, items)
 
 
 def _publish(job: Job) -> None:
@@ -316,30 +382,29 @@ def _publish(job: Job) -> None:
     rec = job.record
     config_path = job.work / "config.json"
     config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
-    rec.artifacts += ["config.json", "report.md"]
+    rec.artifacts = sorted({*job.sums, "config.json", "report.md"})
     report_path = job.work / "report.md"
     report_path.write_text(render(rec))
-    extra = _upload(job, [(config_path, "config.json"), (report_path, "report.md")])
-    sums: dict[str, storage.Artifact] = {**rec.__dict__.get("_artifact_sums", {}), **{a.key: a for a in extra}}
-    storage.put_json(job.client, job.out / "manifest.json", _manifest(job, sums))
+    _upload(job, [(config_path, "config.json"), (report_path, "report.md")])
+    storage.put_json(job.client, job.out / "manifest.json", _manifest(job))
     if rec.status == "succeeded":
         latest = S3Path.parse(job.settings.output_uri or "") / "latest.json"
         current = storage.get_json(job.client, latest)
-        if current is None or str(current.get("finished_at", "")) <= rec.finished_at:
-            storage.put_json(
-                job.client,
-                latest,
-                {"run_id": job.run_id, "manifest": (job.out / "manifest.json").uri, "finished_at": rec.finished_at},
-            )
+        if current is None or str(current.get("finished_at", "")) <= rec.finished_at:  # never backwards
+            pointer = {
+                "run_id": job.run_id,
+                "manifest": (job.out / "manifest.json").uri,
+                "finished_at": rec.finished_at,
+            }
+            storage.put_json(job.client, latest, pointer)
 
 
-def _manifest(job: Job, sums: dict[str, storage.Artifact]) -> dict[str, Any]:
+def _manifest(job: Job) -> dict[str, Any]:
     import torch
     import ultralytics
 
     rec = job.record
     trained = rec.full or rec.sanity
-    hardware = trained.hardware if trained else None
     return {
         "status": rec.status,
         "exit_code": rec.exit_code or 0,
@@ -351,7 +416,7 @@ def _manifest(job: Job, sums: dict[str, storage.Artifact]) -> dict[str, Any]:
         "finished_at": rec.finished_at or _now(),
         "timings_s": rec.timings,
         "metrics": _final_numbers(rec),
-        "sanity_metrics": training_final(rec.sanity.rows) if rec.sanity else {},
+        "sanity_metrics": _final(rec.sanity.rows) if rec.sanity else {},
         "verdict": rec.verdict.as_dict() if rec.verdict else None,
         "parity": rec.parity.__dict__ if rec.parity else None,
         "watchdog": rec.watchdog,
@@ -364,52 +429,46 @@ def _manifest(job: Job, sums: dict[str, storage.Artifact]) -> dict[str, Any]:
             "cuda": torch.version.cuda,
             "python": sys.version.split()[0],
         },
-        "device": hardware.__dict__ if hardware else rec.settings_used.get("device"),
+        "device": trained.hardware.__dict__ if trained else {"device": rec.settings_used.get("device")},
         "settings_used": rec.settings_used,
-        "artifacts": {
-            a.key.removeprefix(job.out.key + "/"): {"sha256": a.sha256, "size": a.size}
-            for a in sorted(sums.values(), key=lambda a: a.key)
+        "checkpoints": {
+            "uploaded": job.checkpoints.uploaded if job.checkpoints else [],
+            "skipped_superseded": job.checkpoints.skipped if job.checkpoints else [],
         },
+        "artifacts": {key: {"sha256": a.sha256, "size": a.size} for key, a in sorted(job.sums.items())},
     }
 
 
-def training_final(rows: list[dict[str, float]]) -> dict[str, float]:
+def _final(rows: list[dict[str, float]]) -> dict[str, float]:
     from pogona_job.training import final_metrics
 
     return final_metrics(rows)
 
 
 def _final_numbers(rec: RunRecord) -> dict[str, float]:
-    return training_final(rec.full.rows) if rec.full else {}
+    return _final(rec.full.rows) if rec.full else {}
 
 
-def _finish_failed(job: Job | None, err: JobError, debug: bool) -> int:
-    if isinstance(err, _AlreadyDone):
-        return 0
+def _finish_failed(job: Job | None, err: JobError) -> int:
     if job is not None:
         rec = job.record
         rec.status, rec.exit_code, rec.failure, rec.finished_at = err.status, err.exit_code, err.sentence, _now()
-        log.error("run failed", exit_code=err.exit_code, reason=err.sentence, phase=rec.failed_phase)
-        if err.exit_code not in (2, 4):  # config and access errors: there is nowhere (or nothing) to write
+        log.error("run failed", exit_code=err.exit_code, reason=err.sentence, failed_phase=rec.failed_phase)
+        if err.exit_code not in (2, 4) and job.lease is not None:  # 2/4: nothing, or nowhere, to write
             _publish_failure(job)
     print(err.sentence, file=sys.stderr)
     return err.exit_code
 
 
 def _publish_failure(job: Job) -> None:
-    """Best effort: the failure report and a manifest saying `failed`, never presented as complete."""
+    """Best effort within the stop budget: newest checkpoint, then the report and a manifest that
+    says `failed`/`interrupted` - never presented as complete."""
     try:
-        deadline_items: list[tuple[Path, str]] = []
+        if job.checkpoints is not None and not job.checkpoints.flush(max(1.0, job.stop.left() - 5)):
+            log.warning("checkpoint upload did not finish within the stop budget")
         if job.record.sanity is None:
-            partial = job.work / "runs" / job.run_id / "sanity" / "results.csv"
-            if partial.exists():
-                deadline_items.append((partial, "sanity/results.csv"))
-        _upload(job, deadline_items)
+            _upload(job, [(job.runs / "sanity" / "results.csv", "sanity/results.csv")])
         _publish(job)
         log.info("failure report pushed", report=(job.out / "report.md").uri)
     except JobError as exc:
         log.error("could not push the failure report", reason=exc.sentence)
-
-
-def clean_work(path: Path) -> None:  # pragma: no cover - used by run-local
-    shutil.rmtree(path, ignore_errors=True)

@@ -14,6 +14,17 @@ from typing import Any, Literal, TextIO
 import structlog
 
 Format = Literal["auto", "json", "console"]
+CACHE_LOGGERS = True  # tests turn this off so structlog.testing.capture_logs() sees every event
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is now (pytest swaps it per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def resolve_format(fmt: Format, stream: TextIO = sys.stderr) -> Literal["json", "console"]:
@@ -24,12 +35,12 @@ def resolve_format(fmt: Format, stream: TextIO = sys.stderr) -> Literal["json", 
 
 def configure(fmt: Format = "auto", *, debug: bool = False, stream: TextIO | None = None) -> str:
     """Configure structlog once per process; returns the resolved format."""
-    stream = stream or sys.stderr
-    resolved = resolve_format(fmt, stream)
+    resolved = resolve_format(fmt, stream or sys.stderr)
+    tty = (stream or sys.stderr).isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if resolved == "json"
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty(), pad_event_to=28)
+        else structlog.dev.ConsoleRenderer(colors=tty, pad_event_to=28)
     )
     structlog.configure(
         processors=[
@@ -40,8 +51,8 @@ def configure(fmt: Format = "auto", *, debug: bool = False, stream: TextIO | Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )
     return resolved
 

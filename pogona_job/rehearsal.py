@@ -53,7 +53,9 @@ def main() -> int:
             _job(["dataset", "demo", str(demo)], env)
             _job(["dataset", "push", str(demo)], env)
         if env["POGONA_MODEL"].endswith(".yaml"):
-            print(f"Training {env['POGONA_MODEL']} FROM SCRATCH (no pretrained weights offline) on the CPU.", flush=True)
+            print(
+                f"Training {env['POGONA_MODEL']} FROM SCRATCH (no pretrained weights offline) on the CPU.", flush=True
+            )
         start = time.monotonic()
         code = _job(["run"], env, check=False)
         minutes = (time.monotonic() - start) / 60

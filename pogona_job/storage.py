@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -179,6 +179,16 @@ def check_bucket(client: S3Client, path: S3Path, doing: str) -> None:
         client.list_objects_v2(Bucket=path.bucket, Prefix=path.key, MaxKeys=1)
 
 
+def delete_prefix(client: S3Client, prefix: S3Path) -> int:
+    """Delete every object under the prefix (checkpoints of a finished run)."""
+    keys = [o.key for o in list_objects(client, prefix)]
+    with errors_for(prefix.bucket, f"deleting {prefix.uri}"):
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            client.delete_objects(Bucket=prefix.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+    return len(keys)
+
+
 # --- listing and transfers --------------------------------------------------------------
 
 
@@ -205,8 +215,7 @@ def list_objects(client: S3Client, prefix: S3Path) -> Iterator[RemoteObject]:
 
 def safe_relative(rel: str, key: str) -> str:
     """A key must land inside the destination folder: no `..`, no absolute paths."""
-    parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("..", ".") for p in parts):
+    if "\\" in rel or any(part in ("", ".", "..") for part in rel.split("/")):
         raise DatasetError(f"Refusing object key {key!r}: it would be written outside the destination folder.")
     return rel
 

@@ -159,14 +159,16 @@ def train_phase(
     device: str,
     workers: int,
     epochs: int,
-    project: Path,
+    save_dir: Path,
     watchdog: BatchWatchdog,
     on_epoch: EpochHook | None = None,
+    resume: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> PhaseResult:
-    """Train `epochs` epochs into project/phase; the watchdog sees every batch."""
+    """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch."""
     start = time.monotonic()
-    model = load_model(model_source)
+    last = save_dir / "weights" / "last.pt"
+    model = load_model(str(last) if resume else model_source)
     hardware = describe_hardware(device)
     state: dict[str, Any] = {"boxes": 0, "first_batch": None}
 
@@ -205,7 +207,20 @@ def train_phase(
     model.add_callback("on_train_start", on_train_start)
     model.add_callback("on_train_batch_end", on_batch_end)
     model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
-    args: dict[str, Any] = {
+    if resume:
+        # Only a whitelist of args may change on resume; `data` must be given (the stored path is gone
+        # in a new container) and save_dir keeps results.csv appending in place (field notes).
+        args: dict[str, Any] = {
+            "resume": True,
+            "data": str(data_yaml),
+            "save_dir": str(save_dir),
+            "device": device,
+            "workers": workers,
+            "plots": True,
+        }
+        log.info("training resumed", epochs=epochs, checkpoint=str(last), device=device)
+        return _fit(model, phase, args, start, hardware, state)
+    args = {
         "data": str(data_yaml),
         "epochs": epochs,
         "imgsz": settings.imgsz,
@@ -217,14 +232,20 @@ def train_phase(
         "optimizer": settings.optimizer,
         "lr0": settings.lr0,
         "patience": settings.patience,
-        "project": str(project),
-        "name": phase,
+        "project": str(save_dir.parent),
+        "name": save_dir.name,
         "exist_ok": True,
         "plots": True,
         "verbose": settings.debug,
         **(extra or {}),
     }
     log.info("training started", epochs=epochs, model=model_source, device=device, imgsz=settings.imgsz)
+    return _fit(model, phase, args, start, hardware, state)
+
+
+def _fit(
+    model: Any, phase: str, args: dict[str, Any], start: float, hardware: Hardware, state: dict[str, Any]
+) -> PhaseResult:
     try:
         model.train(**args)
     except JobError:
@@ -243,6 +264,45 @@ def train_phase(
         hardware=hardware,
         params=params,
         first_batch_s=state["first_batch"],
+    )
+
+
+def completed_phase(
+    phase: str, save_dir: Path, device: str, data_yaml: Path, settings: Settings, workers: int
+) -> PhaseResult:
+    """A phase whose every epoch is already in the checkpoint: rebuild its plots with one validation
+    of best.pt instead of training again."""
+    start = time.monotonic()
+    best = save_dir / "weights" / "best.pt"
+    model = load_model(str(best))
+    if phase == "full":
+        from ultralytics.utils.plotting import plot_results
+
+        model.val(
+            data=str(data_yaml),
+            imgsz=settings.imgsz,
+            batch=max(settings.batch, 1),
+            device=device,
+            workers=workers,
+            project=str(save_dir.parent),
+            name=f"{phase}-val",
+            exist_ok=True,
+            plots=True,
+            verbose=False,
+        )
+        val_dir = save_dir.parent / f"{phase}-val"
+        for name in ("BoxPR_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg"):
+            if (val_dir / name).exists():
+                shutil.copyfile(val_dir / name, save_dir / name)
+        plot_results(file=save_dir / "results.csv")
+    return PhaseResult(
+        phase=phase,
+        save_dir=save_dir,
+        rows=read_results(save_dir / "results.csv"),
+        seconds=time.monotonic() - start,
+        hardware=describe_hardware(device),
+        params=sum(p.numel() for p in model.model.parameters()),
+        first_batch_s=None,
     )
 
 

@@ -1,0 +1,66 @@
+# pogona-train - every command sets up what it needs (see README).
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+# This machine's pip serves torch 2.14.1 from local disk; elsewhere override (TORCH_SPEC=) to take pyproject's range.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+export YOLO_OFFLINE := true
+
+.PHONY: setup run-local test unit lint format readme infra-validate bench docker-build docker-run docker-push clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q $(TORCH_SPEC); fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run-local: setup
+	$(PY) -m pogona_job.rehearsal
+
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
+	$(MAKE) --no-print-directory infra-validate
+
+lint: setup
+	$(VENV)/bin/ruff check pogona_job tests benchmarks
+	$(VENV)/bin/ruff format --check pogona_job tests benchmarks
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff format pogona_job tests benchmarks
+	$(VENV)/bin/ruff check --fix pogona_job tests benchmarks
+
+# Regenerate the README's variable table from the settings class (a test fails when they drift).
+readme: setup
+	$(PY) -m pogona_job.config --update-readme README.md
+
+infra-validate:
+	bash infra/validate.sh
+
+bench: setup
+	$(PY) benchmarks/bench.py
+
+IMAGE    ?= pogona-train
+TAG      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+ENV_FILE ?= pogona.env
+DOCKER_OK = @docker info >/dev/null 2>&1 || { echo "No Docker engine is running here: start Docker (or use a machine with one) to $@." >&2; exit 1; }
+
+docker-build:
+	$(DOCKER_OK)
+	docker build -t $(IMAGE):$(TAG) .
+
+docker-run:
+	$(DOCKER_OK)
+	docker run --rm --gpus all --ipc=host --env-file $(ENV_FILE) $(IMAGE):$(TAG)
+
+docker-push:
+	$(DOCKER_OK)
+	@test -n "$(REGISTRY)" || { echo "Set REGISTRY=<account>.dkr.ecr.<region>.amazonaws.com (or another registry)." >&2; exit 1; }
+	docker tag $(IMAGE):$(TAG) $(REGISTRY)/$(IMAGE):$(TAG)
+	docker push $(REGISTRY)/$(IMAGE):$(TAG)
+
+clean:
+	rm -rf .run-local .bench .pytest_cache .mypy_cache .ruff_cache

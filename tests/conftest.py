@@ -1,0 +1,109 @@
+"""Shared fixtures: a real SeaweedFS server per session, ultralytics offline, tiny datasets.
+
+Everything runs offline on loopback; servers are started on free ports and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+
+from pogona_job import logs
+from pogona_job.locals3 import LocalS3
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "pogona-test"
+# A tiny but honest training setup: a real model from scratch, small images, few epochs.
+TINY = {
+    "POGONA_MODEL": "yolo11n.yaml",
+    "POGONA_EPOCHS": "2",
+    "POGONA_SANITY_EPOCHS": "3",
+    "POGONA_IMGSZ": "128",
+    "POGONA_BATCH": "8",
+    "POGONA_DEVICE": "cpu",
+    "POGONA_WORKERS": "0",
+    "POGONA_LOG_FORMAT": "json",
+}
+
+logs.CACHE_LOGGERS = False  # so structlog.testing.capture_logs() sees in-process runs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_ultralytics(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One ultralytics config dir for the session, prepared the way the job does it."""
+    from pogona_job import offline
+
+    for key in [k for k in os.environ if k.startswith(("POGONA_", "AWS_"))]:
+        del os.environ[key]  # a developer's own settings must not leak into the tests
+    os.environ["YOLO_CONFIG_DIR"] = str(tmp_path_factory.mktemp("yolo-config"))
+    offline.prepare(Path(os.environ["YOLO_CONFIG_DIR"]))
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[LocalS3]:
+    with LocalS3(buckets=[BUCKET, "pogona-other"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3: LocalS3):  # type: ignore[no-untyped-def]
+    return boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint,
+        aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pogona_job.demo import write_demo
+
+    dest = tmp_path_factory.mktemp("demo")
+    write_demo(dest, n_images=48, size=128, seed=0)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def demo_uri(s3: LocalS3, s3_client, demo_dir: Path) -> str:  # type: ignore[no-untyped-def]
+    """The demo dataset in the bucket, pushed the way users push theirs."""
+    from pogona_job import storage
+
+    uri = f"s3://{BUCKET}/datasets/demo"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3.env.items():
+            mp.setenv(key, value)
+        storage.push_tree(storage.make_client(), demo_dir, storage.S3Path.parse(uri))
+    return uri
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def job_env(s3: LocalS3, tmp_path: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POGONA_", "AWS_"))}
+    env.update(s3.env)
+    env.update(TINY)
+    env.update(POGONA_OUTPUT_URI=f"s3://{BUCKET}/runs", POGONA_WORK_DIR=str(tmp_path / "work"))
+    env.update(overrides)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> Result:
+    """The real console entry point in a child process: real exit codes, real stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pogona_job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)

@@ -1,0 +1,86 @@
+"""The gate on real (tiny) training: the MPS signature and NaN are stopped within batches.
+
+The job runs in-process so ultralytics' loss machinery can be broken the way MPS breaks it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import torch
+
+from pogona_job import job
+from pogona_job.config import load_settings
+from pogona_job.locals3 import LocalS3
+from tests.conftest import BUCKET, job_env
+
+K = 4
+
+
+@pytest.fixture()
+def env(s3: LocalS3, demo_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key, value in job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_GATE_ZERO_BATCHES=str(K)).items():
+        if key.startswith(("POGONA_", "AWS_")):
+            monkeypatch.setenv(key, value)
+    yield
+
+
+def _run(run_id: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[dict[str, Any]]]:
+    monkeypatch.setenv("POGONA_RUN_ID", run_id)
+    with structlog.testing.capture_logs() as events:
+        code = job.run(load_settings())
+    return code, events
+
+
+def _no_foreground(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What MPS does: the assigner gets NaN/misindexed boxes and assigns no foreground at all."""
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    original = TaskAlignedAssigner.forward
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        labels, bboxes, scores, fg_mask, gt_idx = original(self, *args, **kwargs)
+        return labels, bboxes, torch.zeros_like(scores), torch.zeros_like(fg_mask), gt_idx
+
+    monkeypatch.setattr(TaskAlignedAssigner, "forward", forward)
+
+
+def test_mps_signature_stops_within_k_batches_and_full_training_never_starts(
+    env: None, monkeypatch: pytest.MonkeyPatch, s3_client: Any
+) -> None:
+    _no_foreground(monkeypatch)
+    code, events = _run("gate-signature", monkeypatch)
+    assert code == 5
+    failed = next(e for e in events if e["event"] == "run failed")
+    assert "no-foreground signature" in failed["reason"] and "MPS" in failed["reason"]
+    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key="runs/gate-signature/manifest.json")["Body"].read())
+    assert manifest["status"] == "failed" and manifest["exit_code"] == 5
+    assert manifest["watchdog"]["phase"] == "sanity" and manifest["watchdog"]["batches"] <= K + 2
+    assert not any(e["event"] == "phase started" and e.get("phase") == "full" for e in events)
+    report = s3_client.get_object(Bucket=BUCKET, Key="runs/gate-signature/report.md")["Body"].read().decode()
+    assert "Batch watchdog stopped the run" in report and "What went wrong" in report
+
+
+def test_nan_loss_stops_at_the_first_nan_batch(env: None, monkeypatch: pytest.MonkeyPatch, s3_client: Any) -> None:
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    original = v8DetectionLoss.loss
+    calls = {"n": 0}
+
+    def loss(self: Any, preds: Any, batch: Any) -> Any:
+        total, items = original(self, preds, batch)
+        calls["n"] += 1
+        if calls["n"] >= 3:  # healthy for two batches, then the loss explodes
+            items = {k: torch.tensor(float("nan")) for k in items}
+        return total, items
+
+    monkeypatch.setattr(v8DetectionLoss, "loss", loss)
+    code, events = _run("gate-nan", monkeypatch)
+    assert code == 5
+    failed = next(e for e in events if e["event"] == "run failed")
+    assert "non-finite loss" in failed["reason"] and "sanity batch 3" in failed["reason"]

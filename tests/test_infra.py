@@ -1,0 +1,681 @@
+"""Structural tests of the image and the cloud infrastructure (issue #6).
+
+There is no Docker engine and no cloud here, so these tests read the Dockerfile, the
+entrypoint, the CloudFormation template and the Kubernetes manifests and check the properties
+the job's contract relies on: who runs the job, how signals and exit codes travel, which
+variables reach it, which exit codes are retried. Every list of variables or exit codes is
+derived from the code (`known_env_names()`, the `JobError` classes), never copied, so a new
+knob or exit code that the infrastructure does not carry fails here.
+
+The linters (hadolint, cfn-lint, kubernetes-validate, yamllint, checkov, shellcheck) run in
+`infra/validate.sh`; the entrypoint is exercised for real against a stub job.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomllib
+import yaml
+from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from pogona_job import errors
+from pogona_job.config import Settings, env_name, known_env_names
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+LOCK = ROOT / "docker" / "requirements.lock"
+TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
+CRONJOB = ROOT / "infra" / "k8s" / "cronjob.yaml"
+K8S_MANIFESTS = sorted((ROOT / "infra" / "k8s").glob("*.yaml"))
+
+URI_VARS = {"POGONA_DATASET_URI", "POGONA_OUTPUT_URI"}
+# Exit codes, from the exception classes that produce them.
+RETRYABLE_CODES = {errors.TransientFailure.exit_code, errors.Interrupted.exit_code}
+FATAL_CODES = {
+    cls.exit_code
+    for cls in (errors.JobError, *errors.JobError.__subclasses__())
+    if cls.exit_code not in RETRYABLE_CODES
+}
+
+
+def test_exit_code_sets_match_the_contract() -> None:
+    assert {75, 143} == RETRYABLE_CODES
+    assert {2, 3, 4, 5, 6} == FATAL_CODES
+
+
+# ------------------------------------------------------------------------------------------------
+# Dockerfile
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> DockerfileParser:
+    parser = DockerfileParser(path=str(DOCKERFILE), cache_content=True)
+    parser.content = DOCKERFILE.read_text(encoding="utf-8")
+    return parser
+
+
+def _final_stage(parser: DockerfileParser) -> list[dict[str, Any]]:
+    """The instructions of the last stage (from its FROM on)."""
+    structure = parser.structure
+    last_from = max(i for i, ins in enumerate(structure) if ins["instruction"] == "FROM")
+    return structure[last_from:]
+
+
+def _stage_env(instructions: list[dict[str, Any]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins["instruction"] == "ENV":
+            for token in shlex.split(ins["value"]):
+                if "=" in token:
+                    key, _, value = token.partition("=")
+                    env[key] = value
+    return env
+
+
+def _values(instructions: list[dict[str, Any]], name: str) -> list[str]:
+    return [ins["value"] for ins in instructions if ins["instruction"] == name]
+
+
+def test_final_user_is_numeric_and_not_root(dockerfile: DockerfileParser) -> None:
+    users = _values(dockerfile.structure, "USER")
+    assert users, "the Dockerfile never drops root"
+    final_users = _values(_final_stage(dockerfile), "USER")
+    assert final_users and final_users[-1] == users[-1], "the runtime stage must set the USER last"
+    uid = users[-1].split(":")[0]
+    # Kubernetes' runAsNonRoot can only verify a numeric UID.
+    assert uid.isdigit() and int(uid) > 0, f"USER {users[-1]!r} must be a numeric non-root UID"
+
+
+def test_entrypoint_is_exec_form_under_tini(dockerfile: DockerfileParser) -> None:
+    entrypoints = _values(_final_stage(dockerfile), "ENTRYPOINT")
+    assert len(entrypoints) == 1
+    argv = json.loads(entrypoints[0])  # exec form is a JSON array; shell form would not parse
+    assert isinstance(argv, list)
+    assert Path(argv[0]).name == "tini" and argv[1] == "--", "tini must be PID 1 (signals, zombies)"
+    assert argv[2] == "/app/docker/entrypoint.sh"
+    # tini comes from the distribution and the entrypoint script from this repository.
+    runs = " ".join(_values(_final_stage(dockerfile), "RUN"))
+    assert re.search(r"apt-get install .*\btini=", runs), "tini must be installed (pinned)"
+    copies = _values(_final_stage(dockerfile), "COPY")
+    assert any(c.split()[-2:] == ["docker/entrypoint.sh", argv[2]] for c in copies)
+    cmd = _values(_final_stage(dockerfile), "CMD")
+    assert cmd and json.loads(cmd[-1]) == ["run"]
+
+
+def test_base_images_are_pinned_by_tag_and_digest(dockerfile: DockerfileParser) -> None:
+    stages: set[str] = set()
+    external: list[str] = []
+    for ins in dockerfile.structure:
+        if ins["instruction"] != "FROM":
+            continue
+        parts = ins["value"].split()
+        image = parts[0]
+        if image not in stages:
+            external.append(image)
+        if len(parts) == 3 and parts[1].upper() == "AS":
+            stages.add(parts[2])
+    assert external, "no base image"
+    for image in external:
+        name, _, digest = image.partition("@")
+        repo, _, tag = name.rpartition(":")
+        assert repo and tag and tag != "latest" and "$" not in image, f"{image}: needs an explicit tag"
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{image}: needs a digest"
+    assert len(set(external)) == 1, "builder and runtime must share one base (same libc, same Python)"
+
+
+def test_oci_labels(dockerfile: DockerfileParser) -> None:
+    labels = dockerfile.labels
+    for key in ("title", "description", "version", "revision", "created", "source", "licenses"):
+        assert f"org.opencontainers.image.{key}" in labels, key
+
+
+def test_runtime_environment(dockerfile: DockerfileParser) -> None:
+    env = _stage_env(_final_stage(dockerfile))
+    assert env["YOLO_OFFLINE"] == "true"
+    assert env["YOLO_CONFIG_DIR"].startswith("/")
+    assert env["MKL_THREADING_LAYER"] == "GNU"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    pogona = {k for k in env if k.startswith("POGONA_")}
+    assert pogona <= set(known_env_names()), f"the job rejects unknown variables: {pogona}"
+    # The work dir is the working directory, created for the runtime user.
+    workdirs = _values(_final_stage(dockerfile), "WORKDIR")
+    assert env["POGONA_WORK_DIR"] == workdirs[-1]
+    runs = " ".join(_values(_final_stage(dockerfile), "RUN"))
+    uid = _values(dockerfile.structure, "USER")[-1].split(":")[0]
+    assert re.search(rf"install -d -o {uid} -g \d+ -m 0?7[0-7]0 {re.escape(workdirs[-1])}\b", runs)
+
+
+def test_default_weights_and_amp_model_are_baked(dockerfile: DockerfileParser) -> None:
+    runs = [v for v in _values(dockerfile.structure, "RUN") if "fetch_assets.py" in v]
+    assert len(runs) == 1
+    baked = set(re.findall(r"\b[\w.-]+\.pt\b", runs[0]))
+    default_model = Settings.model_fields["model"].default
+    if str(default_model).endswith(".pt"):
+        assert default_model in baked, "the default POGONA_MODEL must work offline"
+    assert "yolo26n.pt" in baked, "ultralytics' CUDA AMP check loads yolo26n.pt"
+    weights_dir = re.search(r"--weights-dir\s+(\S+)", runs[0])
+    assert weights_dir, "weights must go to an absolute weights_dir"
+    config_dir = _stage_env(_final_stage(dockerfile))["YOLO_CONFIG_DIR"]
+    copied = " ".join(_values(_final_stage(dockerfile), "COPY"))
+    assert weights_dir.group(1) in copied and f"{config_dir}/Ultralytics" in copied
+
+
+def _dockerignore_patterns() -> list[str]:
+    lines = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_dockerignore_excludes_local_state() -> None:
+    patterns = _dockerignore_patterns()
+    for required in (".venv", ".git", "tests", ".env"):
+        assert required in patterns, required
+
+
+def test_dockerignore_keeps_what_the_build_copies(dockerfile: DockerfileParser) -> None:
+    ignored = [p for p in _dockerignore_patterns() if not p.startswith("!")]
+    sources: list[str] = []
+    for value in _values(dockerfile.structure, "COPY"):
+        parts = [p for p in value.split() if not p.startswith("--")]
+        sources += parts[:-1]
+    assert sources
+    for source in sources:
+        path = source.rstrip("/")
+        prefixes = [path, *("/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1))]
+        for pattern in ignored:
+            hit = [p for p in prefixes if fnmatch.fnmatchcase(p, pattern.removeprefix("**/"))]
+            assert not hit, f".dockerignore pattern {pattern!r} drops {source!r}, which the build copies"
+
+
+def test_lock_pins_every_runtime_dependency() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    pins: dict[str, str] = {}
+    for line in LOCK.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, f"lock line {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    for dep in project["dependencies"]:
+        req = Requirement(dep)
+        key = canonicalize_name(req.name)
+        assert key in pins, f"{req.name} is missing from {LOCK.name}: run docker/make_lock.py"
+        assert req.specifier.contains(pins[key], prereleases=True), f"{req.name}=={pins[key]} violates {dep}"
+
+
+# ------------------------------------------------------------------------------------------------
+# docker/entrypoint.sh, run for real against a stub `pogona-job`
+# ------------------------------------------------------------------------------------------------
+
+_STUB = """#!/bin/sh
+out=$STUB_OUT
+echo "pid=$$" > "$out"
+for a in "$@"; do echo "arg=$a" >> "$out"; done
+env | grep -E '^(POGONA_|YOLO_|MKL_|PYTHONUNBUFFERED)' | sed 's/^/env:/' >> "$out"
+if [ -n "${STUB_WAIT:-}" ]; then
+    trap 'exit 143' TERM
+    echo ready > "$STUB_WAIT"
+    while :; do sleep 0.05; done
+fi
+exit "${STUB_EXIT:-0}"
+"""
+
+
+@pytest.fixture
+def stub_job(tmp_path: Path) -> dict[str, str]:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    stub = bindir / "pogona-job"
+    stub.write_text(_STUB, encoding="utf-8")
+    stub.chmod(0o755)
+    return {
+        "PATH": f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "STUB_OUT": str(tmp_path / "out.txt"),
+        "HOME": str(tmp_path),
+    }
+
+
+def _stub_output(env: dict[str, str]) -> tuple[list[str], dict[str, str], int]:
+    lines = Path(env["STUB_OUT"]).read_text(encoding="utf-8").splitlines()
+    args = [line[4:] for line in lines if line.startswith("arg=")]
+    seen = dict(line[4:].split("=", 1) for line in lines if line.startswith("env:"))
+    pid = int(next(line[4:] for line in lines if line.startswith("pid=")))
+    return args, seen, pid
+
+
+def test_entrypoint_defaults_to_run_and_execs(stub_job: dict[str, str]) -> None:
+    proc = subprocess.Popen(["sh", str(ENTRYPOINT)], env=stub_job)
+    assert proc.wait(timeout=30) == 0
+    args, env, pid = _stub_output(stub_job)
+    assert args == ["run"]
+    assert pid == proc.pid, "the job must replace the shell (exec), or SIGTERM stops at the shell"
+    assert env["YOLO_OFFLINE"] == "true" and env["MKL_THREADING_LAYER"] == "GNU"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert not any(k.startswith("POGONA_") for k in env), "the entrypoint must not invent POGONA_* values"
+
+
+def test_entrypoint_passes_arguments_and_keeps_caller_env(stub_job: dict[str, str]) -> None:
+    env = {**stub_job, "YOLO_OFFLINE": "false", "POGONA_EPOCHS": "7"}
+    result = subprocess.run(["sh", str(ENTRYPOINT), "dataset", "pull", "/tmp/x y"], env=env, timeout=30)
+    assert result.returncode == 0
+    args, seen, _ = _stub_output(env)
+    assert args == ["dataset", "pull", "/tmp/x y"]
+    assert seen["YOLO_OFFLINE"] == "false" and seen["POGONA_EPOCHS"] == "7"
+
+
+@pytest.mark.parametrize("code", sorted(FATAL_CODES | RETRYABLE_CODES))
+def test_entrypoint_returns_the_job_exit_code(stub_job: dict[str, str], code: int) -> None:
+    result = subprocess.run(["sh", str(ENTRYPOINT)], env={**stub_job, "STUB_EXIT": str(code)}, timeout=30)
+    assert result.returncode == code
+
+
+def test_sigterm_reaches_the_job(stub_job: dict[str, str], tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(["sh", str(ENTRYPOINT)], env={**stub_job, "STUB_WAIT": str(ready)})
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert time.monotonic() < deadline, "stub job never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == errors.Interrupted.exit_code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_entrypoint_falls_back_to_the_module(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake_python = bindir / "python3"
+    fake_python.write_text('#!/bin/sh\necho "$@" > "$STUB_OUT"\n', encoding="utf-8")
+    fake_python.chmod(0o755)
+    out = tmp_path / "out.txt"
+    env = {"PATH": f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin", "STUB_OUT": str(out)}
+    assert subprocess.run(["sh", str(ENTRYPOINT), "config"], env=env, timeout=30).returncode == 0
+    assert out.read_text(encoding="utf-8").split() == ["-m", "pogona_job", "config"]
+
+
+def test_entrypoint_with_the_real_job_and_no_variables(tmp_path: Path) -> None:
+    """Outside any container, with the project's venv on PATH: the job itself says what is missing."""
+    bindir = Path(sys.executable).parent
+    if not (bindir / "pogona-job").exists():
+        pytest.skip("pogona-job is not installed next to this interpreter")
+    env = {"PATH": f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == errors.ConfigError.exit_code, result.stderr
+    assert "POGONA_DATASET_URI" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# CloudFormation (infra/aws/template.yaml)
+# ------------------------------------------------------------------------------------------------
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """SafeLoader that turns CloudFormation short forms (!Ref, !Sub, !If ...) into long forms."""
+
+
+def _cfn_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    value: Any
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+    if suffix == "Ref":
+        return {"Ref": value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {f"Fn::{suffix}": value}
+
+
+_CfnLoader.add_multi_constructor("!", _cfn_tag)
+
+
+@pytest.fixture(scope="module")
+def cfn() -> dict[str, Any]:
+    return yaml.load(TEMPLATE.read_text(encoding="utf-8"), Loader=_CfnLoader)
+
+
+def _param_name(env: str) -> str:
+    """POGONA_SANITY_EPOCHS -> PogonaSanityEpochs."""
+    return "".join(part.capitalize() for part in env.lower().split("_"))
+
+
+def _expected_default(field: str) -> str:
+    """The parameter default that means "the job's default": the config default as a string."""
+    default = Settings.model_fields[field].default
+    if default is None or isinstance(default, Path):  # computed at run time, or the image's /work
+        return ""
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
+
+
+def _paste_hint(missing: list[str]) -> str:
+    """What to add to the template for new knobs (the test failure tells the lead)."""
+    out = []
+    for env in missing:
+        field = env.removeprefix("POGONA_").lower()
+        p = _param_name(env)
+        out.append(
+            f"Parameters:\n  {p}:\n    Type: String\n    Default: '{_expected_default(field)}'\n"
+            f"    Description: '{env} - ... Empty: the job default.'\n"
+            f"Conditions:\n  Set{p}: !Not [!Equals [!Ref {p}, '']]\n"
+            f"JobDefinition Environment:\n  - !If [Set{p}, {{Name: {env}, Value: !Ref {p}}}, !Ref AWS::NoValue]\n"
+        )
+    return "\n".join(out)
+
+
+def _job_container(cfn: dict[str, Any]) -> dict[str, Any]:
+    return cfn["Resources"]["JobDefinition"]["Properties"]["ContainerProperties"]
+
+
+def _env_entries(cfn: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str | None]]:
+    """Name -> (entry, condition or None) for the job definition's Environment."""
+    out: dict[str, tuple[dict[str, Any], str | None]] = {}
+    for item in _job_container(cfn)["Environment"]:
+        if "Fn::If" in item:
+            condition, entry, otherwise = item["Fn::If"]
+            assert otherwise == {"Ref": "AWS::NoValue"}
+            out[entry["Name"]] = (entry, condition)
+        else:
+            out[item["Name"]] = (item, None)
+    return out
+
+
+def test_every_job_variable_reaches_the_container(cfn: dict[str, Any]) -> None:
+    entries = _env_entries(cfn)
+    missing = [name for name in known_env_names() if name not in entries]
+    assert not missing, f"infra/aws/template.yaml lacks {missing}; add:\n{_paste_hint(missing)}"
+    unknown = {n for n in entries if n.startswith("POGONA_")} - set(known_env_names())
+    assert not unknown, f"the job would stop with exit 2 on unknown variables {unknown}"
+
+
+def test_every_knob_is_a_parameter_with_the_job_default(cfn: dict[str, Any]) -> None:
+    params = cfn["Parameters"]
+    entries = _env_entries(cfn)
+    missing = [n for n in known_env_names() if n not in URI_VARS and _param_name(n) not in params]
+    assert not missing, f"missing parameters; add:\n{_paste_hint(missing)}"
+    for field in Settings.model_fields:
+        env = env_name(field)
+        if env in URI_VARS:
+            continue
+        param = params[_param_name(env)]
+        assert param["Type"] == "String"
+        assert str(param["Default"]) == _expected_default(field), f"{env}: default drifted from config.py"
+        entry, condition = entries[env]
+        assert entry["Value"] == {"Ref": _param_name(env)}
+        # An empty parameter leaves the variable unset (the job's own default applies).
+        assert condition is not None, f"{env} must be omitted when its parameter is empty"
+        assert cfn["Conditions"][condition] == {"Fn::Not": [{"Fn::Equals": [{"Ref": _param_name(env)}, ""]}]}
+        annotation = Settings.model_fields[field].annotation
+        literal = [a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is typing.Literal]
+        if literal:
+            assert param["AllowedValues"] == ["", *typing.get_args(literal[0])], f"{env}: allowed values drifted"
+
+
+def test_run_id_is_left_to_aws_batch(cfn: dict[str, Any]) -> None:
+    """A fixed POGONA_RUN_ID would make every scheduled run "already succeeded"."""
+    assert cfn["Parameters"][_param_name("POGONA_RUN_ID")]["Default"] == ""
+
+
+def test_uris_are_built_from_the_scoped_bucket_parameters(cfn: dict[str, Any]) -> None:
+    entries = _env_entries(cfn)
+    assert entries["POGONA_DATASET_URI"][0]["Value"] == {"Fn::Sub": "s3://${DatasetBucket}/${DatasetPrefix}"}
+    assert entries["POGONA_OUTPUT_URI"][0]["Value"] == {"Fn::Sub": "s3://${OutputBucket}/${OutputPrefix}"}
+    for name in ("DatasetBucket", "DatasetPrefix", "OutputBucket", "OutputPrefix"):
+        assert "Default" not in cfn["Parameters"][name], f"{name} is required"
+
+
+def _batch_decision(
+    rules: list[dict[str, str]], exit_code: int | None, status_reason: str = "", reason: str = ""
+) -> str:
+    """AWS Batch semantics: the first rule whose every given pattern matches wins; none: RETRY."""
+    facts = {
+        "OnExitCode": None if exit_code is None else str(exit_code),
+        "OnStatusReason": status_reason,
+        "OnReason": reason,
+    }
+    for rule in rules:
+        conditions = {k: v for k, v in rule.items() if k != "Action"}
+        if all(facts[k] is not None and fnmatch.fnmatchcase(facts[k] or "", v) for k, v in conditions.items()):
+            return rule["Action"].upper()
+    return "RETRY"
+
+
+def test_retry_strategy(cfn: dict[str, Any]) -> None:
+    props = cfn["Resources"]["JobDefinition"]["Properties"]
+    strategy = props["RetryStrategy"]
+    rules = strategy["EvaluateOnExit"]
+    assert 1 <= len(rules) <= 5, "AWS Batch allows at most 5 EvaluateOnExit rules"
+    for rule in rules:
+        # OnExitCode: digits with an optional trailing *; reasons: letters, digits, . : and blanks.
+        if "OnExitCode" in rule:
+            assert re.fullmatch(r"[0-9]*\*?", rule["OnExitCode"]), rule
+        for key in ("OnReason", "OnStatusReason"):
+            if key in rule:
+                assert re.fullmatch(r"[A-Za-z0-9.: \t]*\*?", rule[key]), rule
+    attempts = cfn["Parameters"][strategy["Attempts"]["Ref"]]
+    assert 2 <= int(attempts["Default"]) <= 10 and int(attempts["MaxValue"]) <= 10
+    for code in RETRYABLE_CODES:
+        assert _batch_decision(rules, code) == "RETRY", code
+    for code in (*FATAL_CODES, 1, 137):
+        assert _batch_decision(rules, code) == "EXIT", code
+    reclaimed = "Host EC2 (instance i-0123456789abcdef0) terminated."
+    assert _batch_decision(rules, None, status_reason=reclaimed) == "RETRY"
+    assert _batch_decision(rules, 137, status_reason=reclaimed) == "RETRY"
+    # No exit code at all (the image could not be pulled): do not loop on it.
+    assert _batch_decision(rules, None, reason="CannotPullContainerError: not found") == "EXIT"
+
+
+def test_gpu_memory_shm_and_timeout(cfn: dict[str, Any]) -> None:
+    container = _job_container(cfn)
+    requirements = {r["Type"]: r["Value"] for r in container["ResourceRequirements"]}
+    assert requirements["GPU"] == "1"
+    assert "VCPU" in requirements and "MEMORY" in requirements
+    shm = container["LinuxParameters"]["SharedMemorySize"]
+    assert int(cfn["Parameters"][shm["Ref"]]["Default"]) >= 1024, "/dev/shm for dataloader workers"
+    timeout = cfn["Resources"]["JobDefinition"]["Properties"]["Timeout"]["AttemptDurationSeconds"]
+    assert int(cfn["Parameters"][timeout["Ref"]]["Default"]) >= 3600
+    assert container["Command"] == ["run"]
+    assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+
+
+def test_queue_tries_spot_then_on_demand(cfn: dict[str, Any]) -> None:
+    res = cfn["Resources"]
+    order = sorted(res["JobQueue"]["Properties"]["ComputeEnvironmentOrder"], key=lambda o: o["Order"])
+    kinds = [res[o["ComputeEnvironment"]["Ref"]]["Properties"]["ComputeResources"]["Type"] for o in order]
+    assert kinds == ["SPOT", "EC2"]
+    for entry in order:
+        resources = res[entry["ComputeEnvironment"]["Ref"]]["Properties"]["ComputeResources"]
+        assert resources["MinvCpus"] == 0, "no idle GPU instances between runs"
+
+
+def test_ecr_repository(cfn: dict[str, Any]) -> None:
+    repo = cfn["Resources"]["Repository"]["Properties"]
+    assert repo["ImageTagMutability"] == "IMMUTABLE"
+    assert repo["ImageScanningConfiguration"]["ScanOnPush"] is True
+
+
+def _statements(role: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for policy in role["Properties"].get("Policies", []):
+        for st in policy["PolicyDocument"]["Statement"]:
+            if "Fn::If" in st:
+                out.append(st["Fn::If"][1])
+            else:
+                out.append(st)
+    return out
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_job_role_is_scoped_to_the_two_prefixes(cfn: dict[str, Any]) -> None:
+    statements = _statements(cfn["Resources"]["JobRole"])
+    actions = {a for st in statements for a in _as_list(st["Action"])}
+    assert not any("*" in a for a in actions), actions
+    assert actions <= {
+        "s3:ListBucket",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListMultipartUploadParts",
+        "s3:DeleteObject",
+        "kms:Decrypt",
+        "kms:GenerateDataKey",
+    }
+    for st in statements:
+        resources = [r["Fn::Sub"] if isinstance(r, dict) and "Fn::Sub" in r else r for r in _as_list(st["Resource"])]
+        if "s3:ListBucket" in _as_list(st["Action"]):
+            assert "s3:prefix" in st["Condition"]["StringLike"], "listing must be limited to the prefix"
+        if "s3:PutObject" in _as_list(st["Action"]):
+            assert resources == ["arn:${AWS::Partition}:s3:::${OutputBucket}/${OutputPrefix}/*"]
+        if "s3:DeleteObject" in _as_list(st["Action"]):
+            assert all(r.endswith("/checkpoint/*") for r in resources), "delete only checkpoints"
+        if _as_list(st["Action"]) == ["s3:GetObject"]:
+            assert resources == ["arn:${AWS::Partition}:s3:::${DatasetBucket}/${DatasetPrefix}/*"]
+
+
+def test_schedule_submits_this_job_only(cfn: dict[str, Any]) -> None:
+    schedule = cfn["Resources"]["Schedule"]["Properties"]
+    assert schedule["Target"]["Arn"]["Fn::Sub"].endswith(":scheduler:::aws-sdk:batch:submitJob")
+    assert schedule["ScheduleExpression"] == {"Ref": "ScheduleExpression"}
+    statements = _statements(cfn["Resources"]["SchedulerRole"])
+    assert len(statements) == 1 and _as_list(statements[0]["Action"]) == ["batch:SubmitJob"]
+    assert statements[0]["Resource"] == [{"Ref": "JobQueue"}, {"Ref": "JobDefinition"}]
+
+
+def test_outputs(cfn: dict[str, Any]) -> None:
+    for name in ("RepositoryUri", "JobQueueArn", "JobDefinitionArn", "LogGroupName", "DatasetUri", "OutputUri"):
+        assert name in cfn["Outputs"], name
+    assert int(cfn["Parameters"]["LogRetentionDays"]["Default"]) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Kubernetes (infra/k8s/*.yaml)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict[str, Any]]:
+    docs: dict[str, dict[str, Any]] = {}
+    for path in K8S_MANIFESTS:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc:
+                docs[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return docs
+
+
+@pytest.fixture(scope="module")
+def cronjob(k8s: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return k8s["CronJob/pogona-train"]
+
+
+def _pod(cronjob: dict[str, Any]) -> dict[str, Any]:
+    return cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def _container(cronjob: dict[str, Any]) -> dict[str, Any]:
+    containers = _pod(cronjob)["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def test_cronjob_never_overlaps(cronjob: dict[str, Any]) -> None:
+    assert cronjob["apiVersion"] == "batch/v1"
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def test_cronjob_requests_one_gpu(cronjob: dict[str, Any]) -> None:
+    resources = _container(cronjob)["resources"]
+    assert str(resources["limits"]["nvidia.com/gpu"]) == "1"
+    assert {"cpu", "memory"} <= set(resources["limits"]) and {"cpu", "memory"} <= set(resources["requests"])
+
+
+def test_pod_failure_policy_follows_the_exit_codes(cronjob: dict[str, Any]) -> None:
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert _pod(cronjob)["restartPolicy"] == "Never", "podFailurePolicy requires restartPolicy Never"
+    rules = job["podFailurePolicy"]["rules"]
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert len(fail) == 1 and fail[0]["onExitCodes"]["operator"] == "In"
+    assert set(fail[0]["onExitCodes"]["values"]) == FATAL_CODES
+    assert fail[0]["onExitCodes"].get("containerName", _container(cronjob)["name"]) == _container(cronjob)["name"]
+    assert not RETRYABLE_CODES & set(fail[0]["onExitCodes"]["values"])
+    ignore = [r for r in rules if r["action"] == "Ignore"]
+    assert any(c["type"] == "DisruptionTarget" for r in ignore for c in r["onPodConditions"])
+    assert job["backoffLimit"] >= 1, "exit 75 / 143 must get another pod"
+    assert job.get("podReplacementPolicy", "Failed") == "Failed", "one pod per run id at a time"
+
+
+def test_run_id_comes_from_the_job_name(cronjob: dict[str, Any]) -> None:
+    env = {e["name"]: e for e in _container(cronjob)["env"]}
+    ref = env["KUBERNETES_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert ref == "metadata.labels['batch.kubernetes.io/job-name']"
+
+
+def test_shm_is_a_memory_volume(cronjob: dict[str, Any]) -> None:
+    volumes = {v["name"]: v for v in _pod(cronjob)["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in _container(cronjob)["volumeMounts"]}
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"]
+
+
+def test_pod_runs_unprivileged(cronjob: dict[str, Any], dockerfile: DockerfileParser) -> None:
+    pod = _pod(cronjob)
+    container = _container(cronjob)
+    sc = container["securityContext"]
+    image_uid = int(_values(dockerfile.structure, "USER")[-1].split(":")[0])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == image_uid == sc.get("runAsUser", image_uid)
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["terminationGracePeriodSeconds"] >= 30, "time to checkpoint after SIGTERM"
+    assert pod.get("automountServiceAccountToken") is False
+    if sc.get("readOnlyRootFilesystem"):
+        # Everything the job writes must then be a volume: its work dir and /tmp.
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        work_dir = _stage_env(_final_stage(dockerfile))["POGONA_WORK_DIR"]
+        assert {work_dir, "/tmp"} <= mounts
+
+
+def test_image_is_pinned(cronjob: dict[str, Any]) -> None:
+    image = _container(cronjob)["image"]
+    name, _, digest = image.partition("@")
+    tag = name.rpartition(":")[2] if ":" in name.rpartition("/")[2] else ""
+    assert digest or (tag and tag != "latest"), f"{image}: pin a tag (not latest) or a digest"
+
+
+def test_configuration_and_credentials(k8s: dict[str, dict[str, Any]], cronjob: dict[str, Any]) -> None:
+    container = _container(cronjob)
+    config_maps = [k8s[f"ConfigMap/{s['configMapRef']['name']}"] for s in container["envFrom"] if "configMapRef" in s]
+    keys = {k for cm in config_maps for k in cm["data"]} | {e["name"] for e in container["env"]}
+    pogona = {k for k in keys if k.startswith("POGONA_")}
+    assert pogona <= set(known_env_names()), (
+        f"the job would stop on unknown variables {pogona - set(known_env_names())}"
+    )
+    assert pogona >= URI_VARS
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & {k for cm in config_maps for k in cm["data"]}
+    env = {e["name"]: e for e in container["env"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "secretKeyRef" in env[key]["valueFrom"], f"{key} must come from a Secret"

@@ -1,0 +1,172 @@
+"""The whole job end to end: real training (tiny), a real S3 server, the objects users get."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pogona_job.locals3 import SECRET_KEY, LocalS3
+from tests.conftest import BUCKET, Result, job_env, run_cli
+
+RUN = "e2e-healthy"
+PREFIX = f"runs/{RUN}/"
+
+
+def _objects(client: Any, prefix: str) -> dict[str, dict[str, Any]]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
+
+
+def _body(client: Any, key: str) -> bytes:
+    data: bytes = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return data
+
+
+@pytest.fixture(scope="module")
+def healthy(s3: LocalS3, demo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Result:
+    env = job_env(s3, tmp_path_factory.mktemp("healthy"), POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=RUN)
+    return run_cli(["run"], env)
+
+
+def test_healthy_run_exits_0_and_writes_the_contract_layout(healthy: Result, s3_client: Any) -> None:
+    assert healthy.code == 0, healthy.stderr[-3000:]
+    keys = set(_objects(s3_client, PREFIX))
+    expected = {"manifest.json", "report.md", "results.csv", "sanity/results.csv", "weights/best.pt", "weights/last.pt"}
+    expected |= {"config.json", "plots/results.png", "plots/BoxPR_curve.png", "plots/confusion_matrix.png"}
+    expected |= {"plots/val_batch0_pred.png", "dataset/train.txt", "dataset/val.txt"}
+    assert {PREFIX + k for k in expected} <= keys
+    latest = json.loads(_body(s3_client, "runs/latest.json"))
+    assert latest["run_id"] == RUN
+
+
+def test_manifest_lists_every_artifact_with_matching_checksums(healthy: Result, s3_client: Any) -> None:
+    manifest = json.loads(_body(s3_client, PREFIX + "manifest.json"))
+    assert manifest["status"] == "succeeded" and manifest["run_id"] == RUN
+    assert {"torch", "ultralytics", "cuda"} <= set(manifest["versions"])
+    assert manifest["dataset"]["fingerprint"] and manifest["device"]["device"] == "cpu"
+    assert {"pull", "sanity", "full", "push"} <= set(manifest["timings_s"])
+    listed = set(manifest["artifacts"])
+    assert listed == {k.removeprefix(PREFIX) for k in _objects(s3_client, PREFIX)} - {"manifest.json"}
+    for key, meta in manifest["artifacts"].items():
+        body = _body(s3_client, PREFIX + key)
+        assert (len(body), hashlib.sha256(body).hexdigest()) == (meta["size"], meta["sha256"]), key
+
+
+def _results(s3_client: Any, key: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(_body(s3_client, key).decode())))
+
+
+def test_results_csv_has_one_row_per_epoch(healthy: Result, s3_client: Any) -> None:
+    assert [int(r["epoch"]) for r in _results(s3_client, PREFIX + "results.csv")] == [1, 2]
+    assert [int(r["epoch"]) for r in _results(s3_client, PREFIX + "sanity/results.csv")] == [1, 2, 3]
+
+
+def test_report_final_numbers_equal_results_csv_last_row(healthy: Result, s3_client: Any) -> None:
+    report = _body(s3_client, PREFIX + "report.md").decode()
+    last = {k.strip(): float(v) for k, v in _results(s3_client, PREFIX + "results.csv")[-1].items()}
+    full = report[report.index("### Full training") :]
+    for label, key in (
+        ("mAP@0.5", "metrics/mAP50(B)"),
+        ("Recall", "metrics/recall(B)"),
+        ("Precision", "metrics/precision(B)"),
+        ("mAP@0.5-0.95", "metrics/mAP50-95(B)"),
+    ):
+        shown = re.search(rf"\*\*{re.escape(label)}\*\*: ([0-9.]+)", full)
+        assert shown and float(shown.group(1)) == pytest.approx(last[key], abs=5e-4), label
+    row = re.search(r"^\| 2 \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", full, re.M)
+    assert row, full
+    assert [float(x) for x in row.groups()] == pytest.approx(
+        [last["train/box_loss"], last["train/cls_loss"], last["train/dfl_loss"]], abs=5e-4
+    )
+    for heading in ("## Project Overview", "### Sanity check", "### Sanity verdict: PASSED", "## Analysis",
+                    "### Full run against the sanity baseline", "## Recommendations", "## File Locations"):
+        assert heading in report
+    assert "![results.png](plots/results.png)" in report
+
+
+def test_healthy_run_passes_every_sanity_criterion_and_reports_the_table(healthy: Result, s3_client: Any) -> None:
+    report = _body(s3_client, PREFIX + "report.md").decode()
+    table = report[report.index("| Criterion |") :].split("\n\n")[0]
+    assert table.count("✅ pass") == 4 and "❌" not in table, table
+    manifest = json.loads(_body(s3_client, PREFIX + "manifest.json"))
+    assert manifest["verdict"]["passed"] and len(manifest["verdict"]["criteria"]) == 4
+    assert re.search(r"^\| Sanity \| cpu \| decreasing .* ✅ WORKING \|$", report, re.M), report
+
+
+def test_best_pt_loads_and_predicts_on_a_demo_image(healthy: Result, s3_client: Any, demo_dir: Path, tmp_path: Path) -> None:
+    from ultralytics import YOLO
+
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(_body(s3_client, PREFIX + "weights/best.pt"))
+    image = sorted((demo_dir / "images").glob("*.jpg"))[0]
+    (prediction,) = YOLO(str(weights)).predict(str(image), imgsz=128, device="cpu", verbose=False)
+    assert prediction.names == {0: "pogona_head"} and prediction.boxes is not None
+
+
+def test_no_object_and_no_log_line_contains_the_secret(healthy: Result, s3_client: Any) -> None:
+    for key in _objects(s3_client, "runs/"):
+        assert SECRET_KEY.encode() not in _body(s3_client, key), key
+    assert SECRET_KEY not in healthy.stdout + healthy.stderr
+
+
+def test_json_logs_carry_run_id_and_phase_and_one_event_per_epoch(healthy: Result) -> None:
+    lines = [line for line in healthy.stderr.splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in lines]  # every line parses: ultralytics cannot break it
+    assert all(e.get("run_id") == RUN and e.get("phase") for e in events)
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [(e["phase"], e["epoch"]) for e in epochs] == [("sanity", 1), ("sanity", 2), ("sanity", 3), ("full", 1), ("full", 2)]
+    assert {"box_loss", "cls_loss", "dfl_loss", "precision", "recall", "map50", "map50_95", "seconds"} <= set(epochs[0])
+    stray = [line for line in healthy.stderr.splitlines() if line and not line.startswith("{")]
+    assert stray == [], stray
+
+
+def test_a_finished_run_started_again_exits_0_and_rewrites_nothing(
+    healthy: Result, s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path
+) -> None:
+    before = {k: (o["ETag"], o["LastModified"]) for k, o in _objects(s3_client, "runs/").items()}
+    again = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=RUN))
+    assert again.code == 0, again.stderr[-2000:]
+    assert "already succeeded" in again.stderr
+    assert {k: (o["ETag"], o["LastModified"]) for k, o in _objects(s3_client, "runs/").items()} == before
+
+
+def test_empty_labels_are_caught_before_any_training_with_exit_3(
+    s3: LocalS3, s3_client: Any, demo_dir: Path, tmp_path: Path
+) -> None:
+    """Every label file empty gives the zero-loss signature in training; validation stops it first."""
+    for path in sorted(demo_dir.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(demo_dir).as_posix()
+            body = b"" if path.suffix == ".txt" else path.read_bytes()
+            s3_client.put_object(Bucket=BUCKET, Key=f"datasets/no-labels/{rel}", Body=body)
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/datasets/no-labels", POGONA_RUN_ID="e2e-zeros")
+    result = run_cli(["run"], env)
+    assert result.code == 3, result.stderr[-2000:]
+    assert "none of the 48 valid images has a box" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    phases = {json.loads(line).get("phase") for line in result.stderr.splitlines() if line.startswith("{")}
+    assert not phases & {"sanity", "full"}
+    manifest = json.loads(_body(s3_client, "runs/e2e-zeros/manifest.json"))
+    assert manifest["status"] == "failed" and manifest["exit_code"] == 3
+    assert "runs/e2e-zeros/dataset/problems.txt" in _objects(s3_client, "runs/e2e-zeros/")
+
+
+def test_wrong_credentials_exit_4_naming_the_bucket(s3: LocalS3, demo_uri: str, tmp_path: Path) -> None:
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, AWS_SECRET_ACCESS_KEY="wrong-secret")
+    result = run_cli(["run"], env)
+    assert result.code == 4
+    assert f"The bucket '{BUCKET}' refused access" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_mps_without_the_allow_flag_exits_2_with_the_reason(s3: LocalS3, demo_uri: str, tmp_path: Path) -> None:
+    result = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_DEVICE="mps"))
+    assert result.code == 2
+    assert "POGONA_DEVICE=mps is refused" in result.stderr and "POGONA_ALLOW_MPS=true" in result.stderr
