@@ -12,16 +12,16 @@
 # NVIDIA_REQUIRE_CUDA below makes a host whose driver is too old (< R580 for CUDA 13) refuse to
 # start the container instead of silently training on the CPU.
 #
-# Pinning: exact tag + digest. The digest is the one public Dockerfiles record for this tag; it
-# was NOT verified against Docker Hub from the offline environment this file was written in.
+# Pinning: exact tag + digest. The digest is the one several public Dockerfiles record for this
+# tag; it was NOT verified against Docker Hub from the offline environment this file was written in.
 # Verify (or refresh) it with `docker buildx imagetools inspect python:3.11.14-slim-bookworm`.
 # A wrong digest cannot silently change the image: the pull fails. Both FROM lines below name
 # the same image, spelled out so that scanners and update bots see the pin (tests check they match).
 
 # ---------------------------------------------------------------------------------------------
-# builder: the job's virtualenv, from the exact lock (no resolver at build time)
+# deps: the job's virtualenv from the exact lock (no resolver at build time); changes rarely
 # ---------------------------------------------------------------------------------------------
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS builder
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -31,16 +31,12 @@ COPY docker/requirements.lock docker/requirements.lock
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps -r docker/requirements.lock \
  && /opt/venv/bin/pip check
-COPY pyproject.toml README.md ./
-COPY pogona_job ./pogona_job
-# --no-build-isolation: build with the pinned setuptools already in the venv (no unpinned fetch).
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
- && /opt/venv/bin/pogona-job --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------
 # assets: what ultralytics would download at run time, fetched once, at build time
+# (FROM deps, not builder: a code change does not re-download the weights)
 # ---------------------------------------------------------------------------------------------
-FROM builder AS assets
+FROM deps AS assets
 ENV YOLO_CONFIG_DIR=/opt/ultralytics
 COPY docker/fetch_assets.py docker/fetch_assets.py
 # yolo11s.pt: the default POGONA_MODEL; yolo26n.pt: the model ultralytics' AMP check loads on CUDA;
@@ -48,6 +44,16 @@ COPY docker/fetch_assets.py docker/fetch_assets.py
 # integrations off, absolute weights/datasets/runs dirs. The script proves offline resolution.
 RUN /opt/venv/bin/python docker/fetch_assets.py \
       --weights-dir /opt/ultralytics/weights --work-dir /work yolo11s.pt yolo26n.pt
+
+# ---------------------------------------------------------------------------------------------
+# builder: the job itself, into the same venv
+# ---------------------------------------------------------------------------------------------
+FROM deps AS builder
+COPY pyproject.toml README.md ./
+COPY pogona_job ./pogona_job
+# --no-build-isolation: build with the pinned setuptools already in the venv (no unpinned fetch).
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
+ && /opt/venv/bin/pogona-job --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------
 # runtime

@@ -44,21 +44,27 @@ bench: setup
 	$(PY) benchmarks/bench.py
 
 IMAGE    ?= pogona-train
-TAG      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+TAG      ?= 0.1.0-$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
 ENV_FILE ?= pogona.env
 DOCKER_OK = @docker info >/dev/null 2>&1 || { echo "No Docker engine is running here: start Docker (or use a machine with one) to $@." >&2; exit 1; }
 
 docker-build:
 	$(DOCKER_OK)
-	docker build -t $(IMAGE):$(TAG) .
+	docker build --pull --platform linux/amd64 \
+	  --build-arg VERSION="$(TAG)" --build-arg VCS_REF="$$(git rev-parse HEAD)" \
+	  --build-arg BUILD_DATE="$$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+	  --build-arg SOURCE_URL="$$(git remote get-url origin 2>/dev/null || echo unknown)" \
+	  -t $(IMAGE):$(TAG) .
 
 docker-run:
 	$(DOCKER_OK)
-	docker run --rm --gpus all --ipc=host --env-file $(ENV_FILE) $(IMAGE):$(TAG)
+	@test -f "$(ENV_FILE)" || { echo "No $(ENV_FILE): write POGONA_* and AWS_* variables there (or ENV_FILE=...)." >&2; exit 1; }
+	docker run --rm --gpus all --shm-size=8g --env-file $(ENV_FILE) $(IMAGE):$(TAG)
 
 docker-push:
 	$(DOCKER_OK)
 	@test -n "$(REGISTRY)" || { echo "Set REGISTRY=<account>.dkr.ecr.<region>.amazonaws.com (or another registry)." >&2; exit 1; }
+	@case "$(TAG)" in *-dirty) echo "Refusing to push a -dirty tag: ECR tags are immutable; commit first." >&2; exit 1;; esac
 	docker tag $(IMAGE):$(TAG) $(REGISTRY)/$(IMAGE):$(TAG)
 	docker push $(REGISTRY)/$(IMAGE):$(TAG)
 

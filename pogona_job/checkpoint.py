@@ -40,6 +40,7 @@ class CheckpointSync:
     run: S3Path  # <output>/<run_id>
     staging: Path
     every_epochs: int = 1
+    min_interval_s: float = 0.0
     uploaded: list[tuple[str, int]] = field(default_factory=list)
     skipped: list[tuple[str, int]] = field(default_factory=list)
     error: str | None = None
@@ -47,6 +48,7 @@ class CheckpointSync:
     def __post_init__(self) -> None:
         self._pending: _Snapshot | None = None
         self._log_context: dict[str, Any] = {}
+        self._last_offer = -1e9
         self._busy = False
         self._closed = False
         self._cond = threading.Condition()
@@ -55,8 +57,10 @@ class CheckpointSync:
 
     def offer(self, phase: str, epoch: int, epochs: int, save_dir: Path, state: dict[str, Any]) -> None:
         """Called by the trainer after it saved epoch `epoch`; returns at once."""
-        if epoch % self.every_epochs and epoch != epochs:
+        final = epoch == epochs
+        if not final and (epoch % self.every_epochs or time.monotonic() - self._last_offer < self.min_interval_s):
             return
+        self._last_offer = time.monotonic()
         folder = self.staging / f"{phase}-{epoch}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     checkpoint_every_epochs: int = Field(
         1, ge=1, description="upload last.pt, results and gate state to `<run>/checkpoint/` every N epochs"
     )
+    checkpoint_min_interval_s: float = Field(
+        30.0, ge=0, description="...but not more often than this (short demo epochs would spend their time uploading)"
+    )
     stop_budget_s: float = Field(
         25.0, gt=0, le=3600, description="after SIGTERM: seconds to save a checkpoint and report, then exit 143"
     )

@@ -20,10 +20,10 @@ JPEG_QUALITY = 92
 # Thermal cameras show temperatures either as grey levels or through a palette.
 _COLORMAPS = (cv2.COLORMAP_INFERNO, cv2.COLORMAP_JET, cv2.COLORMAP_TURBO, cv2.COLORMAP_HOT)
 _THERMAL_STYLES = ("gray-1ch", "gray-3ch", "colormap")
-# Visible scenes: sand, foliage, bark, slate, terracotta (RGB); heads: tan, brown, orange, olive.
-_SCENE_COLOURS = np.array(
-    [[196, 170, 120], [70, 120, 50], [110, 80, 55], [90, 100, 120], [170, 90, 60], [150, 160, 90]], dtype=np.float32
-)
+# Visible scenes mix one cool material (foliage, slate, moss) with two warm ones (sand, bark, terracotta):
+# real photographs span several hues, and a single-hue scene would look like a thermal palette.
+_COOL_COLOURS = np.array([[70, 120, 50], [90, 100, 130], [120, 150, 80]], dtype=np.float32)
+_WARM_COLOURS = np.array([[196, 170, 120], [110, 80, 55], [170, 90, 60]], dtype=np.float32)
 _HEAD_COLOURS = np.array([[215, 170, 100], [150, 95, 50], [230, 130, 50], [140, 140, 60]], dtype=np.float32)
 
 
@@ -47,7 +47,7 @@ def write_demo(dest: Path, *, n_images: int = 120, size: int = 160, seed: int = 
     n_backgrounds = max(1, round(n_images * 0.05)) if n_images >= 10 else 0
     background_ids = set(rng.choice(n_images, size=n_backgrounds, replace=False).tolist())
     truth: dict[str, str] = {}
-    thermal_count = 0
+    thermal_count = backgrounds = 0
     for i, modality in enumerate(modalities):
         stem = f"frame_{i + 1:04d}"
         heads = [] if i in background_ids else _place_heads(rng, size, n=int(rng.integers(1, 3)))
@@ -58,24 +58,23 @@ def write_demo(dest: Path, *, n_images: int = 120, size: int = 160, seed: int = 
             image = _thermal_image(rng, size, heads, style, colormap)
         else:
             image = _visible_image(rng, size, heads)
-        image.save(dest / "images" / f"{stem}.jpg", quality=JPEG_QUALITY)
-        _write_label(dest / "labels" / f"{stem}.txt", heads, size, background_index=i)
+        # Full-resolution chroma (4:4:4): halved chroma would smear palette colours off their curve.
+        image.save(dest / "images" / f"{stem}.jpg", quality=JPEG_QUALITY, subsampling=0)
+        # Backgrounds alternate between "no label file" and "empty label file": both are valid YOLO.
+        if heads or backgrounds % 2 == 0:
+            _write_label(dest / "labels" / f"{stem}.txt", heads, size)
+        backgrounds += not heads
         truth[f"images/{stem}.jpg"] = str(modality)
     return truth
 
 
-def _write_label(path: Path, heads: list[_Head], size: int, *, background_index: int) -> None:
-    # Backgrounds alternate between "no label file" and "empty label file": both are valid YOLO.
-    if not heads:
-        if background_index % 2 == 0:
-            path.write_text("")
-        return
+def _write_label(path: Path, heads: list[_Head], size: int) -> None:
     lines = []
     for head in heads:
         x0, y0, x1, y1 = head.bbox()
         cx, cy, w, h = (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size
-        lines.append(f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-    path.write_text("\n".join(lines) + "\n")
+        lines.append(f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+    path.write_text("".join(lines))
 
 
 def _place_heads(rng: np.random.Generator, size: int, n: int) -> list[_Head]:
@@ -161,10 +160,12 @@ def _thermal_image(rng: np.random.Generator, size: int, heads: list[_Head], styl
 
 def _visible_image(rng: np.random.Generator, size: int, heads: list[_Head]) -> Image.Image:
     # A scene mixing a few materials, each with its own colour texture and shading.
-    picks = rng.choice(len(_SCENE_COLOURS), size=3, replace=False)
-    weights = np.stack([_smooth_noise(rng, size, int(rng.integers(3, 7))) ** 2 + 1e-3 for _ in picks])
+    colours = np.concatenate(
+        [_COOL_COLOURS[rng.integers(len(_COOL_COLOURS))][None], _WARM_COLOURS[rng.permutation(3)[:2]]]
+    )
+    weights = np.stack([_smooth_noise(rng, size, int(rng.integers(3, 7))) + 0.15 for _ in colours]) ** 2
     weights /= weights.sum(axis=0, keepdims=True)
-    scene = np.einsum("khw,kc->hwc", weights, _SCENE_COLOURS[picks])
+    scene = np.einsum("khw,kc->hwc", weights, colours)
     texture = rng.normal(0, 14, (size, size, 3)).astype(np.float32)
     shading = 0.7 + 0.5 * _smooth_noise(rng, size, 3)
     scene = (scene + texture) * shading[:, :, None]

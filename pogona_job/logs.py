@@ -83,6 +83,23 @@ class _ToStructlog(logging.Handler):
             log.info("ultralytics", message=message)
 
 
+class _RetryToStructlog(logging.Handler):
+    """botocore's standard retry mode logs each retry at DEBUG; surface them as events."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Retry needed"):
+            get_logger().info("storage retry", message=message)
+
+
+def route_botocore_retries() -> None:
+    retries = logging.getLogger("botocore.retries.standard")
+    if not any(isinstance(h, _RetryToStructlog) for h in retries.handlers):
+        retries.addHandler(_RetryToStructlog())
+    retries.setLevel(logging.DEBUG)
+    retries.propagate = False
+
+
 def route_ultralytics(*, debug: bool) -> None:
     """Send ultralytics' logger through structlog; keep warnings, drop chatter unless debugging.
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -96,6 +98,9 @@ def make_client(*, threads: int = 32, max_attempts: int = 5) -> S3Client:
         response_checksum_validation="when_required",
     )
     client: S3Client = boto3.session.Session().client("s3", config=config)
+    from pogona_job.logs import route_botocore_retries
+
+    route_botocore_retries()
     return client
 
 
@@ -111,9 +116,13 @@ def errors_for(bucket: str, doing: str) -> Iterator[None]:
             f"No AWS credentials were found while {doing} s3://{bucket}: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the job an IAM role."
         ) from None
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    except (ClientError, S3UploadFailedError) as exc:
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        else:  # boto3's transfer manager wraps the ClientError in a message; the code is in brackets
+            found = re.search(r"An error occurred \((\w+)\)", str(exc))
+            code, status = (found.group(1) if found else ""), ""
         if code == "NoSuchBucket":
             raise StorageDenied(
                 f"The bucket '{bucket}' does not exist (while {doing}): check the s3:// URI and the endpoint."

@@ -30,6 +30,7 @@ TINY = {
     "POGONA_DEVICE": "cpu",
     "POGONA_WORKERS": "0",
     "POGONA_LOG_FORMAT": "json",
+    "POGONA_CHECKPOINT_MIN_INTERVAL_S": "0",
 }
 
 logs.CACHE_LOGGERS = False  # so structlog.testing.capture_logs() sees in-process runs
@@ -107,3 +108,45 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> Resul
         [sys.executable, "-m", "pogona_job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+class FaultProxy:
+    """mitmproxy (reverse mode) in front of the S3 server, failing a share of requests (tests/fault_addon.py)."""
+
+    def __init__(self, upstream: str, faults: str, tmp: Path, match: str = ".*", seed: int = 1, slow_s: float = 2) -> None:
+        from pogona_job.locals3 import free_port
+
+        self.port = free_port()
+        self.log = tmp / f"mitm-{self.port}.log"
+        env = {**os.environ, "FAULTS": faults, "FAULTS_MATCH": match, "FAULTS_SEED": str(seed), "FAULTS_SLOW_S": str(slow_s)}
+        mitmdump = Path(sys.executable).parent / "mitmdump"
+        args = [str(mitmdump), "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1", "--listen-port",
+                str(self.port), "--set", "keep_host_header=true", "--set", f"confdir={tmp / 'mitm-conf'}",
+                "--set", "flow_detail=0", "--set", "termlog_verbosity=warn", "-s", str(ROOT / "tests" / "fault_addon.py")]
+        self.proc = subprocess.Popen(args, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        import socket
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mitmdump did not start: {self.log.read_text()[-2000:]}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def faults(self) -> list[str]:
+        return [line for line in self.log.read_text(errors="replace").splitlines() if line.startswith("FAULT ")]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -86,7 +86,7 @@ def only_problem(inv: DatasetInventory) -> Problem:
 @dataclass(frozen=True)
 class Case:
     name: str
-    setup: Callable[[Path], None]
+    setup: Callable[[Path], object]
     kind: str
     path: str
     line: int | None
@@ -98,11 +98,11 @@ class Case:
         return self.dropped == IMG0
 
 
-def _bad_line(line: str) -> Callable[[Path], None]:
+def _bad_line(line: str) -> Callable[[Path], object]:
     return lambda root: text(root / "labels" / "img0.txt", BOX + BOX.replace("0.5 0.5", "0.3 0.3") + line)
 
 
-def _corrupt(content: bytes) -> Callable[[Path], None]:
+def _corrupt(content: bytes) -> Callable[[Path], object]:
     return lambda root: (root / "images" / "img0.jpg").write_bytes(content)
 
 
@@ -123,7 +123,7 @@ def _orphan_label(root: Path) -> None:
     text(root / "labels" / "ghost.txt", BOX)
 
 
-def _unsupported(ext: str) -> Callable[[Path], None]:
+def _unsupported(ext: str) -> Callable[[Path], object]:
     return lambda root: (root / "images" / f"extra{ext}").write_bytes(b"whatever")
 
 

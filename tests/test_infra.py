@@ -552,7 +552,8 @@ def test_job_role_is_scoped_to_the_two_prefixes(cfn: dict[str, Any]) -> None:
         if "s3:PutObject" in _as_list(st["Action"]):
             assert resources == ["arn:${AWS::Partition}:s3:::${OutputBucket}/${OutputPrefix}/*"]
         if "s3:DeleteObject" in _as_list(st["Action"]):
-            assert all(r.endswith("/checkpoint/*") for r in resources), "delete only checkpoints"
+            # The job deletes a finished run's checkpoint/ and releases its lease; nothing else.
+            assert all(r.endswith(("/*/checkpoint/*", "/*/lease.json")) for r in resources), resources
         if _as_list(st["Action"]) == ["s3:GetObject"]:
             assert resources == ["arn:${AWS::Partition}:s3:::${DatasetBucket}/${DatasetPrefix}/*"]
 
@@ -679,3 +680,13 @@ def test_configuration_and_credentials(k8s: dict[str, dict[str, Any]], cronjob: 
     env = {e["name"]: e for e in container["env"]}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "secretKeyRef" in env[key]["valueFrom"], f"{key} must come from a Secret"
+
+
+def test_grace_periods_cover_the_stop_budget(cronjob: dict[str, Any]) -> None:
+    """After SIGTERM the job needs stop_budget_s to checkpoint; the platforms must wait that long."""
+    field = Settings.model_fields.get("stop_budget_s")
+    if field is None:
+        pytest.skip("the job has no stop budget setting")
+    budget = float(field.default)
+    assert budget < 30, "AWS Batch sends SIGKILL 30 s after SIGTERM (timeouts, terminations)"
+    assert _pod(cronjob)["terminationGracePeriodSeconds"] > budget + 5

@@ -1,0 +1,56 @@
+"""mitmproxy addon: a reverse proxy in front of SeaweedFS that fails a share of S3 requests.
+
+Configured by environment variables of the mitmdump process:
+  FAULTS       comma list of kind:share, kinds 503 (SlowDown), 500 (InternalError), reset, slow
+  FAULTS_MATCH regex on "METHOD path?query" selecting which requests may fail (default: all)
+  FAULTS_SEED  seed of the deterministic choice; FAULTS_SLOW_S delay of a slow response
+Every injected fault is printed as one line "FAULT <kind> <METHOD> <path>".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+
+from mitmproxy import http
+
+_XML = '<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+
+
+class Faults:
+    def __init__(self) -> None:
+        self.rules = [(kind, float(share)) for kind, share in (r.split(":") for r in os.environ.get("FAULTS", "").split(",") if r)]
+        self.match = re.compile(os.environ.get("FAULTS_MATCH", ".*"))
+        self.rng = random.Random(int(os.environ.get("FAULTS_SEED", "0")))
+        self.slow_s = float(os.environ.get("FAULTS_SLOW_S", "2"))
+
+    def _pick(self, flow: http.HTTPFlow) -> str | None:
+        if not self.match.search(f"{flow.request.method} {flow.request.path}"):
+            return None
+        roll, edge = self.rng.random(), 0.0
+        for kind, share in self.rules:
+            edge += share
+            if roll < edge:
+                return kind
+        return None
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        kind = self._pick(flow)
+        if kind is None:
+            return
+        print(f"FAULT {kind} {flow.request.method} {flow.request.path}", flush=True)
+        if kind == "503":
+            body = _XML.format(code="SlowDown", message="Please reduce your request rate.")
+            flow.response = http.Response.make(503, body, {"Content-Type": "application/xml"})
+        elif kind == "500":
+            body = _XML.format(code="InternalError", message="We encountered an internal error.")
+            flow.response = http.Response.make(500, body, {"Content-Type": "application/xml"})
+        elif kind == "reset":
+            flow.kill()
+        elif kind == "slow":
+            await asyncio.sleep(self.slow_s)
+
+
+addons = [Faults()]
