@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -104,6 +104,7 @@ class Job:
     sums: dict[str, storage.Artifact]
     checkpoints: Any = None  # CheckpointSync once training starts
     lease: Any = None
+    extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
 
     @property
     def runs(self) -> Path:
@@ -246,6 +247,10 @@ def _execute(job: Job) -> None:
             dropped=staged.dropped,
         )
         log.info("dataset staged", images=staged.images, boxes=staged.boxes, counts=staged.counts)
+        plan = training.resource_plan(s, device, staged.images)
+        job.extra_args = plan.args
+        rec.settings_used.update(plan.reasons)
+        log.info("training settings", **plan.reasons)
 
     gate = storage.get_json(job.client, job.out / "checkpoint" / "gate.json") or {}
     with job.phase("sanity"):
@@ -261,6 +266,13 @@ def _execute(job: Job) -> None:
         rec.sanity = _train(job, "sanity", model_source, staged.data_yaml, device, workers, s.sanity_epochs)
         if not gate.get("passed"):
             _upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
+
+    if rec.sanity.first_batch_at is not None:
+        from pogona_job import PROCESS_START
+
+        startup = rec.sanity.first_batch_at - PROCESS_START - rec.timings.get("pull", 0.0)
+        rec.timings["startup_to_first_batch"] = round(startup, 2)
+        log.info("start-up", seconds_to_first_batch_excluding_pull=round(startup, 2))
 
     with job.phase("verdict"):
         rec.verdict = verdict(rec.sanity.rows, min_loss_drop=s.gate_min_loss_drop, min_map50=s.min_map50)
@@ -330,6 +342,7 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
             watchdog=watchdog,
             on_epoch=on_epoch,
             resume=resume,
+            extra=job.extra_args,
         )
     finally:
         job.record.watchdog = {

@@ -78,6 +78,11 @@ def _phase_section(title: str, result: PhaseResult, record: RunRecord) -> list[s
         f"### {title}",
         f"- **Hardware**: {result.hardware.line()}",
         f"- **Duration**: {result.seconds / 60:.2f} minutes ({len(rows)} epochs)",
+        *[
+            f"- **{key.removesuffix('_reason').capitalize()}**: {record.settings_used[key]}"
+            for key in ("workers_reason", "batch", "cache", "amp")
+            if key in record.settings_used
+        ],
         "",
         "**Configuration:**",
         "```yaml",

@@ -113,6 +113,50 @@ def _cpu_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+@dataclass
+class Plan:
+    """What the job picked for this hardware, and why (logged and written to the report)."""
+
+    args: dict[str, Any]
+    reasons: dict[str, str]
+
+
+def resource_plan(settings: Settings, device: str, images: int, meminfo: Path = Path("/proc/meminfo")) -> Plan:
+    """GPU-ready defaults: AMP on, AutoBatch when no batch was given, RAM cache when it fits."""
+    if device in ("cpu", "mps"):
+        return Plan({"amp": False}, {"amp": f"off ({device})", "batch": str(settings.batch), "cache": "off (CPU)"})
+    args: dict[str, Any] = {"amp": True}
+    reasons = {"amp": "on (ultralytics' AMP check model is baked into the image; offline it is skipped, AMP stays on)"}
+    if "batch" in settings.model_fields_set or "," in device:
+        reasons["batch"] = (
+            f"{settings.batch} (POGONA_BATCH)"
+            if "batch" in settings.model_fields_set
+            else (f"{settings.batch} (AutoBatch does not support multi-GPU)")
+        )
+    else:
+        args["batch"] = -1
+        reasons["batch"] = "AutoBatch: ultralytics sizes the batch to ~60% of GPU memory (POGONA_BATCH not set)"
+    need = images * settings.imgsz * settings.imgsz * 3  # decoded, resized uint8 images
+    available = _mem_available(meminfo)
+    if available and need < 0.5 * available:
+        args["cache"] = "ram"
+        reasons["cache"] = f"ram ({need / 2**30:.1f} GiB decoded < half of {available / 2**30:.1f} GiB available)"
+    else:
+        args["cache"] = "disk"
+        reasons["cache"] = f"disk ({need / 2**30:.1f} GiB decoded would not fit comfortably in RAM)"
+    return Plan(args, reasons)
+
+
+def _mem_available(meminfo: Path) -> int:
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 # --- model ------------------------------------------------------------------------------
 
 
@@ -147,7 +191,7 @@ class PhaseResult:
     seconds: float
     hardware: Hardware
     params: int
-    first_batch_s: float | None  # wall time from phase start to the first finished batch
+    first_batch_at: float | None  # time.monotonic() when the first training batch finished
 
 
 def train_phase(
@@ -185,7 +229,7 @@ def train_phase(
 
     def on_batch_end(trainer: Any) -> None:
         if state["first_batch"] is None:
-            state["first_batch"] = time.monotonic() - start
+            state["first_batch"] = time.monotonic()
         watchdog.check(trainer.loss_items, state["boxes"])
 
     def on_fit_epoch_end(trainer: Any) -> None:
@@ -263,7 +307,7 @@ def _fit(
         seconds=time.monotonic() - start,
         hardware=hardware,
         params=params,
-        first_batch_s=state["first_batch"],
+        first_batch_at=state["first_batch"],
     )
 
 
@@ -302,7 +346,7 @@ def completed_phase(
         seconds=time.monotonic() - start,
         hardware=describe_hardware(device),
         params=sum(p.numel() for p in model.model.parameters()),
-        first_batch_s=None,
+        first_batch_at=None,
     )
 
 

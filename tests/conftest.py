@@ -113,16 +113,40 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> Resul
 class FaultProxy:
     """mitmproxy (reverse mode) in front of the S3 server, failing a share of requests (tests/fault_addon.py)."""
 
-    def __init__(self, upstream: str, faults: str, tmp: Path, match: str = ".*", seed: int = 1, slow_s: float = 2) -> None:
+    def __init__(
+        self, upstream: str, faults: str, tmp: Path, match: str = ".*", seed: int = 1, slow_s: float = 2
+    ) -> None:
         from pogona_job.locals3 import free_port
 
         self.port = free_port()
         self.log = tmp / f"mitm-{self.port}.log"
-        env = {**os.environ, "FAULTS": faults, "FAULTS_MATCH": match, "FAULTS_SEED": str(seed), "FAULTS_SLOW_S": str(slow_s)}
+        env = {
+            **os.environ,
+            "FAULTS": faults,
+            "FAULTS_MATCH": match,
+            "FAULTS_SEED": str(seed),
+            "FAULTS_SLOW_S": str(slow_s),
+        }
         mitmdump = Path(sys.executable).parent / "mitmdump"
-        args = [str(mitmdump), "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1", "--listen-port",
-                str(self.port), "--set", "keep_host_header=true", "--set", f"confdir={tmp / 'mitm-conf'}",
-                "--set", "flow_detail=0", "--set", "termlog_verbosity=warn", "-s", str(ROOT / "tests" / "fault_addon.py")]
+        args = [
+            str(mitmdump),
+            "--mode",
+            f"reverse:{upstream}",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(self.port),
+            "--set",
+            "keep_host_header=true",
+            "--set",
+            f"confdir={tmp / 'mitm-conf'}",
+            "--set",
+            "flow_detail=0",
+            "--set",
+            "termlog_verbosity=warn",
+            "-s",
+            str(ROOT / "tests" / "fault_addon.py"),
+        ]
         self.proc = subprocess.Popen(args, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         import socket
         import time

@@ -21,7 +21,9 @@ _XML = '<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message
 
 class Faults:
     def __init__(self) -> None:
-        self.rules = [(kind, float(share)) for kind, share in (r.split(":") for r in os.environ.get("FAULTS", "").split(",") if r)]
+        self.rules = [
+            (kind, float(share)) for kind, share in (r.split(":") for r in os.environ.get("FAULTS", "").split(",") if r)
+        ]
         self.match = re.compile(os.environ.get("FAULTS_MATCH", ".*"))
         self.rng = random.Random(int(os.environ.get("FAULTS_SEED", "0")))
         self.slow_s = float(os.environ.get("FAULTS_SLOW_S", "2"))

@@ -35,7 +35,12 @@ def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("POGONA_DATASET_URI", "bucket/prefix"), ("POGONA_DEVICE", "gpu"), ("POGONA_LR0", "-1"), ("POGONA_SANITY_EPOCHS", "1")],
+    [
+        ("POGONA_DATASET_URI", "bucket/prefix"),
+        ("POGONA_DEVICE", "gpu"),
+        ("POGONA_LR0", "-1"),
+        ("POGONA_SANITY_EPOCHS", "1"),
+    ],
 )
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
@@ -58,7 +63,12 @@ def test_typo_exits_2_naming_the_right_variable() -> None:
 
 
 def test_config_prints_effective_settings_with_secrets_masked() -> None:
-    env = {**BASE, "POGONA_EPOCHS": "7", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
+    env = {
+        **BASE,
+        "POGONA_EPOCHS": "7",
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+    }
     result = run_cli(["config"], env)
     assert result.code == 0
     shown = json.loads(result.stdout)

@@ -80,8 +80,15 @@ def test_job_completes_through_a_flaky_store_with_the_same_artifacts(
     s3: LocalS3, s3_client: Any, demo_uri: str, proxy_factory: Any, tmp_path: Path
 ) -> None:
     proxy = proxy_factory("503:0.08,500:0.04,reset:0.04,slow:0.02", slow_s=1)
-    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID="faulty", POGONA_EPOCHS="1",
-                  POGONA_S3_MAX_ATTEMPTS="10", AWS_ENDPOINT_URL_S3=proxy.endpoint)
+    env = job_env(
+        s3,
+        tmp_path,
+        POGONA_DATASET_URI=demo_uri,
+        POGONA_RUN_ID="faulty",
+        POGONA_EPOCHS="1",
+        POGONA_S3_MAX_ATTEMPTS="10",
+        AWS_ENDPOINT_URL_S3=proxy.endpoint,
+    )
     flaky = run_cli(["run"], env)
     assert flaky.code == 0, flaky.stderr[-3000:]
     clean = run_cli(["run"], {**env, "POGONA_RUN_ID": "clean", "AWS_ENDPOINT_URL_S3": s3.endpoint})
@@ -96,8 +103,14 @@ def test_job_exits_75_when_the_store_keeps_refusing_writes(
     s3: LocalS3, demo_uri: str, proxy_factory: Any, tmp_path: Path
 ) -> None:
     proxy = proxy_factory("503:1.0", match=r"^PUT .*/runs/stuck/")
-    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID="stuck", POGONA_S3_MAX_ATTEMPTS="2",
-                  AWS_ENDPOINT_URL_S3=proxy.endpoint)
+    env = job_env(
+        s3,
+        tmp_path,
+        POGONA_DATASET_URI=demo_uri,
+        POGONA_RUN_ID="stuck",
+        POGONA_S3_MAX_ATTEMPTS="2",
+        AWS_ENDPOINT_URL_S3=proxy.endpoint,
+    )
     result = run_cli(["run"], env)
     assert result.code == 75, result.stderr[-3000:]
     assert "Storage kept failing (SlowDown)" in result.stderr.strip().splitlines()[-1]

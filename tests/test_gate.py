@@ -18,7 +18,7 @@ SIGNATURE = {"box_loss": 0.0, "cls_loss": 27.0, "dfl_loss": 0.0}  # MPS: no fore
 def test_watchdog_stops_at_the_first_nan_batch() -> None:
     dog = BatchWatchdog(zero_batches=6)
     dog.check(HEALTHY, boxes_in_batch=8)
-    with pytest.raises(SanityFailed, match="non-finite loss.*batch 2"):
+    with pytest.raises(SanityFailed, match=r"non-finite loss.*batch 2"):
         dog.check({**HEALTHY, "cls_loss": math.nan}, boxes_in_batch=8)
 
 
@@ -26,7 +26,7 @@ def test_watchdog_stops_after_k_labelled_batches_with_the_no_foreground_signatur
     dog = BatchWatchdog(zero_batches=4)
     for _ in range(3):
         dog.check(SIGNATURE, boxes_in_batch=5)
-    with pytest.raises(SanityFailed, match="no-foreground signature.*batch 4") as err:
+    with pytest.raises(SanityFailed, match=r"no-foreground signature.*batch 4") as err:
         dog.check(SIGNATURE, boxes_in_batch=5)
     assert "MPS" in err.value.sentence and "labels" in err.value.sentence and err.value.exit_code == 5
 
@@ -72,7 +72,9 @@ def test_parity_probe_on_a_real_batch_accepts_an_honest_device_and_rejects_a_fau
     from pogona_job.demo import write_demo
 
     write_demo(tmp_path / "raw", n_images=16, size=96)
-    staged = dataset.stage_dataset(dataset.inspect_dataset(tmp_path / "raw", ["pogona_head"]), tmp_path / "st", ["pogona_head"])
+    staged = dataset.stage_dataset(
+        dataset.inspect_dataset(tmp_path / "raw", ["pogona_head"]), tmp_path / "st", ["pogona_head"]
+    )
     compute = training.batch_loss_fn("yolo11n.yaml", staged.data_yaml, imgsz=96)
     honest = parity_probe(lambda d: compute("cpu"), "0")
     assert honest.passed and all(v > 0 for v in honest.cpu.values()), honest

@@ -85,8 +85,15 @@ def test_report_final_numbers_equal_results_csv_last_row(healthy: Result, s3_cli
     assert [float(x) for x in row.groups()] == pytest.approx(
         [last["train/box_loss"], last["train/cls_loss"], last["train/dfl_loss"]], abs=5e-4
     )
-    for heading in ("## Project Overview", "### Sanity check", "### Sanity verdict: PASSED", "## Analysis",
-                    "### Full run against the sanity baseline", "## Recommendations", "## File Locations"):
+    for heading in (
+        "## Project Overview",
+        "### Sanity check",
+        "### Sanity verdict: PASSED",
+        "## Analysis",
+        "### Full run against the sanity baseline",
+        "## Recommendations",
+        "## File Locations",
+    ):
         assert heading in report
     assert "![results.png](plots/results.png)" in report
 
@@ -100,7 +107,9 @@ def test_healthy_run_passes_every_sanity_criterion_and_reports_the_table(healthy
     assert re.search(r"^\| Sanity \| cpu \| decreasing .* ✅ WORKING \|$", report, re.M), report
 
 
-def test_best_pt_loads_and_predicts_on_a_demo_image(healthy: Result, s3_client: Any, demo_dir: Path, tmp_path: Path) -> None:
+def test_best_pt_loads_and_predicts_on_a_demo_image(
+    healthy: Result, s3_client: Any, demo_dir: Path, tmp_path: Path
+) -> None:
     from ultralytics import YOLO
 
     weights = tmp_path / "best.pt"
@@ -121,7 +130,13 @@ def test_json_logs_carry_run_id_and_phase_and_one_event_per_epoch(healthy: Resul
     events = [json.loads(line) for line in lines]  # every line parses: ultralytics cannot break it
     assert all(e.get("run_id") == RUN and e.get("phase") for e in events)
     epochs = [e for e in events if e["event"] == "epoch"]
-    assert [(e["phase"], e["epoch"]) for e in epochs] == [("sanity", 1), ("sanity", 2), ("sanity", 3), ("full", 1), ("full", 2)]
+    assert [(e["phase"], e["epoch"]) for e in epochs] == [
+        ("sanity", 1),
+        ("sanity", 2),
+        ("sanity", 3),
+        ("full", 1),
+        ("full", 2),
+    ]
     assert {"box_loss", "cls_loss", "dfl_loss", "precision", "recall", "map50", "map50_95", "seconds"} <= set(epochs[0])
     stray = [line for line in healthy.stderr.splitlines() if line and not line.startswith("{")]
     assert stray == [], stray

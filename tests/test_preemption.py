@@ -33,7 +33,11 @@ class Job:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pogona_job", "run"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "pogona_job", "run"],
+            env=env,
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
             start_new_session=True,
         )
         STARTED.append(self)
