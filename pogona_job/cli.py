@@ -80,14 +80,19 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("POGONA_DATASET_URI is required: set it to the s3://bucket/prefix of the dataset.")
     client = storage.make_client(threads=settings.s3_threads, max_attempts=settings.s3_max_attempts)
     uri = storage.S3Path.parse(settings.dataset_uri)
+    from pogona_job.progress import transfer_progress
+
+    console = settings.log_format != "json"
     if args.action == "pull":
-        result = storage.pull_prefix(client, uri, args.dest, threads=settings.s3_threads)
+        with transfer_progress("pull", console=console) as progress:
+            result = storage.pull_prefix(client, uri, args.dest, threads=settings.s3_threads, progress=progress)
         log.info("dataset pulled", files=result.files, fetched=result.fetched, cached=result.skipped)
         print(f"Pulled {uri.uri} into {args.dest}: {result.fetched} fetched, {result.skipped} already cached.")
         return 0
     if _validate(args.src, settings) != 0:
         return 3
-    uploaded, skipped = storage.push_tree(client, args.src, uri, threads=settings.s3_threads)
+    with transfer_progress("push", console=console) as progress:
+        uploaded, skipped = storage.push_tree(client, args.src, uri, threads=settings.s3_threads, progress=progress)
     print(f"Pushed {args.src} to {uri.uri}: {uploaded} uploaded, {skipped} unchanged.")
     return 0
 

@@ -165,12 +165,13 @@ class Settings(BaseSettings):
         return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
     def require_uris(self) -> None:
-        for name in ("dataset_uri", "output_uri"):
-            if getattr(self, name) is None:
-                raise ConfigError(
-                    f"{ENV_PREFIX}{name.upper()} is required: set it to an s3://bucket/prefix "
-                    "(run `pogona-job config` to see every variable)."
-                )
+        missing = [env_name(n) for n in ("dataset_uri", "output_uri") if getattr(self, n) is None]
+        if missing:
+            raise ConfigError(
+                f"Required variable{'s' if len(missing) > 1 else ''} not set: {' and '.join(missing)} "
+                "(POGONA_DATASET_URI = s3://bucket/prefix of the labelled dataset, POGONA_OUTPUT_URI = "
+                "s3://bucket/prefix for the runs); `pogona-job config` lists every variable."
+            )
 
 
 def env_name(field: str) -> str:

@@ -26,6 +26,7 @@ from pogona_job import storage
 from pogona_job.config import Settings, effective_config
 from pogona_job.errors import Interrupted, JobError, SanityFailed, TrainingFailed
 from pogona_job.logs import bind, get_logger
+from pogona_job.progress import transfer_progress
 from pogona_job.report import RunRecord, render
 from pogona_job.storage import S3Path
 
@@ -221,7 +222,9 @@ def _execute(job: Job) -> None:
     with job.phase("pull"):
         src = S3Path.parse(s.dataset_uri)
         local = job.work / "cache" / src.bucket / src.key
-        result = storage.pull_prefix(job.client, src, local, threads=s.s3_threads, progress=_progress(job, "pull"))
+        console = s.log_format == "console" or (s.log_format == "auto" and sys.stderr.isatty())
+        with transfer_progress("pull", console=console, check=job.stop.check) as progress:
+            result = storage.pull_prefix(job.client, src, local, threads=s.s3_threads, progress=progress)
         log.info(
             "dataset pulled", files=result.files, bytes=result.bytes, fetched=result.fetched, cached=result.skipped
         )
@@ -365,20 +368,6 @@ def _model_source(job: Job) -> str:
         with storage.errors_for(src.bucket, f"downloading the weights {model}"):
             job.client.download_file(src.bucket, src.key, str(dest))
     return str(dest)
-
-
-def _progress(job: Job, what: str) -> storage.Progress:
-    """A progress event every 5 s (one JSON line in json mode); honours SIGTERM between files."""
-    last = [time.monotonic()]
-
-    def report(files: int, nbytes: int) -> None:
-        job.stop.check()
-        now = time.monotonic()
-        if now - last[0] >= 5:
-            last[0] = now
-            log.info(f"{what} progress", files=files, mbytes=round(nbytes / 1e6, 1))
-
-    return report
 
 
 def _upload(job: Job, items: list[tuple[Path, str]]) -> list[storage.Artifact]:

@@ -174,3 +174,12 @@ class FaultProxy:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Servers and jobs started by the tests must be gone when they end."""
+    left = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()
+    alive = [pid for pid in left if Path(f"/proc/{pid}").exists()]
+    if alive:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nprocesses left behind by the tests: {alive}", file=sys.stderr)

@@ -51,7 +51,7 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, valu
 def test_missing_variable_exits_2_before_any_work(tmp_path: Path) -> None:
     result = run_cli(["run"], {**BASE, "POGONA_WORK_DIR": str(tmp_path / "w")})
     assert result.code == 2
-    assert "POGONA_DATASET_URI is required" in result.stderr
+    assert "Required variables not set: POGONA_DATASET_URI and POGONA_OUTPUT_URI" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()  # no work was started
 

@@ -185,3 +185,75 @@ def test_mps_without_the_allow_flag_exits_2_with_the_reason(s3: LocalS3, demo_ur
     result = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_DEVICE="mps"))
     assert result.code == 2
     assert "POGONA_DEVICE=mps is refused" in result.stderr and "POGONA_ALLOW_MPS=true" in result.stderr
+
+
+def test_per_modality_metrics_are_in_the_report_and_the_manifest(healthy: Result, s3_client: Any) -> None:
+    manifest = json.loads(_body(s3_client, PREFIX + "manifest.json"))
+    assert set(manifest["per_modality"]) == {"thermal", "visible"}
+    for metrics in manifest["per_modality"].values():
+        assert {"images", "precision", "recall", "map50", "map50_95"} <= set(metrics)
+    counts = manifest["dataset"]["counts"]
+    assert {m for split in counts.values() for m in split} == {"thermal", "visible"}
+    report = _body(s3_client, PREFIX + "report.md").decode()
+    assert "### Per-modality validation (best.pt)" in report
+    assert re.search(r"^\| thermal \| \d+ \|", report, re.M) and re.search(r"^\| visible \| \d+ \|", report, re.M)
+
+
+def test_the_image_entrypoint_runs_the_job_outside_a_container(
+    healthy: Result, s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID="via-entrypoint", POGONA_EPOCHS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(["sh", str(ROOT / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads(_body(s3_client, "runs/via-entrypoint/manifest.json"))
+    assert manifest["status"] == "succeeded"
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_exit_2_with_what_to_do(
+    s3: LocalS3, demo_uri: str, tmp_path: Path
+) -> None:
+    result = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_MODEL="yolo11s.pt"))
+    assert result.code == 2, result.stderr[-2000:]
+    sentence = result.stderr.strip().splitlines()[-1]
+    assert "'yolo11s.pt' are not present and could not be downloaded" in sentence
+    assert "s3://" in sentence and ".yaml" in sentence and "Traceback" not in result.stderr
+
+
+def test_dataset_push_then_pull_round_trips_and_a_second_push_uploads_nothing(
+    s3: LocalS3, demo_dir: Path, tmp_path: Path
+) -> None:
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/datasets/roundtrip")
+    first = run_cli(["dataset", "push", str(demo_dir)], env)
+    assert first.code == 0 and " 0 unchanged" in first.stdout, first.stdout + first.stderr
+    second = run_cli(["dataset", "push", str(demo_dir)], env)
+    assert second.code == 0 and ": 0 uploaded," in second.stdout, second.stdout
+    pulled = run_cli(["dataset", "pull", str(tmp_path / "copy")], env)
+    assert pulled.code == 0, pulled.stderr
+
+    def digests(root: Path) -> dict[str, str]:
+        return {
+            p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".pogona")
+        }
+
+    assert digests(tmp_path / "copy") == digests(demo_dir)
+
+
+def test_dataset_validate_lists_problems_with_file_and_line_and_exits_3(tmp_path: Path, demo_dir: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(demo_dir, bad)
+    label = sorted((bad / "labels").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "3 0.5 0.5 0.1 0.1\n")
+    result = run_cli(["dataset", "validate", str(bad)], {"PATH": "/usr/bin:/bin"})
+    assert result.code == 3
+    lines = len(label.read_text().splitlines())
+    assert f"labels/{label.name} line {lines}" in result.stderr and "class id 3" in result.stderr
