@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,7 +141,7 @@ def run(settings: Settings) -> int:
     except Exception as err:  # a bug or an unforeseen library error: still one sentence, exit 6
         if settings.debug:
             raise
-        log.error("unexpected error", exc_info=True) if settings.log_format == "json" else None
+        log.debug("unexpected error", exc_info=True)  # the traceback only when debugging
         wrapped = TrainingFailed(
             f"Unexpected error: {type(err).__name__}: {err}. Re-run with POGONA_DEBUG=true for details."
         )
@@ -408,14 +408,8 @@ def _publish(job: Job) -> None:
     storage.put_json(job.client, job.out / "manifest.json", _manifest(job))
     if rec.status == "succeeded":
         latest = S3Path.parse(job.settings.output_uri or "") / "latest.json"
-        current = storage.get_json(job.client, latest)
-        if current is None or str(current.get("finished_at", "")) <= rec.finished_at:  # never backwards
-            pointer = {
-                "run_id": job.run_id,
-                "manifest": (job.out / "manifest.json").uri,
-                "finished_at": rec.finished_at,
-            }
-            storage.put_json(job.client, latest, pointer)
+        pointer = {"run_id": job.run_id, "manifest": (job.out / "manifest.json").uri, "finished_at": rec.finished_at}
+        storage.advance_pointer(job.client, latest, pointer)
 
 
 def _manifest(job: Job) -> dict[str, Any]:
@@ -475,8 +469,16 @@ def _finish_failed(job: Job | None, err: JobError) -> int:
         log.error("run failed", exit_code=err.exit_code, reason=err.sentence, failed_phase=rec.failed_phase)
         if err.exit_code not in (2, 4) and job.lease is not None:  # 2/4: nothing, or nowhere, to write
             _publish_failure(job)
+    _write_failure_file(err.sentence)
     print(err.sentence, file=sys.stderr)
     return err.exit_code
+
+
+def _write_failure_file(sentence: str, output_dir: Path = Path("/opt/ml/output")) -> None:
+    """SageMaker's convention: the first 1024 chars of this file become the job's failure reason."""
+    if output_dir.is_dir():
+        with suppress(OSError):
+            (output_dir / "failure").write_text(sentence[:1024])
 
 
 def _publish_failure(job: Job) -> None:

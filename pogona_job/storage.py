@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
+import http.client
 import json
 import os
+import queue
 import re
+import ssl
+import stat
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import SplitResult, quote, unquote_plus, urlsplit
+from xml.etree import ElementTree
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -172,6 +180,15 @@ def put_json(client: S3Client, path: S3Path, obj: Any) -> None:
     put_bytes(client, path, json.dumps(obj, indent=2, sort_keys=True).encode(), content_type="application/json")
 
 
+def advance_pointer(client: S3Client, path: S3Path, pointer: dict[str, Any]) -> bool:
+    """Write `latest.json` unless it already points at a run that finished later: never backwards."""
+    current = get_json(client, path)
+    if current is not None and str(current.get("finished_at", "")) > str(pointer["finished_at"]):
+        return False
+    put_json(client, path, pointer)
+    return True
+
+
 def head(client: S3Client, path: S3Path) -> dict[str, Any] | None:
     with errors_for(path.bucket, f"checking {path.key}"):
         try:
@@ -211,14 +228,38 @@ class RemoteObject:
 
 def list_objects(client: S3Client, prefix: S3Path) -> Iterator[RemoteObject]:
     """Objects under the prefix in key order, streamed page by page; unsafe keys refused."""
+    raw = _RawS3.for_client(client, prefix.bucket)
+    try:
+        yield from _list_objects(client, prefix, raw)
+    finally:
+        if raw is not None:
+            raw.close()
+
+
+def _list_objects(client: S3Client, prefix: S3Path, raw: _RawS3 | None) -> Iterator[RemoteObject]:
     base = f"{prefix.key}/" if prefix.key else ""
-    paginator = client.get_paginator("list_objects_v2")
+    last = ""  # the last key seen: botocore's paginator takes over after it when the fast path gives up
     with errors_for(prefix.bucket, f"listing {prefix.uri}"):
-        for page in paginator.paginate(Bucket=prefix.bucket, Prefix=base):
+        if raw is not None and raw.enabled:
+            try:
+                token: str | None = None
+                while True:
+                    entries, token = raw.list_page(base, token)
+                    for key, size, etag in entries:
+                        last = key
+                        if not key.endswith("/"):  # "folder" markers written by consoles
+                            yield RemoteObject(key, safe_relative(key[len(base) :], key), size, etag)
+                    if token is None:
+                        return
+            except _NotPlain as exc:
+                raw.give_up(exc, f"listing {prefix.uri}")
+        paginator = client.get_paginator("list_objects_v2")
+        after: dict[str, Any] = {"StartAfter": last} if last else {}
+        for page in paginator.paginate(Bucket=prefix.bucket, Prefix=base, **after):
             for obj in page.get("Contents", []):
                 key = obj["Key"]
                 if key.endswith("/"):
-                    continue  # "folder" markers written by consoles
+                    continue
                 yield RemoteObject(key, safe_relative(key[len(base) :], key), obj["Size"], obj["ETag"].strip('"'))
 
 
@@ -243,16 +284,28 @@ class PullResult:
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], int], items: Iterable[Any], limit: int) -> Iterator[int]:
-    """Like pool.map, but keeps at most `limit` tasks in flight so memory stays flat."""
-    pending: set[Future[int]] = set()
+    """Like pool.map, but keeps at most `limit` tasks in flight so memory stays flat.
+
+    A semaphore and a done-queue, not concurrent.futures.wait(): wait() installs a waiter on every
+    pending future on each call, which costs more CPU than a small file's whole download.
+    """
+    slots = threading.Semaphore(limit)
+    finished: queue.SimpleQueue[Future[int]] = queue.SimpleQueue()
+
+    def on_done(fut: Future[int]) -> None:
+        slots.release()
+        finished.put(fut)
+
+    submitted = 0
     for item in items:
-        pending.add(pool.submit(fn, item))
-        if len(pending) >= limit:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                yield fut.result()
-    for fut in pending:
-        yield fut.result()
+        slots.acquire()
+        pool.submit(fn, item).add_done_callback(on_done)
+        submitted += 1
+        while not finished.empty():
+            submitted -= 1
+            yield finished.get().result()
+    for _ in range(submitted):
+        yield finished.get().result()
 
 
 def pull_prefix(
@@ -264,42 +317,52 @@ def pull_prefix(
     index_file = dest / CACHE_INDEX
     cache: dict[str, list[Any]] = json.loads(index_file.read_text()) if index_file.exists() else {}
     fresh: dict[str, list[Any]] = {}
+    verified: set[str] = set()  # on disk with the listed size and ETag: what the index may record
     digest = hashlib.sha256()
-    lock = threading.Lock()
     counts = {"files": 0, "bytes": 0, "fetched": 0}
+    folders: set[Path] = set()
+    raw = _RawS3.for_client(client, src.bucket)
 
     def fetch(obj: RemoteObject) -> int:
         target = dest / obj.rel
-        cached = cache.get(obj.rel)
-        if cached == [obj.size, obj.etag] and target.is_file() and target.stat().st_size == obj.size:
-            return 0
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in folders:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folders.add(target.parent)
         tmp = target.with_name(f".{target.name}.part-{threading.get_ident()}")
-        body = client.get_object(Bucket=src.bucket, Key=obj.key)["Body"]
-        with open(tmp, "wb") as fh:
-            for chunk in body.iter_chunks(1 << 20):
-                fh.write(chunk)
+        if raw is None or not raw.enabled or not raw.download(obj.key, obj.size, tmp, f"downloading {src.uri}"):
+            body = client.get_object(Bucket=src.bucket, Key=obj.key)["Body"]
+            with open(tmp, "wb") as fh:
+                for chunk in body.iter_chunks(1 << 20):
+                    fh.write(chunk)
         os.replace(tmp, target)
+        verified.add(obj.rel)
         return 1
 
-    def objects() -> Iterator[RemoteObject]:
-        for obj in list_objects(client, src):
+    def to_fetch() -> Iterator[RemoteObject]:
+        """Listed objects not already cached; the cache check is a stat, done here, not in the pool."""
+        for obj in _list_objects(client, src, raw):
             digest.update(f"{obj.rel}\t{obj.size}\t{obj.etag}\n".encode())
             fresh[obj.rel] = [obj.size, obj.etag]
-            with lock:
-                counts["files"] += 1
-                counts["bytes"] += obj.size
+            counts["files"] += 1
+            counts["bytes"] += obj.size
+            if cache.get(obj.rel) == [obj.size, obj.etag] and _is_file_of_size(os.path.join(dest, obj.rel), obj.size):
+                verified.add(obj.rel)
+                if progress:
+                    progress(counts["files"], counts["bytes"])
+                continue
             yield obj
 
     try:
         with errors_for(src.bucket, f"downloading {src.uri}"), ThreadPoolExecutor(threads) as pool:
-            for fetched in _bounded_map(pool, fetch, objects(), limit=threads * 4):
+            for fetched in _bounded_map(pool, fetch, to_fetch(), limit=threads * 4):
                 counts["fetched"] += fetched
                 if progress:
                     progress(counts["files"], counts["bytes"])
     finally:
+        if raw is not None:
+            raw.close()
         # Record what is on disk and verified even when interrupted, so a retry skips it.
-        done = {rel: meta for rel, meta in fresh.items() if (dest / rel).is_file()}
+        done = {rel: fresh[rel] for rel in verified}
         _write_atomic(index_file, json.dumps({**cache, **done}).encode())
     return PullResult(
         files=counts["files"],
@@ -309,6 +372,247 @@ def pull_prefix(
         fingerprint=digest.hexdigest(),
         seconds=time.monotonic() - start,
     )
+
+
+def _is_file_of_size(path: str, size: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
+
+
+# --- the fast path for many small objects ----------------------------------------------
+# botocore spends about a millisecond of Python on every request (parameter validation, endpoint
+# rules, event hooks, signing through urllib, XML and timestamp parsing): with thousands of small
+# dataset files that, not the network, bounds a pull. So the pull sends its GETs and listings
+# itself, over keep-alive http.client connections with SigV4 headers signed here - for the plain
+# case only. Any other answer goes to botocore, which redoes the request with its own retries,
+# redirects, error codes and logs; a refusal (3xx/4xx) switches the fast path off for the rest.
+
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_CHUNK = 1 << 20
+
+
+class _NotPlain(Exception):
+    """An answer the fast path leaves to botocore."""
+
+    def __init__(self, reason: str, *, refused: bool) -> None:
+        super().__init__(reason)
+        self.refused = refused  # the same would happen to every request: stop using the fast path
+
+
+class _RawS3:
+    """GETs and listings of one bucket, signed here (SigV4), one keep-alive connection per thread."""
+
+    def __init__(self, credentials: Any, url: SplitResult, region: str, timeout: float) -> None:
+        self._credentials = credentials
+        self.https = url.scheme == "https"
+        self.host, self.port = url.hostname or "", url.port
+        default_port = 443 if self.https else 80
+        # The Host header exactly as botocore signs it: no default port.
+        self.netloc = self.host if self.port in (None, default_port) else f"{self.host}:{self.port}"
+        if ":" in self.host and self.port not in (None, default_port):  # IPv6 literal
+            self.netloc = f"[{self.host}]:{self.port}"
+        self.object_base = url.path[: -len(_PROBE_KEY)]  # "/bucket/" (path style) or "/" (virtual host)
+        self.list_path = self.object_base.rstrip("/") or "/"
+        self.region = region
+        self.timeout = timeout
+        self.enabled = True
+        self._signing_key: tuple[str, str, bytes] = ("", "", b"")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[http.client.HTTPConnection] = []
+        self._ssl = _ssl_context() if self.https else None
+
+    @classmethod
+    def for_client(cls, client: S3Client, bucket: str) -> _RawS3 | None:
+        """The fast path for this client and bucket, or None where botocore must do everything."""
+        try:
+            credentials = client._request_signer._credentials  # type: ignore[attr-defined]
+            if credentials is None or _intercepted(client):
+                return None
+            # botocore's own endpoint resolution (path or virtual-host style, FIPS, ...) gives the URL.
+            presigned = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": _PROBE_KEY})
+            url = urlsplit(presigned)
+            if url.scheme not in ("http", "https") or not url.path.endswith("/" + _PROBE_KEY) or _proxied(client, url):
+                return None
+            timeout = float(getattr(client.meta.config, "read_timeout", None) or 60)
+            return cls(credentials, url, client.meta.region_name or "us-east-1", timeout)
+        except Exception:  # anything unexpected: botocore does it all, as before
+            return None
+
+    # --- requests ---
+
+    def download(self, key: str, size: int, tmp: Path, doing: str) -> bool:
+        """Write the object to tmp; False when botocore must fetch it instead."""
+        try:
+            response = self._get(self.object_base + quote(key, safe="/~"))
+            # os.open/os.write: no buffering layer, no isatty/lseek probes - fewer syscalls per small file
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            try:
+                written = 0
+                while chunk := self._read(response, _CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    written += len(chunk)
+            finally:
+                os.close(fd)
+            if written != size:
+                self._drop()
+                raise _NotPlain(f"got {written} bytes of {size}", refused=False)
+            return True
+        except _NotPlain as exc:
+            self.give_up(exc, f"{doing}: {key}")
+            return False
+
+    def list_page(self, prefix: str, token: str | None) -> tuple[list[tuple[str, int, str]], str | None]:
+        """One page of ListObjectsV2: [(key, size, etag)] and the next continuation token."""
+        params = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+        if token:
+            params["continuation-token"] = token
+        query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
+        response = self._get(self.list_path, query)
+        body = self._read(response, None)
+        try:
+            return _parse_listing(body)
+        except (ElementTree.ParseError, ValueError, TypeError) as exc:
+            raise _NotPlain(f"unexpected listing: {exc}", refused=True) from None
+
+    def give_up(self, exc: _NotPlain, doing: str) -> None:
+        from pogona_job.logs import get_logger
+
+        if exc.refused and self.enabled:
+            self.enabled = False
+            get_logger().info("storage fast path off", reason=str(exc), doing=doing)
+        elif not exc.refused:
+            get_logger().info("storage retry", message=f"{exc} while {doing}; retrying through botocore")
+
+    def _get(self, path: str, query: str = "") -> http.client.HTTPResponse:
+        for attempt in (1, 2):
+            conn = self._connection()
+            reused = conn.sock is not None
+            try:
+                conn.request("GET", f"{path}?{query}" if query else path, headers=self._headers(path, query))
+                response = conn.getresponse()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                if not (reused and attempt == 1):  # a kept-alive connection the server closed: once more
+                    raise _NotPlain(f"{type(exc).__name__}: {exc}", refused=False) from None
+        if response.status != 200:
+            self._read(response, None)
+            refused = 300 <= response.status < 500 and response.status not in (408, 429)
+            raise _NotPlain(f"HTTP {response.status}", refused=refused)
+        return response
+
+    def _read(self, response: http.client.HTTPResponse, amount: int | None) -> bytes:
+        try:
+            return response.read(amount)
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop()
+            raise _NotPlain(f"{type(exc).__name__}: {exc}", refused=False) from None
+
+    def _headers(self, path: str, query: str) -> dict[str, str]:
+        """SigV4 header auth for a bodiless GET (the payload hash is that of the empty string)."""
+        creds = self._credentials.get_frozen_credentials()  # refreshes role credentials when due
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        day = amz_date[:8]
+        if self._signing_key[:2] != (day, creds.secret_key):
+            key = f"AWS4{creds.secret_key}".encode()
+            for part in (day, self.region, "s3", "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            self._signing_key = (day, creds.secret_key, key)
+        headers = {"host": self.netloc, "x-amz-content-sha256": _EMPTY_SHA256, "x-amz-date": amz_date}
+        if creds.token:
+            headers["x-amz-security-token"] = creds.token
+        names = ";".join(headers)  # already in sorted order
+        canonical = "\n".join(["GET", path, query, *(f"{k}:{v}" for k, v in headers.items()), "", names, _EMPTY_SHA256])
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        signature = hmac.new(self._signing_key[2], to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, SignedHeaders={names}, Signature={signature}"
+        )
+        return headers
+
+    # --- connections ---
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._ssl is not None:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+
+_PROBE_KEY = "pogona-probe"
+
+
+def _parse_listing(body: bytes) -> tuple[list[tuple[str, int, str]], str | None]:
+    root = ElementTree.fromstring(body)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    if root.tag != f"{ns}ListBucketResult":
+        raise ValueError(f"root element {root.tag}")
+    decode = unquote_plus if root.findtext(f"{ns}EncodingType") == "url" else str
+    items = []
+    for element in root.iter(f"{ns}Contents"):
+        key, size, etag = (element.findtext(f"{ns}{name}") for name in ("Key", "Size", "ETag"))
+        if key is None or size is None or etag is None:
+            raise ValueError("an entry without Key, Size or ETag")
+        items.append((decode(key), int(size), etag.strip('"')))
+    token = root.findtext(f"{ns}NextContinuationToken") if root.findtext(f"{ns}IsTruncated") == "true" else None
+    if root.findtext(f"{ns}IsTruncated") == "true" and not token:
+        raise ValueError("a truncated listing without a continuation token")
+    return items, token
+
+
+def _intercepted(client: S3Client) -> bool:
+    """Handlers put on the client (botocore's Stubber, fault injection) would be bypassed: not ours to do."""
+    from botocore.stub import Stubber
+
+    handlers = client.meta.events._emitter._handlers  # type: ignore[attr-defined]
+    for operation in ("GetObject", "ListObjectsV2"):
+        if list(handlers.prefix_search(f"before-send.s3.{operation}")):
+            return True
+        if any(
+            isinstance(getattr(h, "__self__", None), Stubber)
+            for h in handlers.prefix_search(f"before-call.s3.{operation}")
+        ):
+            return True
+    return False
+
+
+def _proxied(client: S3Client, url: SplitResult) -> bool:
+    """botocore honours proxies; the fast path does not speak to them, so it stands aside."""
+    if getattr(client.meta.config, "proxies", None):
+        return True
+    return url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname or "")
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """Verify like botocore: AWS_CA_BUNDLE, else the bundle botocore ships with."""
+    from botocore.httpsession import get_cert_path
+
+    return ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
 
 
 @dataclass(frozen=True)

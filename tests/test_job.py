@@ -209,7 +209,9 @@ def test_the_image_entrypoint_runs_the_job_outside_a_container(
 
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID="via-entrypoint", POGONA_EPOCHS="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    proc = subprocess.run(["sh", str(ROOT / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["sh", str(ROOT / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads(_body(s3_client, "runs/via-entrypoint/manifest.json"))
     assert manifest["status"] == "succeeded"

@@ -115,3 +115,12 @@ def test_upload_records_size_and_sha256(client, tmp_path: Path) -> None:  # type
     (artifact,) = storage.upload_many(client, [(path, S3Path(BUCKET, "storage/w.pt"))])
     body = client.get_object(Bucket=BUCKET, Key="storage/w.pt")["Body"].read()
     assert artifact.size == len(body) and artifact.sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_latest_pointer_never_moves_backwards(client) -> None:  # type: ignore[no-untyped-def]
+    latest = S3Path(BUCKET, "storage/latest.json")
+    assert storage.advance_pointer(client, latest, {"run_id": "b", "finished_at": "2026-11-25T10:00:00+00:00"})
+    assert not storage.advance_pointer(client, latest, {"run_id": "a", "finished_at": "2026-11-25T09:00:00+00:00"})
+    assert storage.get_json(client, latest) == {"run_id": "b", "finished_at": "2026-11-25T10:00:00+00:00"}
+    assert storage.advance_pointer(client, latest, {"run_id": "c", "finished_at": "2026-11-25T11:00:00+00:00"})
+    assert (storage.get_json(client, latest) or {})["run_id"] == "c"
