@@ -211,7 +211,7 @@ def _execute(job: Job) -> None:
         offline.switch_off_outbound()
         logs.route_ultralytics(debug=s.debug)
         device = training.resolve_device(s)
-        workers, workers_reason = training.resolve_workers(s.workers)
+        workers, workers_reason = training.resolve_workers(s.workers, device)
         rec.settings_used.update(device=device, workers=workers, workers_reason=workers_reason)
         log.info("resources", device=device, workers=workers_reason)
         model_source = _model_source(job)

@@ -31,6 +31,7 @@ DEMO_SETTINGS = {
 def main() -> int:
     here = Path.cwd() / ".run-local"
     env = dict(os.environ)
+    started_server = False
     with ExitStack() as stack:
         if not (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")):
             from pogona_job.locals3 import LocalS3
@@ -38,6 +39,7 @@ def main() -> int:
             print("Starting a local SeaweedFS S3 server on loopback ...", flush=True)
             s3 = stack.enter_context(LocalS3(buckets=[BUCKET]))
             env.update(s3.env)
+            started_server = True
             print(f"  S3 endpoint {s3.endpoint}, bucket {BUCKET} (credentials limited to it)", flush=True)
         for key, value in DEMO_SETTINGS.items():
             env.setdefault(key, value)
@@ -68,7 +70,8 @@ def main() -> int:
         if pulled == 0:
             print(f"  Local copy:            {local}/  (read report.md there)")
             _summary(local)
-    print("Stopped the local S3 server." if "AWS_ENDPOINT_URL_S3" not in os.environ else "")
+    if started_server:
+        print("Stopped the local S3 server.")
     return code
 
 

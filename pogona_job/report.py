@@ -92,7 +92,7 @@ def _phase_section(title: str, result: PhaseResult, record: RunRecord) -> list[s
         f"imgsz: {cfg.get('POGONA_IMGSZ')}",
         f"optimizer: {cfg.get('POGONA_OPTIMIZER')}",
         f"lr0: {cfg.get('POGONA_LR0')}",
-        f"workers: {record.settings_used.get('workers')}",
+        f"workers: {record.settings_used.get('workers')}  # requested {cfg.get('POGONA_WORKERS')}",
         f"seed: {cfg.get('POGONA_SEED')}",
         "```",
         "",

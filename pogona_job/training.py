@@ -51,8 +51,10 @@ def resolve_device(settings: Settings) -> str:
     return device
 
 
-def resolve_workers(requested: int, shm: Path = Path("/dev/shm")) -> tuple[int, str]:
+def resolve_workers(requested: int, device: str = "0", shm: Path = Path("/dev/shm")) -> tuple[int, str]:
     """Workers capped by CPU count and /dev/shm (Docker's 64 MB default crashes workers)."""
+    if device == "cpu":  # ultralytics itself loads batches in the training process on the CPU
+        return 0, f"0 on the CPU (requested {requested}; ultralytics uses none there)"
     workers = min(requested, os.cpu_count() or 1)
     reason = f"{workers} (requested {requested}, {os.cpu_count()} CPUs)"
     try:

@@ -36,10 +36,11 @@ def test_a_gpu_index_without_cuda_is_a_config_error() -> None:
 def test_small_shm_turns_workers_off_with_the_reason(tmp_path: Path) -> None:
     # Mounting a 64 MB tmpfs like Docker's default /dev/shm needs privileges; a path with no space
     # behind it (missing) stands for it, and the root file system for a roomy one.
-    workers, reason = resolve_workers(8, shm=tmp_path / "missing")
+    workers, reason = resolve_workers(8, "0", shm=tmp_path / "missing")
     assert workers == 0 and "--shm-size" in reason and "--ipc=host" in reason
-    workers, reason = resolve_workers(8, shm=Path("/"))
+    workers, reason = resolve_workers(8, "0", shm=Path("/"))
     assert workers == min(8, os.cpu_count() or 1) and "requested 8" in reason
+    assert resolve_workers(8, "cpu")[0] == 0
 
 
 def test_on_a_gpu_amp_is_on_autobatch_fills_it_and_a_small_dataset_is_cached_in_ram(tmp_path: Path) -> None:
