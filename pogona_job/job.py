@@ -484,12 +484,22 @@ def _write_failure_file(sentence: str, output_dir: Path = Path("/opt/ml/output")
 def _publish_failure(job: Job) -> None:
     """Best effort within the stop budget: newest checkpoint, then the report and a manifest that
     says `failed`/`interrupted` - never presented as complete."""
+    from pogona_job.training import partial_phase
+
+    rec = job.record
     try:
         if job.checkpoints is not None and not job.checkpoints.flush(max(1.0, job.stop.left() - 5)):
             log.warning("checkpoint upload did not finish within the stop budget")
-        if job.record.sanity is None:
+        # The epochs a failed phase did finish belong in its report.
+        device = str(rec.settings_used.get("device", "cpu"))
+        if rec.sanity is None:
+            rec.sanity = partial_phase("sanity", job.runs / "sanity", device)
             _upload(job, [(job.runs / "sanity" / "results.csv", "sanity/results.csv")])
+        elif rec.full is None and rec.verdict is not None and rec.verdict.passed:
+            rec.full = partial_phase("full", job.runs / "full", device)
         _publish(job)
+        if rec.exit_code not in (75, 143):  # not retryable: nobody will resume from the checkpoint
+            storage.delete_prefix(job.client, job.out / "checkpoint")
         log.info("failure report pushed", report=(job.out / "report.md").uri)
     except JobError as exc:
         log.error("could not push the failure report", reason=exc.sentence)

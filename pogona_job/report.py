@@ -77,10 +77,10 @@ def _phase_section(title: str, result: PhaseResult, record: RunRecord) -> list[s
     out = [
         f"### {title}",
         f"- **Hardware**: {result.hardware.line()}",
-        f"- **Duration**: {result.seconds / 60:.2f} minutes ({len(rows)} epochs)",
+        f"- **Duration**: {result.seconds / 60:.2f} minutes ({len(rows)} epoch{'s' if len(rows) != 1 else ''})",
         *[
-            f"- **{key.removesuffix('_reason').capitalize()}**: {record.settings_used[key]}"
-            for key in ("workers_reason", "batch", "cache", "amp")
+            f"- **{label}**: {record.settings_used[key]}"
+            for key, label in (("workers_reason", "Workers"), ("batch", "Batch"), ("cache", "Cache"), ("amp", "AMP"))
             if key in record.settings_used
         ],
         "",
@@ -127,7 +127,7 @@ def _recommendations(record: RunRecord) -> list[str]:
     """Derived from the numbers, not canned: each line cites what triggered it."""
     recs: list[str] = []
     if record.status == "failed" and record.failed_phase in ("sanity", "gate", "parity"):
-        recs.append(f"Do not start a long run on this backend/data: {record.failure}")
+        recs.append("Do not start a long run on this backend or data until the sanity check passes (see above).")
         if record.settings_used.get("device") not in (None, "cpu"):
             recs.append(
                 "Re-run the sanity epochs with `POGONA_DEVICE=cpu` to separate a backend bug from a data problem."

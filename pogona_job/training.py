@@ -352,6 +352,15 @@ def completed_phase(
     )
 
 
+def partial_phase(phase: str, save_dir: Path, device: str) -> PhaseResult | None:
+    """What a phase that stopped early left behind: its finished epochs, for the failure report."""
+    rows = read_results(save_dir / "results.csv")
+    if not rows:
+        return None
+    seconds = rows[-1].get("time", 0.0)
+    return PhaseResult(phase, save_dir, rows, seconds, describe_hardware(device), 0, None)
+
+
 def read_results(path: Path) -> list[dict[str, float]]:
     """ultralytics' results.csv as floats (its headers may carry padding spaces)."""
     if not path.exists():
