@@ -64,6 +64,9 @@ def test_mps_signature_stops_within_k_batches_and_full_training_never_starts(
     assert not any(e["event"] == "phase started" and e.get("phase") == "full" for e in events)
     report = s3_client.get_object(Bucket=BUCKET, Key="runs/gate-signature/report.md")["Body"].read().decode()
     assert "Batch watchdog stopped the run" in report and "What went wrong" in report
+    assert "| Full | cpu | no epoch completed | - | not run |" in report
+    leftovers = s3_client.list_objects_v2(Bucket=BUCKET, Prefix="runs/gate-signature/checkpoint/").get("KeyCount")
+    assert leftovers == 0, "a run nobody will resume keeps no checkpoint"
 
 
 def test_nan_loss_stops_at_the_first_nan_batch(env: None, monkeypatch: pytest.MonkeyPatch, s3_client: Any) -> None:
