@@ -4,33 +4,55 @@
 #   docker build -t pogona-train:0.1.0 .
 #   docker run --rm --gpus all --shm-size=8g --env-file job.env pogona-train:0.1.0
 #
-# Base: the official Python 3.11 image on Debian 12 (the interpreter and OS the lock file was
-# resolved on). The CUDA runtime is NOT taken from an nvidia/cuda base: the PyPI torch wheel
-# pinned in docker/requirements.lock ships it (nvidia-cuda-runtime, cublas, cudnn, nccl, ... for
-# CUDA 13.0), so a CUDA base image would only add a second, possibly mismatching, copy of the
-# same libraries (GBs). The host supplies the driver through the NVIDIA container toolkit;
-# NVIDIA_REQUIRE_CUDA below makes a host whose driver is too old (< R580 for CUDA 13) refuse to
-# start the container instead of silently training on the CPU.
+# Base: the official PyTorch CUDA runtime image, pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+# (Ubuntu 22.04; conda's CPython 3.11 in /opt/conda, which holds torch 2.9.1 + torchvision 0.24.1
+# built for CUDA 12.8 with the CUDA 12.8 / cuDNN 9 runtime libraries as nvidia-* wheels). The image
+# keeps that torch stack as PyTorch built and tested it: docker/requirements.lock lists everything
+# else, and a build-time assertion fails the build if the base ever carries another torch/CUDA.
+# The host supplies the driver through the NVIDIA container toolkit; NVIDIA_REQUIRE_CUDA below
+# makes a host whose driver is too old for CUDA 12.8 (< R570) refuse to start the container
+# instead of silently training on the CPU.
 #
 # Pinning: exact tag + digest. The digest is the one several public Dockerfiles record for this
-# tag; it was NOT verified against Docker Hub from the offline environment this file was written in.
-# Verify (or refresh) it with `docker buildx imagetools inspect python:3.11.14-slim-bookworm`.
-# A wrong digest cannot silently change the image: the pull fails. Both FROM lines below name
-# the same image, spelled out so that scanners and update bots see the pin (tests check they match).
+# tag; it was NOT verified against Docker Hub from the offline environment this file was written
+# in. Verify (or refresh) it with
+#   docker buildx imagetools inspect pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+# A wrong digest cannot silently change the image: the pull fails. Only the first stage names the
+# base; every later stage builds on it, so there is one pin to keep current.
+#
+# Stages: deps (base + the job's locked dependencies) <- assets (weights, fonts, settings) and
+# builder (the job's wheel) <- runtime. The runtime is FROM deps, not a fresh base plus a copied
+# environment: it needs the base's /opt/conda (torch, CUDA: most of the image) anyway, and deps
+# leaves nothing worth dropping (no pip cache, no compiler), so copying would only duplicate
+# layers. The side stages exist for the build cache (a code change neither re-downloads the
+# weights nor reinstalls the lock) and to keep downloader and build leftovers out of the runtime.
 
 # ---------------------------------------------------------------------------------------------
-# deps: the job's virtualenv from the exact lock (no resolver at build time); changes rarely
+# deps: the job's dependencies from the exact lock, on top of the base's torch; changes rarely
 # ---------------------------------------------------------------------------------------------
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS deps
+FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime@sha256:7b324d212a4450795b49edba9949b7cdc72429148a64e974334bfe5774d51385 AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY docker/requirements.lock docker/requirements.lock
-# --no-deps: the lock is the complete closure; `pip check` proves it is consistent.
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --no-deps -r docker/requirements.lock \
- && /opt/venv/bin/pip check
+# /opt/venv: a venv of the base's Python with --system-site-packages, so torch/torchvision (and
+# the CUDA wheels) come from /opt/conda while the lock's packages land in the venv, shadowing any
+# older copy there. Installing into /opt/conda itself would make pip replace conda-installed
+# packages (numpy, pyyaml, requests, ...), which fails on those without a RECORD file and would
+# change the base's own tooling. --without-pip: the venv runs the base's pip (visible through the
+# system site-packages) and needs no ensurepip.
+# --no-deps: the lock plus the base is the complete closure; `pip check` proves it consistent,
+# including every locked package's requirement on torch/torchvision against the base's versions.
+RUN /opt/conda/bin/python -m venv --system-site-packages --without-pip /opt/venv \
+ && /opt/venv/bin/python -m pip install --no-cache-dir --no-deps -r docker/requirements.lock \
+ && /opt/venv/bin/python -m pip check \
+ && /opt/venv/bin/python -c "import sys, torch, torchvision; \
+assert sys.version_info[:2] == (3, 11), sys.version; \
+assert torch.__version__.startswith('2.9.1') and torch.version.cuda == '12.8', (torch.__version__, torch.version.cuda); \
+assert torchvision.__version__.startswith('0.24.1'), torchvision.__version__; \
+assert torch.__file__.startswith('/opt/conda/'), torch.__file__"
 
 # ---------------------------------------------------------------------------------------------
 # assets: what ultralytics would download at run time, fetched once, at build time
@@ -46,19 +68,18 @@ RUN /opt/venv/bin/python docker/fetch_assets.py \
       --weights-dir /opt/ultralytics/weights --work-dir /work yolo11s.pt yolo26n.pt
 
 # ---------------------------------------------------------------------------------------------
-# builder: the job itself, into the same venv
+# builder: the job's wheel (its sources and build tree stay in this stage)
 # ---------------------------------------------------------------------------------------------
 FROM deps AS builder
 COPY pyproject.toml README.md ./
 COPY pogona_job ./pogona_job
-# --no-build-isolation: build with the pinned setuptools already in the venv (no unpinned fetch).
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
- && /opt/venv/bin/pogona-job --help > /dev/null
+# --no-build-isolation: build with the setuptools pinned in the lock (no unpinned fetch).
+RUN /opt/venv/bin/python -m pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /dist .
 
 # ---------------------------------------------------------------------------------------------
 # runtime
 # ---------------------------------------------------------------------------------------------
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
+FROM deps AS runtime
 
 ARG VERSION=0.1.0
 ARG VCS_REF=unknown
@@ -71,12 +92,13 @@ LABEL org.opencontainers.image.title="pogona-train" \
       org.opencontainers.image.created="${BUILD_DATE}" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.source="${SOURCE_URL}" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
+      org.opencontainers.image.base.name="docker.io/pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime" \
+      org.opencontainers.image.base.digest="sha256:7b324d212a4450795b49edba9949b7cdc72429148a64e974334bfe5774d51385"
 
 # tini as PID 1: forwards SIGTERM to the job (which checkpoints and exits 143) and reaps zombies
-# left by dataloader workers. Pinned to the Debian 12 amd64 build.
+# left by dataloader workers. Pinned to Ubuntu 22.04's (jammy, universe) package version.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
+ && apt-get install -y --no-install-recommends tini=0.19.0-1 \
  && rm -rf /var/lib/apt/lists/*
 
 # Unprivileged user with a fixed numeric UID/GID (Kubernetes runAsNonRoot can only verify a
@@ -86,11 +108,15 @@ RUN groupadd --system --gid 10001 pogona \
       --shell /usr/sbin/nologin pogona \
  && install -d -o 10001 -g 10001 -m 0750 /work
 
-COPY --from=builder /opt/venv /opt/venv
 # Weights stay root-owned (read-only to the job); the config dir is the job's (settings, DDP files).
 COPY --from=assets /opt/ultralytics/weights /opt/ultralytics/weights
 COPY --from=assets /opt/ultralytics/assets.json /opt/ultralytics/assets.json
 COPY --from=assets --chown=10001:10001 /opt/ultralytics/Ultralytics /opt/ultralytics/Ultralytics
+
+# The job itself, into the same venv (the wheel is mounted from builder, not copied into a layer).
+RUN --mount=type=bind,from=builder,source=/dist,target=/tmp/dist \
+    /opt/venv/bin/python -m pip install --no-cache-dir --no-deps /tmp/dist/*.whl \
+ && /opt/venv/bin/pogona-job --help > /dev/null
 COPY --chmod=0755 docker/entrypoint.sh /app/docker/entrypoint.sh
 
 ENV PATH=/opt/venv/bin:$PATH \
@@ -102,7 +128,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/.cache \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.8" \
     POGONA_WORK_DIR=/work
 
 WORKDIR /work

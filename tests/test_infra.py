@@ -14,6 +14,7 @@ The linters (hadolint, cfn-lint, kubernetes-validate, yamllint, checkov, shellch
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 import typing
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 LOCK = ROOT / "docker" / "requirements.lock"
+MAKE_LOCK = ROOT / "docker" / "make_lock.py"
 TEMPLATE = ROOT / "infra" / "aws" / "template.yaml"
 CRONJOB = ROOT / "infra" / "k8s" / "cronjob.yaml"
 K8S_MANIFESTS = sorted((ROOT / "infra" / "k8s").glob("*.yaml"))
@@ -120,10 +123,19 @@ def test_entrypoint_is_exec_form_under_tini(dockerfile: DockerfileParser) -> Non
     assert cmd and json.loads(cmd[-1]) == ["run"]
 
 
-def test_base_images_are_pinned_by_tag_and_digest(dockerfile: DockerfileParser) -> None:
+def _make_lock() -> Any:
+    """docker/make_lock.py as a module: BASE_IMAGE, BASE_PROVIDES, BASE_CUDA, BASE_PYTHON."""
+    spec = importlib.util.spec_from_file_location("make_lock", MAKE_LOCK)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _external_bases(parser: DockerfileParser) -> list[str]:
     stages: set[str] = set()
     external: list[str] = []
-    for ins in dockerfile.structure:
+    for ins in parser.structure:
         if ins["instruction"] != "FROM":
             continue
         parts = ins["value"].split()
@@ -132,13 +144,48 @@ def test_base_images_are_pinned_by_tag_and_digest(dockerfile: DockerfileParser) 
             external.append(image)
         if len(parts) == 3 and parts[1].upper() == "AS":
             stages.add(parts[2])
+    return external
+
+
+def test_base_images_are_pinned_by_tag_and_digest(dockerfile: DockerfileParser) -> None:
+    external = _external_bases(dockerfile)
     assert external, "no base image"
     for image in external:
         name, _, digest = image.partition("@")
         repo, _, tag = name.rpartition(":")
         assert repo and tag and tag != "latest" and "$" not in image, f"{image}: needs an explicit tag"
         assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{image}: needs a digest"
-    assert len(set(external)) == 1, "builder and runtime must share one base (same libc, same Python)"
+    assert len(set(external)) == 1, "every stage must share one base (same Python, same torch)"
+    labels = dockerfile.labels
+    name, _, digest = external[0].partition("@")
+    assert labels["org.opencontainers.image.base.name"].endswith(f"/{name}")
+    assert labels.get("org.opencontainers.image.base.digest", digest) == digest
+
+
+def test_base_is_the_pytorch_cuda_runtime_the_lock_was_made_for(dockerfile: DockerfileParser) -> None:
+    lock = _make_lock()
+    name = _external_bases(dockerfile)[0].partition("@")[0]
+    assert name == lock.BASE_IMAGE, "docker/make_lock.py's BASE_IMAGE and the Dockerfile's FROM disagree"
+    repo, _, tag = name.rpartition(":")
+    assert repo == "pytorch/pytorch" and tag.endswith("-runtime"), "a PyTorch CUDA *runtime* image"
+    torch_version = lock.BASE_PROVIDES["torch"]
+    assert tag.startswith(f"{torch_version}-cuda{lock.BASE_CUDA}-"), tag
+    # The build fails unless the base really carries that torch, CUDA, torchvision and Python.
+    deps = " ".join(v for v in _values(dockerfile.structure, "RUN") if "requirements.lock" in v)
+    assert f"torch.__version__.startswith('{torch_version}')" in deps
+    assert f"torch.version.cuda == '{lock.BASE_CUDA}'" in deps
+    assert f"torchvision.__version__.startswith('{lock.BASE_PROVIDES['torchvision']}')" in deps
+    major, minor = lock.BASE_PYTHON.split(".")
+    assert f"sys.version_info[:2] == ({major}, {minor})" in deps
+    # The lock goes in with --no-deps (never a resolver that could replace the base's torch),
+    # then `pip check` validates it against the base, in a venv that sees the base's packages.
+    assert re.search(r"pip install [^&]*--no-deps [^&]*-r docker/requirements\.lock", deps)
+    assert deps.index("-r docker/requirements.lock") < deps.index("pip check")
+    assert "--system-site-packages" in deps
+    # The driver requirement follows the base's CUDA: an older driver refuses to start the container.
+    env = _stage_env(_final_stage(dockerfile))
+    assert env["NVIDIA_REQUIRE_CUDA"] == f"cuda>={lock.BASE_CUDA}"
+    assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
 
 
 def test_oci_labels(dockerfile: DockerfileParser) -> None:
@@ -204,19 +251,73 @@ def test_dockerignore_keeps_what_the_build_copies(dockerfile: DockerfileParser) 
             assert not hit, f".dockerignore pattern {pattern!r} drops {source!r}, which the build copies"
 
 
-def test_lock_pins_every_runtime_dependency() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+def _lock_pins() -> dict[str, str]:
     pins: dict[str, str] = {}
     for line in LOCK.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             name, sep, version = line.partition("==")
             assert sep and version, f"lock line {line!r} is not an exact pin"
             pins[canonicalize_name(name)] = version
-    for dep in project["dependencies"]:
+    return pins
+
+
+def test_lock_pins_every_runtime_dependency() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    provided = _make_lock().BASE_PROVIDES
+    pins = _lock_pins()
+    for dep in pyproject["project"]["dependencies"]:
         req = Requirement(dep)
         key = canonicalize_name(req.name)
+        if key in provided:
+            # The base image's torch stack must satisfy the project's own bounds.
+            assert req.specifier.contains(provided[key], prereleases=True), (
+                f"base {key}=={provided[key]} violates {dep}"
+            )
+            continue
         assert key in pins, f"{req.name} is missing from {LOCK.name}: run docker/make_lock.py"
         assert req.specifier.contains(pins[key], prereleases=True), f"{req.name}=={pins[key]} violates {dep}"
+    # The wheel is built with --no-build-isolation: the build backend must be locked too.
+    for dep in pyproject["build-system"]["requires"]:
+        req = Requirement(dep)
+        key = canonicalize_name(req.name)
+        assert key in pins and req.specifier.contains(pins[key]), f"build requirement {dep} is not locked"
+
+
+def test_lock_leaves_the_torch_stack_to_the_base() -> None:
+    provided = _make_lock().BASE_PROVIDES
+    assert {"torch", "torchvision", "triton"} <= set(provided)
+    for key in _lock_pins():
+        assert key not in provided, f"{key} comes from the base image; the lock must not replace it"
+        # The CUDA runtime libraries (nvidia-cublas, nvidia-cudnn-cu12, cuda-bindings, ...) too;
+        # nvidia-ml-py is NVML's Python binding, which ultralytics needs, not a CUDA library.
+        assert not re.match(r"(nvidia-(?!ml-py$)|cuda-)", key), f"{key} would shadow the base's CUDA libraries"
+    assert "ultralytics-opencv-headless" in _lock_pins() and "ultralytics" not in _lock_pins()
+
+
+def test_lock_is_consistent_with_itself_and_the_base() -> None:
+    """An offline `pip check`: each locked package's requirements, from its installed metadata."""
+    provided = _make_lock().BASE_PROVIDES
+    pins = _lock_pins()
+    available = {**pins, **provided}
+    checked = 0
+    for key, version in pins.items():
+        try:
+            dist = metadata.distribution(key)
+        except metadata.PackageNotFoundError:
+            continue
+        if dist.version.split("+")[0] != version:
+            continue  # another version in this venv (e.g. held back by a dev tool): no metadata to check
+        checked += 1
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            dep = canonicalize_name(req.name)
+            assert dep in available, f"{key}=={version} requires {req}, which neither the lock nor the base has"
+            assert req.specifier.contains(available[dep], prereleases=True), (
+                f"{key}=={version} requires {req}, but the image gets {dep}=={available[dep]}"
+            )
+    assert checked >= len(pins) // 2, "too few locked packages are installed here to check the lock"
 
 
 # ------------------------------------------------------------------------------------------------
