@@ -53,6 +53,7 @@ def test_multipart_upload_survives_503_500_resets_and_slow_parts(
         assert body == path.read_bytes() and artifact.sha256 == hashlib.sha256(body).hexdigest()
     assert proxy.faults(), "the proxy injected nothing: the test would prove nothing"
     assert not s3_client.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+    print(f"multipart through faults: {len(proxy.faults())} faults injected, 3 of 3 uploads intact")
 
 
 def test_persistent_503_is_transient_exit_75_and_leaves_no_multipart_upload(
@@ -67,6 +68,7 @@ def test_persistent_503_is_transient_exit_75_and_leaves_no_multipart_upload(
         storage.upload_many(client, [(path, S3Path(BUCKET, "faults/never.bin"))])
     assert err.value.exit_code == 75
     assert not s3_client.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+    print(f"persistent 503 on part 2: {len(proxy.faults())} faults injected, upload aborted, exit 75")
     assert "faults/never.bin" not in {o["Key"] for o in s3_client.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
 
 
@@ -97,6 +99,8 @@ def test_job_completes_through_a_flaky_store_with_the_same_artifacts(
     injected = proxy.faults()
     retries = [line for line in flaky.stderr.splitlines() if '"storage retry"' in line]
     assert len(injected) >= 5 and retries, (len(injected), len(retries))
+    kinds = {k: sum(line.split()[1] == k for line in injected) for k in ("503", "500", "reset", "slow")}
+    print(f"faults injected {len(injected)} {kinds}, retries logged {len(retries)}, run completed")
 
 
 def test_job_exits_75_when_the_store_keeps_refusing_writes(
