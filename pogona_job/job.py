@@ -8,6 +8,7 @@ is not re-run, training continues from the last uploaded checkpoint.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -216,7 +217,11 @@ def _execute(job: Job) -> None:
         log.info("resources", device=device, workers=workers_reason)
         model_source = _model_source(job)
         job.checkpoints = CheckpointSync(
-            job.client, job.out, job.work / "checkpoint-staging", s.checkpoint_every_epochs
+            job.client,
+            job.out,
+            job.work / "checkpoint-staging",
+            every_epochs=s.checkpoint_every_epochs,
+            min_interval_s=s.checkpoint_min_interval_s,
         )
 
     with job.phase("pull"):
@@ -348,6 +353,7 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
             extra=job.extra_args,
         )
     finally:
+        gc.collect()  # the phase's model and loaders are garbage now: free them before the next phase
         job.record.watchdog = {
             "phase": phase,
             "batches": watchdog.batches,

@@ -7,10 +7,12 @@ is left after them onto the job's exit codes: refused -> 4, still failing -> 75.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import http.client
+import itertools
 import json
 import os
 import queue
@@ -20,7 +22,7 @@ import stat
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,7 +313,11 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], int], items: Iter
 def pull_prefix(
     client: S3Client, src: S3Path, dest: Path, *, threads: int = 32, progress: Progress | None = None
 ) -> PullResult:
-    """Mirror an S3 prefix into dest, fetching only what changed (same size and ETag = cached)."""
+    """Mirror an S3 prefix into dest, fetching only what changed (same size and ETag = cached).
+
+    `threads` transfers run at once: on the fast path (see _RawS3) as that many keep-alive
+    connections driven by one event loop, otherwise as a pool of threads over the shared client.
+    """
     start = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
     index_file = dest / CACHE_INDEX
@@ -320,26 +326,38 @@ def pull_prefix(
     verified: set[str] = set()  # on disk with the listed size and ETag: what the index may record
     digest = hashlib.sha256()
     counts = {"files": 0, "bytes": 0, "fetched": 0}
-    folders: set[Path] = set()
+    folders: set[str] = set()
     raw = _RawS3.for_client(client, src.bucket)
 
-    def fetch(obj: RemoteObject) -> int:
-        target = dest / obj.rel
-        if target.parent not in folders:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            folders.add(target.parent)
-        tmp = target.with_name(f".{target.name}.part-{threading.get_ident()}")
-        if raw is None or not raw.enabled or not raw.download(obj.key, obj.size, tmp, f"downloading {src.uri}"):
-            body = client.get_object(Bucket=src.bucket, Key=obj.key)["Body"]
-            with open(tmp, "wb") as fh:
-                for chunk in body.iter_chunks(1 << 20):
-                    fh.write(chunk)
+    def part_file(obj: RemoteObject, worker: int) -> tuple[str, str]:
+        target = os.path.join(dest, obj.rel)
+        folder, name = os.path.split(target)
+        if folder not in folders:
+            os.makedirs(folder, exist_ok=True)
+            folders.add(folder)
+        return target, os.path.join(folder, f".{name}.part-{os.getpid()}-{worker}")
+
+    def get_with_botocore(obj: RemoteObject, tmp: str) -> None:
+        body = client.get_object(Bucket=src.bucket, Key=obj.key)["Body"]
+        with open(tmp, "wb") as fh:
+            for chunk in body.iter_chunks(1 << 20):
+                fh.write(chunk)
+
+    def fetched(obj: RemoteObject, tmp: str, target: str) -> None:
         os.replace(tmp, target)
         verified.add(obj.rel)
+        counts["fetched"] += 1
+        if progress:
+            progress(counts["files"], counts["bytes"])
+
+    def fetch(obj: RemoteObject) -> int:  # the thread-pool path
+        target, tmp = part_file(obj, threading.get_ident())
+        get_with_botocore(obj, tmp)
+        fetched(obj, tmp, target)
         return 1
 
     def to_fetch() -> Iterator[RemoteObject]:
-        """Listed objects not already cached; the cache check is a stat, done here, not in the pool."""
+        """Listed objects not already cached; the cache check is a stat, done here, not per transfer."""
         for obj in _list_objects(client, src, raw):
             digest.update(f"{obj.rel}\t{obj.size}\t{obj.etag}\n".encode())
             fresh[obj.rel] = [obj.size, obj.etag]
@@ -352,18 +370,28 @@ def pull_prefix(
                 continue
             yield obj
 
+    async def fetch_fast(obj: RemoteObject, worker: _Worker) -> None:
+        assert raw is not None
+        target, tmp = part_file(obj, worker.index)
+        if not await raw.download(worker, obj, tmp, f"downloading {src.uri}"):
+            await asyncio.get_running_loop().run_in_executor(worker.pool, get_with_botocore, obj, tmp)
+        fetched(obj, tmp, target)
+
     try:
         with errors_for(src.bucket, f"downloading {src.uri}"), ThreadPoolExecutor(threads) as pool:
-            for fetched in _bounded_map(pool, fetch, to_fetch(), limit=threads * 4):
-                counts["fetched"] += fetched
-                if progress:
-                    progress(counts["files"], counts["bytes"])
+            if raw is not None and not _in_event_loop():
+                asyncio.run(_drive(pool, to_fetch(), fetch_fast, workers=threads, limit=threads * 4))
+            else:
+                for _ in _bounded_map(pool, fetch, to_fetch(), limit=threads * 4):
+                    pass
     finally:
         if raw is not None:
             raw.close()
         # Record what is on disk and verified even when interrupted, so a retry skips it.
         done = {rel: fresh[rel] for rel in verified}
         _write_atomic(index_file, json.dumps({**cache, **done}).encode())
+    _prune(dest, keep=set(fresh))  # a mirror: files gone from the bucket must not be trained on
+    _write_atomic(index_file, json.dumps({rel: fresh[rel] for rel in verified}).encode())
     return PullResult(
         files=counts["files"],
         bytes=counts["bytes"],
@@ -372,6 +400,76 @@ def pull_prefix(
         fingerprint=digest.hexdigest(),
         seconds=time.monotonic() - start,
     )
+
+
+def _prune(dest: Path, keep: set[str]) -> int:
+    """Delete local files (and emptied folders) that the completed listing no longer has."""
+    removed = 0
+    for path in sorted(dest.rglob("*"), reverse=True):
+        rel = path.relative_to(dest).as_posix()
+        if path.is_file() and rel not in keep and rel != CACHE_INDEX:
+            path.unlink()
+            removed += 1
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return removed
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@dataclass
+class _Worker:
+    index: int
+    pool: ThreadPoolExecutor
+    conn: _HttpGet | None = None
+
+
+async def _drive(
+    pool: ThreadPoolExecutor,
+    objects: Iterator[RemoteObject],
+    fetch: Callable[[RemoteObject, _Worker], Awaitable[None]],
+    *,
+    workers: int,
+    limit: int,
+) -> None:
+    """`workers` coroutines take objects from a bounded queue; the listing is read in a pool thread."""
+    loop = asyncio.get_running_loop()
+    todo: asyncio.Queue[RemoteObject | None] = asyncio.Queue(maxsize=limit)
+
+    async def produce() -> None:
+        while batch := await loop.run_in_executor(pool, _take, objects, 256):
+            for obj in batch:
+                await todo.put(obj)
+        for _ in range(workers):
+            await todo.put(None)
+
+    async def work(worker: _Worker) -> None:
+        try:
+            while (obj := await todo.get()) is not None:
+                await fetch(obj, worker)
+        finally:
+            if worker.conn is not None:
+                worker.conn.close()
+
+    tasks = [asyncio.ensure_future(produce())]
+    tasks += [asyncio.ensure_future(work(_Worker(i, pool))) for i in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _take(objects: Iterator[RemoteObject], n: int) -> list[RemoteObject]:
+    return list(itertools.islice(objects, n))
 
 
 def _is_file_of_size(path: str, size: int) -> bool:
@@ -385,10 +483,12 @@ def _is_file_of_size(path: str, size: int) -> bool:
 # --- the fast path for many small objects ----------------------------------------------
 # botocore spends about a millisecond of Python on every request (parameter validation, endpoint
 # rules, event hooks, signing through urllib, XML and timestamp parsing): with thousands of small
-# dataset files that, not the network, bounds a pull. So the pull sends its GETs and listings
-# itself, over keep-alive http.client connections with SigV4 headers signed here - for the plain
-# case only. Any other answer goes to botocore, which redoes the request with its own retries,
-# redirects, error codes and logs; a refusal (3xx/4xx) switches the fast path off for the rest.
+# dataset files that, not the network, bounds a pull (and 32 threads mostly queue for the GIL).
+# So the pull sends its requests itself, signed here (SigV4): the GETs as `threads` keep-alive
+# connections on one asyncio event loop, each body written straight to its file; the listing over
+# http.client with the XML parsed by ElementTree. For the plain case only: any other answer goes
+# to botocore, which redoes the request with its own retries, redirects, error codes and logs; a
+# refusal (3xx/4xx) switches the fast path off for the rest of the pull.
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _CHUNK = 1 << 20
@@ -403,21 +503,20 @@ class _NotPlain(Exception):
 
 
 class _RawS3:
-    """GETs and listings of one bucket, signed here (SigV4), one keep-alive connection per thread."""
+    """GETs and listings of one bucket, signed here (SigV4) with the client's own credentials."""
 
-    def __init__(self, credentials: Any, url: SplitResult, region: str, timeout: float) -> None:
+    def __init__(self, credentials: Any, url: SplitResult, region: str, timeout: float, connect_timeout: float) -> None:
         self._credentials = credentials
         self.https = url.scheme == "https"
         self.host, self.port = url.hostname or "", url.port
-        default_port = 443 if self.https else 80
-        # The Host header exactly as botocore signs it: no default port.
-        self.netloc = self.host if self.port in (None, default_port) else f"{self.host}:{self.port}"
-        if ":" in self.host and self.port not in (None, default_port):  # IPv6 literal
-            self.netloc = f"[{self.host}]:{self.port}"
+        # The Host header exactly as botocore signs it: no default port; IPv6 literals in brackets.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.netloc = host if self.port in (None, 443 if self.https else 80) else f"{host}:{self.port}"
         self.object_base = url.path[: -len(_PROBE_KEY)]  # "/bucket/" (path style) or "/" (virtual host)
         self.list_path = self.object_base.rstrip("/") or "/"
         self.region = region
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self.enabled = True
         self._signing_key: tuple[str, str, bytes] = ("", "", b"")
         self._local = threading.local()
@@ -438,34 +537,56 @@ class _RawS3:
             if url.scheme not in ("http", "https") or not url.path.endswith("/" + _PROBE_KEY) or _proxied(client, url):
                 return None
             timeout = float(getattr(client.meta.config, "read_timeout", None) or 60)
-            return cls(credentials, url, client.meta.region_name or "us-east-1", timeout)
+            connect_timeout = float(getattr(client.meta.config, "connect_timeout", None) or 60)
+            return cls(credentials, url, client.meta.region_name or "us-east-1", timeout, connect_timeout)
         except Exception:  # anything unexpected: botocore does it all, as before
             return None
 
     # --- requests ---
 
-    def download(self, key: str, size: int, tmp: Path, doing: str) -> bool:
-        """Write the object to tmp; False when botocore must fetch it instead."""
-        try:
-            response = self._get(self.object_base + quote(key, safe="/~"))
-            # os.open/os.write: no buffering layer, no isatty/lseek probes - fewer syscalls per small file
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-            try:
-                written = 0
-                while chunk := self._read(response, _CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    written += len(chunk)
-            finally:
-                os.close(fd)
-            if written != size:
-                self._drop()
-                raise _NotPlain(f"got {written} bytes of {size}", refused=False)
-            return True
-        except _NotPlain as exc:
-            self.give_up(exc, f"{doing}: {key}")
+    async def download(self, worker: _Worker, obj: RemoteObject, tmp: str, doing: str) -> bool:
+        """GET the object into tmp over the worker's connection; False when botocore must fetch it."""
+        if not self.enabled:
             return False
+        path = self.object_base + quote(obj.key, safe="/~")
+        head = "".join(f"{k}: {v}\r\n" for k, v in self._headers(path, "").items())
+        request = f"GET {path} HTTP/1.1\r\n{head}\r\n".encode()
+        try:
+            for attempt in (1, 2):
+                reused = worker.conn is not None and not worker.conn.closed
+                if not reused:
+                    worker.conn = await self._connect()
+                assert worker.conn is not None
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+                try:
+                    await worker.conn.get(request, fd, obj.size, self.timeout)
+                    return True
+                except _NotPlain as exc:
+                    # A kept-alive connection the server had closed before answering: once more, anew.
+                    if not (reused and attempt == 1 and worker.conn.received == 0 and worker.conn.closed):
+                        raise exc from None
+                finally:
+                    os.close(fd)
+        except _NotPlain as exc:
+            self.give_up(exc, f"{doing}: {obj.key}")
+        return False
+
+    async def _connect(self) -> _HttpGet:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    _HttpGet,
+                    self.host,
+                    self.port or (443 if self.https else 80),
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                ),
+                self.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise _NotPlain(f"cannot connect: {type(exc).__name__}: {exc}", refused=False) from None
+        return conn
 
     def list_page(self, prefix: str, token: str | None) -> tuple[list[tuple[str, int, str]], str | None]:
         """One page of ListObjectsV2: [(key, size, etag)] and the next continuation token."""
@@ -562,6 +683,129 @@ class _RawS3:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+
+
+class _HttpGet(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; a GET's body goes straight into a file descriptor.
+
+    Only the plain answer is handled here: 200 with a Content-Length equal to the listed size.
+    Anything else fails the request with _NotPlain and closes the connection.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.keep_alive = True
+        self.received = 0  # response bytes seen for the current request
+        self._future: asyncio.Future[None] | None = None
+        self._head = bytearray()
+        self._remaining = -1  # body bytes still expected; -1 while reading the head
+        self._expected = 0
+        self._fd = -1
+        self._last_data = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    async def get(self, request: bytes, fd: int, expected: int, timeout: float) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self._future = loop.create_future()
+        self._head.clear()
+        self._remaining, self._expected, self._fd, self.received = -1, expected, fd, 0
+        self._last_data = loop.time()
+        self._timer = loop.call_later(timeout, self._check_timeout, timeout)
+        self.transport.write(request)
+        try:
+            await self._future
+        finally:
+            self._timer.cancel()
+            self._fd = -1
+
+    def _check_timeout(self, timeout: float) -> None:
+        """A read timeout like botocore's: no byte for `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._last_data
+        if idle < timeout:
+            self._timer = loop.call_later(timeout - idle, self._check_timeout, timeout)
+        else:
+            self._fail(_NotPlain(f"no data for {timeout:.0f} s", refused=False))
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._future is None or self._future.done():
+            self._fail(_NotPlain("bytes outside a response", refused=False))
+            return
+        self._last_data = asyncio.get_running_loop().time()
+        if self._remaining < 0:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._head) > 65536:
+                    self._fail(_NotPlain("response head too long", refused=True))
+                return
+            try:
+                self._parse_head(bytes(self._head[:end]))
+            except _NotPlain as exc:
+                self._fail(exc)
+                return
+            data = bytes(self._head[end + 4 :])
+        if len(data) > self._remaining:
+            self._fail(_NotPlain("more bytes than Content-Length", refused=True))
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:  # the local disk: a real error, not one for botocore to retry
+            self._fail(exc)
+            return
+        self._remaining -= len(data)
+        if self._remaining == 0:
+            self._future.set_result(None)
+            if not self.keep_alive:
+                self.close()
+
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        status = rest[:3]
+        if not version.startswith(b"HTTP/1.") or not status.isdigit():
+            raise _NotPlain("not an HTTP/1.x response", refused=True)
+        if int(status) != 200:
+            code = int(status)
+            raise _NotPlain(f"HTTP {code}", refused=300 <= code < 500 and code not in (408, 429))
+        self.keep_alive = version == b"HTTP/1.1"
+        length = -1
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length" and value.strip().isdigit():
+                length = int(value)
+            elif name == b"transfer-encoding":
+                raise _NotPlain("a chunked response", refused=True)
+            elif name == b"connection":
+                self.keep_alive = value.strip().lower() == b"keep-alive"
+        if length != self._expected:
+            raise _NotPlain(f"Content-Length {length}, listed size {self._expected}", refused=False)
+        self._remaining = length
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._future is not None and not self._future.done():
+            self._future.set_exception(_NotPlain(f"connection lost ({exc})", refused=False))
 
 
 _PROBE_KEY = "pogona-probe"

@@ -124,3 +124,16 @@ def test_latest_pointer_never_moves_backwards(client) -> None:  # type: ignore[n
     assert storage.get_json(client, latest) == {"run_id": "b", "finished_at": "2026-11-25T10:00:00+00:00"}
     assert storage.advance_pointer(client, latest, {"run_id": "c", "finished_at": "2026-11-25T11:00:00+00:00"})
     assert (storage.get_json(client, latest) or {})["run_id"] == "c"
+
+
+def test_pull_mirrors_the_prefix_and_drops_files_gone_from_the_bucket(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _tree(tmp_path / "src", n=6)
+    dest = S3Path(BUCKET, "storage/mirror")
+    storage.push_tree(client, tmp_path / "src", dest)
+    storage.pull_prefix(client, dest, tmp_path / "dst")
+    gone = "images/sub1/f1.bin"
+    client.delete_object(Bucket=BUCKET, Key=f"{dest.key}/{gone}")
+    (tmp_path / "dst" / "stray.txt").write_text("left by an earlier dataset")
+    storage.pull_prefix(client, dest, tmp_path / "dst")
+    assert not (tmp_path / "dst" / gone).exists() and not (tmp_path / "dst" / "stray.txt").exists()
+    assert len(_digests(tmp_path / "dst")) == 5
