@@ -272,6 +272,8 @@ def _execute(job: Job) -> None:
             rec.parity_note = "skipped: training runs on the CPU, the reference itself"
             log.info("parity probe skipped", reason="device is the CPU")
         rec.sanity = _train(job, "sanity", model_source, staged.data_yaml, device, workers, s.sanity_epochs)
+        # The sanity checkpoint must land before full training's first one could supersede it.
+        job.checkpoints.flush(timeout=120)
         if not gate.get("passed"):
             _upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
 
