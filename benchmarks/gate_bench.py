@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import BENCH_DIR, BENCHMARKS_MD, BUCKET, Row, base_env, markdown_table, stamp_line, update_section
+from bench import in_process_env as environment
 
 ORIGIN_IMAGES = 2974  # labelled images in the dataset the project grew out of (training-log-origin.md)
 
@@ -122,18 +123,6 @@ def no_foreground() -> Iterator[None]:
         yield
     finally:
         TaskAlignedAssigner.forward = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def demo_dataset(n_images: int, size: int) -> Path:
