@@ -12,6 +12,7 @@ Three layers, cheapest first:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ class BatchWatchdog:
     phase: str = "sanity"
     batches: int = 0
     zero_run: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)  # bounded: see check()
+    recent: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=5))  # for the failure report
     tripped: str | None = None
     between_batches: Callable[[], None] | None = None  # e.g. honour a pending SIGTERM
 
@@ -42,8 +43,7 @@ class BatchWatchdog:
             self.between_batches()
         self.batches += 1
         values = {k: float(losses[k]) for k in LOSSES if k in losses}
-        if len(self.history) < 200:
-            self.history.append(values)
+        self.recent.append(values)
         if any(not math.isfinite(v) for v in values.values()):
             self._trip(f"a non-finite loss ({_fmt(values)}) at {self.phase} batch {self.batches}")
         if values and all(v == 0.0 for v in values.values()):

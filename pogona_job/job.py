@@ -360,7 +360,7 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
             "phase": phase,
             "batches": watchdog.batches,
             "tripped": watchdog.tripped,
-            "last_batches": watchdog.history[-5:],
+            "last_batches": list(watchdog.recent),
         }
 
 

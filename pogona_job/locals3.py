@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -153,11 +152,3 @@ class LocalS3:
 
     def __exit__(self, *exc: object | TracebackType | None) -> None:
         self.stop()
-
-
-def _probe(url: str) -> bool:  # pragma: no cover - debugging aid
-    try:
-        urllib.request.urlopen(url, timeout=1)
-        return True
-    except Exception:
-        return False

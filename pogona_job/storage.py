@@ -384,12 +384,13 @@ def pull_prefix(
             else:
                 for _ in _bounded_map(pool, fetch, to_fetch(), limit=threads * 4):
                     pass
+    except BaseException:
+        # Record what is on disk and verified even when interrupted, so a retry skips it.
+        _write_atomic(index_file, json.dumps({**cache, **{rel: fresh[rel] for rel in verified}}).encode())
+        raise
     finally:
         if raw is not None:
             raw.close()
-        # Record what is on disk and verified even when interrupted, so a retry skips it.
-        done = {rel: fresh[rel] for rel in verified}
-        _write_atomic(index_file, json.dumps({**cache, **done}).encode())
     _prune(dest, keep=set(fresh))  # a mirror: files gone from the bucket must not be trained on
     _write_atomic(index_file, json.dumps({rel: fresh[rel] for rel in verified}).encode())
     return PullResult(
