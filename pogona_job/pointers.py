@@ -1,0 +1,78 @@
+"""Small JSON objects that several jobs may write at once: compare-and-swap on the ETag.
+
+`latest.json`, `champion.json`, the lease and checkpoint pointers are read together with their
+ETag and written with `If-Match` (replace exactly what was read) or `If-None-Match: *` (create only
+when absent). S3 and SeaweedFS answer 412 (or 409 for a concurrent conditional write) when another
+writer got there first; the caller re-reads and decides again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from pogona_job import storage
+from pogona_job.errors import TransientFailure
+from pogona_job.storage import S3Path
+
+_CONFLICT = (409, 412)
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A JSON object as read, with the ETag that a conditional write must match (None: absent)."""
+
+    value: dict[str, Any] | None
+    etag: str | None
+    last_modified: float | None = None  # the server's clock (epoch seconds), not ours
+
+
+def read(client: Any, path: S3Path) -> Versioned:
+    with storage.errors_for(path.bucket, f"reading {path.key}"):
+        try:
+            response = client.get_object(Bucket=path.bucket, Key=path.key)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NotFound"):
+                return Versioned(None, None)
+            raise
+        body = response["Body"].read()
+    modified = response.get("LastModified")
+    return Versioned(json.loads(body), str(response["ETag"]), modified.timestamp() if modified else None)
+
+
+def write(client: Any, path: S3Path, value: dict[str, Any], *, expected: str | None) -> bool:
+    """Write `value` only if the object still has ETag `expected` (None: only if it is absent).
+
+    Returns False when another writer changed it first; storage errors map to exits 4/75 as usual."""
+    condition = {"IfMatch": expected} if expected is not None else {"IfNoneMatch": "*"}
+    body = json.dumps(value, indent=2, sort_keys=True).encode()
+    with storage.errors_for(path.bucket, f"writing {path.key}"):
+        try:
+            client.put_object(Bucket=path.bucket, Key=path.key, Body=body, ContentType="application/json", **condition)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in _CONFLICT:
+                return False
+            raise
+    return True
+
+
+def update(
+    client: Any, path: S3Path, decide: Callable[[dict[str, Any] | None], dict[str, Any] | None], attempts: int = 20
+) -> dict[str, Any] | None:
+    """Read, let `decide` return the new value (or None to leave it), write conditionally; retry on conflict.
+
+    Returns what was written, or None when `decide` chose to leave the object as it was."""
+    for _ in range(attempts):
+        current = read(client, path)
+        new = decide(current.value)
+        if new is None:
+            return None
+        if write(client, path, new, expected=current.etag):
+            return new
+    raise TransientFailure(
+        f"{path.uri} kept changing under concurrent writers ({attempts} tries): retry the job later."
+    )
