@@ -11,7 +11,8 @@
 # else, and a build-time assertion fails the build if the base ever carries another torch/CUDA.
 # The host supplies the driver through the NVIDIA container toolkit; NVIDIA_REQUIRE_CUDA below
 # makes a host whose driver is too old for CUDA 12.8 (< R570) refuse to start the container
-# instead of silently training on the CPU.
+# instead of silently training on the CPU. The toolkit's CDI mode does not check it
+# (nvidia-container-toolkit#1470): there the job itself refuses a GPU it cannot use (exit 2).
 #
 # Pinning: exact tag + digest. The digest is the one several public Dockerfiles record for this
 # tag; it was NOT verified against Docker Hub from the offline environment this file was written
