@@ -990,7 +990,10 @@ def test_the_job_is_told_its_instance_type_and_price(cfn: dict[str, Any], k8s: d
     # Kubernetes: no node label reaches a pod, so the pod is pinned to the type it is told.
     cronjob = k8s["CronJob/pogona-train"]
     pinned = _pod(cronjob)["nodeSelector"]["node.kubernetes.io/instance-type"]
-    assert _config_map(k8s, cronjob)["POGONA_INSTANCE_TYPE"] == pinned
+    config = _config_map(k8s, cronjob)
+    assert config["POGONA_INSTANCE_TYPE"] == pinned
+    # ...and a type the example's region offers (a pod pinned to a missing type stays Pending).
+    assert pinned in _cfn_lint_instance_types()[config["AWS_REGION"]], (pinned, config["AWS_REGION"])
 
 
 def test_a_gpu_platform_pins_the_device(cfn: dict[str, Any], k8s: dict[str, dict[str, Any]]) -> None:
