@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 #
-# pogona-train: the YOLO training job image (linux/amd64; NVIDIA GPU, falls back to CPU).
+# pogona-train: the YOLO training job image (linux/amd64; NVIDIA GPU; the CPU only where no GPU was given).
 #   docker build -t pogona-train:0.1.0 .
 #   docker run --rm --gpus all --shm-size=8g --env-file job.env pogona-train:0.1.0
 #
@@ -11,7 +11,8 @@
 # else, and a build-time assertion fails the build if the base ever carries another torch/CUDA.
 # The host supplies the driver through the NVIDIA container toolkit; NVIDIA_REQUIRE_CUDA below
 # makes a host whose driver is too old for CUDA 12.8 (< R570) refuse to start the container
-# instead of silently training on the CPU.
+# instead of silently training on the CPU. The toolkit's CDI mode does not check it
+# (nvidia-container-toolkit#1470): there the job itself refuses a GPU it cannot use (exit 2).
 #
 # Pinning: exact tag + digest. The digest is the one several public Dockerfiles record for this
 # tag; it was NOT verified against Docker Hub from the offline environment this file was written
@@ -81,20 +82,9 @@ RUN /opt/venv/bin/python -m pip wheel --no-cache-dir --no-deps --no-build-isolat
 # ---------------------------------------------------------------------------------------------
 FROM deps AS runtime
 
-ARG VERSION=0.1.0
-ARG VCS_REF=unknown
-ARG BUILD_DATE=unknown
-ARG SOURCE_URL=unknown
-LABEL org.opencontainers.image.title="pogona-train" \
-      org.opencontainers.image.description="YOLO training job with a sanity gate: pull from S3, prove the model learns, train, publish." \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${VCS_REF}" \
-      org.opencontainers.image.created="${BUILD_DATE}" \
-      org.opencontainers.image.licenses="MIT" \
-      org.opencontainers.image.source="${SOURCE_URL}" \
-      org.opencontainers.image.base.name="docker.io/pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime" \
-      org.opencontainers.image.base.digest="sha256:7b324d212a4450795b49edba9949b7cdc72429148a64e974334bfe5774d51385"
-
+# Build info (ARG/LABEL/ENV) comes LAST in this stage: BUILD_DATE changes on every build, and every
+# RUN after an ARG depends on its value, so declaring these earlier would re-run apt, the user
+# creation and the wheel install each time (tests/test_infra.py checks the order).
 # tini as PID 1: forwards SIGTERM to the job (which checkpoints and exits 143) and reaps zombies
 # left by dataloader workers. Pinned to Ubuntu 22.04's (jammy, universe) package version.
 RUN apt-get update \
@@ -119,6 +109,9 @@ RUN --mount=type=bind,from=builder,source=/dist,target=/tmp/dist \
  && /opt/venv/bin/pogona-job --help > /dev/null
 COPY --chmod=0755 docker/entrypoint.sh /app/docker/entrypoint.sh
 
+# OMP_NUM_THREADS=1, as ultralytics' own image (and its __init__ when unset): one OpenMP thread per
+# process, so N dataloader workers (processes, sized from the CPU count) do not oversubscribe the
+# CPUs; ultralytics resets torch's thread count itself when it trains on the CPU.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -127,6 +120,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     YOLO_CONFIG_DIR=/opt/ultralytics \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/.cache \
+    OMP_NUM_THREADS=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=12.8" \
     POGONA_WORK_DIR=/work
@@ -139,3 +133,22 @@ HEALTHCHECK NONE
 
 ENTRYPOINT ["/usr/bin/tini", "--", "/app/docker/entrypoint.sh"]
 CMD ["run"]
+
+# --- build info: last, so that a new BUILD_DATE or commit invalidates only these metadata layers ---
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+ARG SOURCE_URL=unknown
+LABEL org.opencontainers.image.title="pogona-train" \
+      org.opencontainers.image.description="YOLO training job with a sanity gate: pull from S3, prove the model learns, train, publish." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.base.name="docker.io/pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime" \
+      org.opencontainers.image.base.digest="sha256:7b324d212a4450795b49edba9949b7cdc72429148a64e974334bfe5774d51385"
+# The same facts for the job itself (manifest/report): not POGONA_*, which the job would reject as unknown.
+ENV IMAGE_VERSION="${VERSION}" \
+    IMAGE_VCS_REF="${VCS_REF}" \
+    IMAGE_BUILD_DATE="${BUILD_DATE}"

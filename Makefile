@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 export YOLO_OFFLINE := true
 
-.PHONY: setup run-local test unit lint format readme infra-validate bench docker-build docker-run docker-push clean
+.PHONY: setup tools run-local test unit lint format readme infra-validate bench docker-build docker-run docker-push clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 run-local: setup
 	$(PY) -m pogona_job.rehearsal
 
-test: setup
+test: setup tools
 	@$(PY) -m pytest $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
 	$(MAKE) --no-print-directory infra-validate
 
@@ -37,7 +37,12 @@ format: setup
 readme: setup
 	$(PY) -m pogona_job.config --update-readme README.md
 
-infra-validate:
+# The validators' own venv (.venv-tools): the one step that needs the package index, done before
+# the tests so that neither pytest nor infra/validate.sh reaches PyPI mid-run.
+tools:
+	bash infra/validate.sh --install
+
+infra-validate: tools
 	bash infra/validate.sh
 
 bench: setup

@@ -2,13 +2,16 @@
 # shellcheck disable=SC2329  # the check_* functions are called indirectly, through run_check
 # Lint the container image definition and the cloud infrastructure, offline.
 #
-#   bash infra/validate.sh          # from anywhere; exit 0 only if every check passes
+#   bash infra/validate.sh --install   # set-up step (`make tools`): create/update the validators' venv
+#   bash infra/validate.sh             # from anywhere; exit 0 only if every check passes
 #   TOOLS_VENV=/path bash infra/validate.sh
 #
 # The validators live in their own virtualenv (default: .venv-tools at the repository root),
 # pinned by infra/requirements-tools.txt and rebuilt only when that file changes (a stamp
-# holds its sha256). Creating the venv needs the package index once; the checks themselves
-# never touch the network (checkov runs with --skip-download; the others bundle their schemas).
+# holds its sha256). Only --install uses the package index (`make tools`, which `make test`
+# and `make infra-validate` run first); the checks themselves never touch the network: without
+# an up-to-date venv they stop and say so (checkov runs with --skip-download; the others bundle
+# their schemas). tests/test_infra.py reads cfn-lint's region data from the same venv.
 #
 # Checks:
 #   hadolint             Dockerfile, failing on warnings (ignores are justified inline)
@@ -49,13 +52,20 @@ pick_python() {
     return 1
 }
 
-ensure_tools() {
-    local want have python stamp="$TOOLS_VENV/.requirements.sha256"
+tools_current() {
+    local want have stamp="$TOOLS_VENV/.requirements.sha256"
     want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
     have=$(cat "$stamp" 2>/dev/null || true)
-    if [[ -x $TOOLS_VENV/bin/python && $want == "$have" ]]; then
+    [[ -x $TOOLS_VENV/bin/python && $want == "$have" ]]
+}
+
+install_tools() {
+    local want python stamp="$TOOLS_VENV/.requirements.sha256"
+    if tools_current; then
+        log "validate: $TOOLS_VENV is up to date with $REQUIREMENTS"
         return 0
     fi
+    want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
     python=$(pick_python)
     log "validate: installing the validators into $TOOLS_VENV (once per change of $REQUIREMENTS)"
     rm -f "$stamp"
@@ -64,7 +74,15 @@ ensure_tools() {
     printf '%s\n' "$want" >"$stamp"
 }
 
-ensure_tools
+if [[ ${1:-} == --install ]]; then
+    install_tools
+    exit 0
+fi
+if ! tools_current; then
+    log "validate: the validators in $TOOLS_VENV are missing or older than $REQUIREMENTS;" \
+        "run \`make tools\` (or bash infra/validate.sh --install) once, with the package index reachable."
+    exit 2
+fi
 BIN=$TOOLS_VENV/bin
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pogona_job import gpu_policy
 from pogona_job.config import Settings
 from pogona_job.errors import ConfigError, JobError, TrainingFailed
 from pogona_job.gate import BatchWatchdog
@@ -44,6 +45,9 @@ def resolve_device(settings: Settings) -> str:
             "POGONA_DEVICE=mps is refused: Apple's MPS backend is known to train YOLO silently on zero losses; "
             "use cpu or a CUDA GPU, or set POGONA_ALLOW_MPS=true to try it under the sanity gate."
         )
+    # A GPU this process was given but cannot use: fail fast (exit 2), never fall back to the CPU.
+    if device not in ("cpu", "mps") and not torch.cuda.is_available() and (given := gpu_policy.gpu_assignment()):
+        raise ConfigError(gpu_policy.unusable_gpu_sentence(given, torch.version.cuda))
     if device == "auto":
         return "0" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "mps") and not torch.cuda.is_available():
