@@ -353,6 +353,16 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
             on_epoch=on_epoch,
             resume=resume,
             extra=job.extra_args,
+            # Multi-GPU: rank 0 of the DDP workers uploads the checkpoints itself (pogona_job/trainer.py).
+            ddp_checkpoint={
+                "out": job.out.uri,
+                "staging": str(job.work / "checkpoint-staging-rank0"),
+                "every_epochs": job.settings.checkpoint_every_epochs,
+                "min_interval_s": job.settings.checkpoint_min_interval_s,
+                "epochs": epochs,
+                "save_dir": str(save_dir),
+                "state": {"attempt": job.attempt},
+            },
         )
     finally:
         gc.collect()  # the phase's model and loaders are garbage now: free them before the next phase

@@ -5,10 +5,11 @@ Everything runs offline on loopback; servers are started on free ports and stopp
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,24 @@ class Result:
     stderr: str
 
 
+def output_uri(tmp_path: Path) -> str:
+    """A bucket prefix of the test's own (named after its tmp_path, which pytest makes unique per
+    test), so no test sees another's runs, latest.json or uploads, whatever the order."""
+    digest = hashlib.sha1(str(tmp_path).encode()).hexdigest()[:8]
+    return f"s3://{BUCKET}/t/{tmp_path.name}-{digest}/runs"
+
+
+def out_key(env: Mapping[str, str], *parts: str) -> str:
+    """The bucket key of `parts` under this env's POGONA_OUTPUT_URI, e.g. out_key(env, run, "manifest.json")."""
+    prefix = env["POGONA_OUTPUT_URI"].removeprefix(f"s3://{BUCKET}/")
+    return "/".join([prefix, *parts])
+
+
 def job_env(s3: LocalS3, tmp_path: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POGONA_", "AWS_"))}
     env.update(s3.env)
     env.update(TINY)
-    env.update(POGONA_OUTPUT_URI=f"s3://{BUCKET}/runs", POGONA_WORK_DIR=str(tmp_path / "work"))
+    env.update(POGONA_OUTPUT_URI=output_uri(tmp_path), POGONA_WORK_DIR=str(tmp_path / "work"))
     env.update(overrides)
     return env
 
