@@ -140,9 +140,7 @@ def run(settings: Settings) -> int:
     except JobError as err:
         return _finish_failed(job, err)
     except Exception as err:  # a bug or an unforeseen library error: still one sentence, exit 6
-        if settings.debug:
-            raise
-        log.debug("unexpected error", exc_info=True)  # the traceback only when debugging
+        log.debug("unexpected error", exc_info=True)  # the traceback only when debugging; same exit code
         wrapped = TrainingFailed(
             f"Unexpected error: {type(err).__name__}: {err}. Re-run with POGONA_DEBUG=true for details."
         )

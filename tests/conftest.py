@@ -128,7 +128,14 @@ class FaultProxy:
     """mitmproxy (reverse mode) in front of the S3 server, failing a share of requests (tests/fault_addon.py)."""
 
     def __init__(
-        self, upstream: str, faults: str, tmp: Path, match: str = ".*", seed: int = 1, slow_s: float = 2
+        self,
+        upstream: str,
+        faults: str,
+        tmp: Path,
+        match: str = ".*",
+        seed: int = 1,
+        slow_s: float = 2,
+        addon: str = "fault_addon.py",
     ) -> None:
         from pogona_job.locals3 import free_port
 
@@ -159,7 +166,7 @@ class FaultProxy:
             "--set",
             "termlog_verbosity=warn",
             "-s",
-            str(ROOT / "tests" / "fault_addon.py"),
+            str(ROOT / "tests" / addon),
         ]
         self.proc = subprocess.Popen(args, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         import socket
@@ -180,6 +187,11 @@ class FaultProxy:
 
     def faults(self) -> list[str]:
         return [line for line in self.log.read_text(errors="replace").splitlines() if line.startswith("FAULT ")]
+
+    def records(self) -> list[tuple[int, str, str]]:
+        """(status, method, path?query) of every request, in order (with addon="record_addon.py")."""
+        lines = [line.split(" ", 3) for line in self.log.read_text(errors="replace").splitlines()]
+        return [(int(p[1]), p[2], p[3]) for p in lines if p[0] == "RECORD" and len(p) == 4]
 
     def stop(self) -> None:
         self.proc.terminate()

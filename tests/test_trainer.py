@@ -103,9 +103,7 @@ def _worker(ddp_file: Path, env: dict[str, str]) -> subprocess.CompletedProcess[
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def test_a_ddp_worker_trains_with_the_watchdog_judging_every_batch(
-    ddp_file: Path, staged: Any, tmp_path: Path
-) -> None:
+def test_a_ddp_worker_trains_with_the_watchdog_judging_every_batch(ddp_file: Path, staged: Any, tmp_path: Path) -> None:
     state_file = tmp_path / "sanity-watchdog.json"
     hooks = Hooks(BatchWatchdog(zero_batches=K, phase="sanity"), state_file=state_file)
     with rank_context(hooks):
