@@ -378,8 +378,8 @@ class Proof:
             ["GPU utilisation (mean, nvidia-smi)", util(self.job), util(self.bare)],
             ["peak GPU memory", memory(self.job), memory(self.bare)],
             ["time to first batch", first(self.job_first_batch_s), first(self.bare_first_batch_s)],
-            ["batch", str(self.job.batch), str(self.bare.batch)],
-            ["AMP", str(self.job.amp), str(self.bare.amp)],
+            ["batch (trainers)", str(self.job.batch), str(self.bare.batch)],
+            ["AMP (trainers)", str(self.job.amp), str(self.bare.amp)],
         ]
 
     def decision_rows(self) -> list[list[str]]:
