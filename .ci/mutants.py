@@ -7,11 +7,13 @@ summary line per target; exits 1 when any survives. Not part of `make test`: min
 
     python .ci/mutants.py [--show] [gate|checkpoint|dataset|storage ...]   (default: all)
 
---show prints each survivor's diff (`mutmut show` takes seconds per mutant).
+--show prints each survivor's diff (`mutmut show` takes seconds per mutant); --keep DIR keeps each
+target's scratch tree in DIR/<target> (for `mutmut show NAME` there).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Target:
-    paths: tuple[str, ...]  # files or folders to mutate
+    paths: tuple[str, ...]  # files or folders to mutate (those that exist)
     tests: tuple[str, ...]  # the test files that specify them (globs)
     names: tuple[str, ...] = ()  # mutmut name globs: only these functions' mutants ("" = all)
 
@@ -37,7 +39,7 @@ TARGETS = {
         ("pogona_job/checkpoint.py",), ("tests/test_checkpoint.py", "tests/test_preemption.py", "tests/test_crash.py")
     ),
     # The validation rules (label lines, boxes, image sizes, split rules) of the dataset package.
-    "dataset": Target(("pogona_job/dataset",), ("tests/test_dataset*.py",)),
+    "dataset": Target(("pogona_job/dataset", "pogona_job/dataset.py"), ("tests/test_dataset*.py",)),
     # Only the S3 error -> exit code mapping.
     "storage": Target(
         ("pogona_job/storage.py",),
@@ -76,20 +78,30 @@ def _config(target: Target, tests: list[str]) -> str:
     )
 
 
-def run_target(name: str, target: Target, show: bool = False) -> list[str]:
+def run_target(name: str, target: Target, show: bool = False, keep: Path | None = None) -> list[str]:
     """Mutate, run, and return the surviving mutants' names (a missing module or test is an error)."""
     with tempfile.TemporaryDirectory(prefix=f"mutants-{name}-") as tmp:
         work = Path(tmp)
+        if keep is not None:  # to `mutmut show NAME` there afterwards
+            work = keep / name
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
         _copy_tree(work)
         tests = sorted({str(p.relative_to(work)) for pattern in target.tests for p in work.glob(pattern)})
-        if not tests or not all((work / p).exists() for p in target.paths):
+        paths = tuple(p for p in target.paths if (work / p).exists())
+        if not tests or not paths:
             raise SystemExit(f"{name}: nothing to mutate or no tests ({target.paths}, {target.tests})")
+        target = Target(paths, target.tests, target.names)
         pyproject = work / "pyproject.toml"
         text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject.read_text())
         pyproject.write_text(text + _config(target, tests))
         mutmut = str(Path(sys.executable).parent / "mutmut")
-        print(f"== {name}: mutating {', '.join(target.paths)}; tests {' '.join(tests)}", flush=True)
-        run = subprocess.run([mutmut, "run", *target.names], cwd=work, capture_output=True, text=True, check=False)
+        print(f"== {name}: mutating {', '.join(paths)}; tests {' '.join(tests)}", flush=True)
+        # One thread per test process: mutmut forks its workers, and a forked torch thread pool deadlocks.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "YOLO_OFFLINE": "true"}
+        run = subprocess.run(
+            [mutmut, "run", *target.names], cwd=work, capture_output=True, text=True, check=False, env=env
+        )
         progress = run.stdout.replace("\r", "\n").strip().splitlines()  # a spinner: keep its last state
         print(progress[-1] if progress else run.stderr[-2000:], flush=True)
         results = subprocess.run([mutmut, "results"], cwd=work, capture_output=True, text=True, check=False).stdout
@@ -101,19 +113,21 @@ def run_target(name: str, target: Target, show: bool = False) -> list[str]:
                 else ""
             )
             print(f"-- survived: {mutant}\n{diff}".rstrip(), flush=True)
-        killed = len(re.findall(r": killed$", results, flags=re.M))
-        print(f"== {name}: {len(survivors)} survived, {killed} killed (of {len(results.splitlines())} reported)")
+        others = [line.strip() for line in results.splitlines() if line.strip() and ": survived" not in line]
+        print(f"== {name}: {len(survivors)} survived; not killed for another reason: {others or 'none'}")
         return survivors
 
 
 def main(argv: list[str]) -> int:
     show = "--show" in argv
-    names = [a for a in argv if a != "--show"] or list(TARGETS)
+    keep = Path(argv[argv.index("--keep") + 1]).resolve() if "--keep" in argv else None
+    names = [a for a in argv if a != "--show" and not a.startswith("--keep") and Path(a).resolve() != keep]
+    names = names or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         print(f"unknown target(s) {unknown}; choose from {list(TARGETS)}", file=sys.stderr)
         return 2
-    survived = {name: run_target(name, TARGETS[name], show) for name in names}
+    survived = {name: run_target(name, TARGETS[name], show, keep) for name in names}
     print("\nmutants surviving: " + ", ".join(f"{n} {len(s)}" for n, s in survived.items()))
     return 1 if any(survived.values()) else 0
 

@@ -143,6 +143,8 @@ class PogonaTrainer(DetectionTrainer):  # type: ignore[misc]
             state = _read_state(hooks.state_file)
             if state.get("tripped"):
                 raise SanityFailed(_sentence(state["tripped"])) from None
+            if hooks.watchdog.between_batches:  # the launcher forwards SIGTERM to the workers: honour it (143)
+                hooks.watchdog.between_batches()
             raise
         finally:
             _restore_env(previous)

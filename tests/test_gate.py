@@ -248,3 +248,28 @@ def test_the_watchdog_sentences_carry_the_losses_and_the_batch() -> None:
         f"(cls_loss 0.0123) - the no-foreground signature - by full batch 2; {CAUSES}."
     )
     assert dog.tripped == sig.value.sentence.removeprefix("The model is not learning: ").split("; likely")[0]
+
+
+def test_the_probe_names_the_first_disagreeing_loss_with_both_values() -> None:
+    cases = [
+        ({**HEALTHY, "cls_loss": math.nan}, "0", "cls_loss is nan on 0 but 1.3 on the CPU"),
+        (SIGNATURE, "mps", "box_loss is 0 on mps but 1.4 on the CPU"),  # box first: dfl is 0 too
+        ({**HEALTHY, "dfl_loss": 1.5, "box_loss": 2.0}, "0", "box_loss is 2 on 0 but 1.4 on the CPU (tolerance 5%)"),
+        ({"box_loss": 1.4, "cls_loss": 1.3}, "cuda:1", "dfl_loss is nan on cuda:1 but 1.1 on the CPU"),  # missing
+    ]
+    for device_losses, device, reason in cases:
+        result = parity_probe(lambda d, losses=device_losses: HEALTHY if d == "cpu" else losses, device)
+        assert (result.passed, result.reason, result.device) == (False, reason, device)
+        assert result.cpu == HEALTHY and result.tolerance == 0.05
+
+
+def test_the_probe_tolerance_is_relative_with_a_floor_for_tiny_losses() -> None:
+    def probe(cpu: dict[str, float], device: dict[str, float], **kw: float) -> bool:
+        return parity_probe(lambda d: cpu if d == "cpu" else device, "0", **kw).passed
+
+    assert probe({"box_loss": 1.0}, {"box_loss": 1.049}) and not probe({"box_loss": 1.0}, {"box_loss": 1.051})
+    assert probe({"box_loss": 2.0}, {"box_loss": 2.5}, tolerance=0.25)
+    assert not probe({"box_loss": 2.0}, {"box_loss": 2.51}, tolerance=0.25)
+    # Below 1e-3 the allowed difference stays 5% of 1e-3, not 5% of a vanishing loss.
+    assert probe({"box_loss": 1e-4}, {"box_loss": 1.2e-4}) and not probe({"box_loss": 1e-4}, {"box_loss": 1e-3})
+    assert probe({"box_loss": 0.0}, {"box_loss": 0.0})

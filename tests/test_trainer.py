@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +76,18 @@ def _overrides(staged: Any, project: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def ddp_file(staged: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ddp_file(staged: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The script ultralytics' launcher would run on every GPU, generated from the job's trainer."""
-    from ultralytics.utils.dist import generate_ddp_file
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+    from ultralytics.utils.torch_utils import unset_deterministic
 
     project = tmp_path_factory.mktemp("ddp-runs")
     hooks = Hooks(BatchWatchdog(zero_batches=K, phase="sanity"))
     trainer = trainer_for(hooks)(overrides=_overrides(staged, project))
-    return Path(generate_ddp_file(trainer))
+    unset_deterministic()  # the trainer's __init__ turned torch's deterministic mode on; train() would undo it
+    path = generate_ddp_file(trainer)
+    yield Path(path)
+    ddp_cleanup(trainer, path)
 
 
 def test_the_generated_ddp_file_rebuilds_our_trainer_with_our_callbacks(ddp_file: Path) -> None:
