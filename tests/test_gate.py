@@ -273,3 +273,16 @@ def test_the_probe_tolerance_is_relative_with_a_floor_for_tiny_losses() -> None:
     # Below 1e-3 the allowed difference stays 5% of 1e-3, not 5% of a vanishing loss.
     assert probe({"box_loss": 1e-4}, {"box_loss": 1.2e-4}) and not probe({"box_loss": 1e-4}, {"box_loss": 1e-3})
     assert probe({"box_loss": 0.0}, {"box_loss": 0.0})
+
+
+def test_the_probe_runs_the_cpu_then_the_named_device_and_keeps_both_losses() -> None:
+    calls: list[str] = []
+
+    def compute(device: str) -> dict[str, float]:
+        calls.append(device)
+        return HEALTHY if device == "cpu" else {**HEALTHY, "cls_loss": 1.31}
+
+    result = parity_probe(compute, "cuda:1")
+    assert calls == ["cpu", "cuda:1"]
+    assert (result.passed, result.reason) == (True, "")
+    assert result.cpu == HEALTHY and result.accelerator == {**HEALTHY, "cls_loss": 1.31}
