@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _dataset(args, settings)
     except JobError as err:
-        if settings is not None and settings.debug:
-            raise
+        if settings is not None and settings.debug:  # the traceback, but the documented exit code all the same
+            import traceback
+
+            traceback.print_exc()
         print(err.sentence, file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -140,9 +140,7 @@ def run(settings: Settings) -> int:
     except JobError as err:
         return _finish_failed(job, err)
     except Exception as err:  # a bug or an unforeseen library error: still one sentence, exit 6
-        if settings.debug:
-            raise
-        log.debug("unexpected error", exc_info=True)  # the traceback only when debugging
+        log.debug("unexpected error", exc_info=True)  # the traceback only when debugging; same exit code
         wrapped = TrainingFailed(
             f"Unexpected error: {type(err).__name__}: {err}. Re-run with POGONA_DEBUG=true for details."
         )
@@ -353,6 +351,16 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
             on_epoch=on_epoch,
             resume=resume,
             extra=job.extra_args,
+            # Multi-GPU: rank 0 of the DDP workers uploads the checkpoints itself (pogona_job/trainer.py).
+            ddp_checkpoint={
+                "out": job.out.uri,
+                "staging": str(job.work / "checkpoint-staging-rank0"),
+                "every_epochs": job.settings.checkpoint_every_epochs,
+                "min_interval_s": job.settings.checkpoint_min_interval_s,
+                "epochs": epochs,
+                "save_dir": str(save_dir),
+                "state": {"attempt": job.attempt},
+            },
         )
     finally:
         gc.collect()  # the phase's model and loaders are garbage now: free them before the next phase

@@ -13,13 +13,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pogona_job import gpu_policy
 from pogona_job.config import Settings
 from pogona_job.errors import ConfigError, JobError, TrainingFailed
 from pogona_job.gate import BatchWatchdog
 from pogona_job.logs import get_logger
+
+if TYPE_CHECKING:
+    from pogona_job.trainer import Hooks
 
 log = get_logger()
 
@@ -214,49 +217,17 @@ def train_phase(
     on_epoch: EpochHook | None = None,
     resume: bool = False,
     extra: Mapping[str, Any] | None = None,
+    ddp_checkpoint: Mapping[str, Any] | None = None,
 ) -> PhaseResult:
     """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch."""
+    from pogona_job.trainer import Hooks
+
     start = time.monotonic()
     last = save_dir / "weights" / "last.pt"
     model = load_model(str(last) if resume else model_source)
     hardware = describe_hardware(device)
-    state: dict[str, Any] = {"boxes": 0, "first_batch": None}
-
-    def on_train_start(trainer: Any) -> None:
-        # The batch is a local of ultralytics' loop; wrap preprocess_batch to count its boxes.
-        original = trainer.preprocess_batch
-
-        def counting(batch: dict[str, Any]) -> dict[str, Any]:
-            state["boxes"] = int(batch["cls"].shape[0]) if "cls" in batch else 0
-            return original(batch)  # type: ignore[no-any-return]
-
-        trainer.preprocess_batch = counting
-        hardware.amp = bool(getattr(trainer, "amp", False))
-
-    def on_batch_end(trainer: Any) -> None:
-        if state["first_batch"] is None:
-            state["first_batch"] = time.monotonic()
-        watchdog.check(trainer.loss_items, state["boxes"])
-
-    def on_fit_epoch_end(trainer: Any) -> None:
-        metrics = dict(trainer.metrics)
-        if trainer.epoch >= trainer.epochs or not any(k.startswith("val/") for k in metrics):
-            return  # the extra call after final validation (field notes)
-        losses = {k: round(float(v), 5) for k, v in trainer.tloss.items()} if trainer.tloss else {}
-        values = {**losses, **{name: round(float(metrics[key]), 5) for name, key in METRICS.items()}}
-        log.info(
-            "epoch",
-            epoch=trainer.epoch + 1,
-            epochs=trainer.epochs,
-            seconds=round(float(trainer.epoch_time or 0.0), 2),
-            **values,
-        )
-        if on_epoch:
-            on_epoch(trainer.epoch + 1, values)
-
-    model.add_callback("on_train_start", on_train_start)
-    model.add_callback("on_train_batch_end", on_batch_end)
-    model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
+    # Our callbacks live on the trainer class (pogona_job/trainer.py), so multi-GPU workers run them too.
+    hooks = Hooks(watchdog, on_epoch=on_epoch, checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None)
     if resume:
         # Only a whitelist of args may change on resume; `data` must be given (the stored path is gone
         # in a new container) and save_dir keeps results.csv appending in place (field notes).
@@ -269,7 +240,7 @@ def train_phase(
             "plots": True,
         }
         log.info("training resumed", epochs=epochs, checkpoint=str(last), device=device)
-        return _fit(model, phase, args, start, hardware, state)
+        return _fit(model, phase, args, start, hardware, hooks)
     args = {
         "data": str(data_yaml),
         "epochs": epochs,
@@ -290,20 +261,21 @@ def train_phase(
         **(extra or {}),
     }
     log.info("training started", epochs=epochs, model=model_source, device=device, imgsz=settings.imgsz)
-    return _fit(model, phase, args, start, hardware, state)
+    return _fit(model, phase, args, start, hardware, hooks)
 
 
-def _fit(
-    model: Any, phase: str, args: dict[str, Any], start: float, hardware: Hardware, state: dict[str, Any]
-) -> PhaseResult:
+def _fit(model: Any, phase: str, args: dict[str, Any], start: float, hardware: Hardware, hooks: Hooks) -> PhaseResult:
+    from pogona_job.trainer import trainer_for
+
     try:
-        model.train(**args)
+        model.train(trainer=trainer_for(hooks), **args)
     except JobError:
         raise
     except Exception as exc:  # ultralytics raises anything from anywhere; keep the cause for --debug
         log.debug("training exception", exc_info=True)
         first_line = (str(exc).splitlines() or [""])[0][:300]
         raise TrainingFailed(f"Training ({phase}) failed: {type(exc).__name__}: {first_line}.") from None
+    hardware.amp = hooks.amp
     save_dir = Path(model.trainer.save_dir)
     params = sum(p.numel() for p in model.model.parameters())
     return PhaseResult(
@@ -313,7 +285,7 @@ def _fit(
         seconds=time.monotonic() - start,
         hardware=hardware,
         params=params,
-        first_batch_at=state["first_batch"],
+        first_batch_at=hooks.first_batch,
     )
 
 
@@ -405,10 +377,11 @@ def batch_loss_fn(
     base = load_model(model_source).model
 
     def compute(device: str) -> dict[str, float]:
-        model = copy.deepcopy(base).to(device).float().train()
+        target = torch_device(device)
+        model = copy.deepcopy(base).to(target).float().train()
         model.args = cfg
         model.criterion = None
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        moved = {k: (v.to(target) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         moved["img"] = moved["img"].float() / 255
         with torch.no_grad():
             _, items = model.loss(moved)
@@ -417,3 +390,9 @@ def batch_loss_fn(
         return dict(zip(("box_loss", "cls_loss", "dfl_loss"), (float(v) for v in items), strict=False))
 
     return compute
+
+
+def torch_device(device: str) -> str:
+    """The job's device ("cpu", "mps", "0", "0,1", "cuda:1") as torch names it: torch refuses a bare "0"."""
+    first = device.split(",")[0].strip()
+    return f"cuda:{first}" if first.isdigit() else first

@@ -5,10 +5,11 @@ Everything runs offline on loopback; servers are started on free ports and stopp
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,24 @@ class Result:
     stderr: str
 
 
+def output_uri(tmp_path: Path) -> str:
+    """A bucket prefix of the test's own (named after its tmp_path, which pytest makes unique per
+    test), so no test sees another's runs, latest.json or uploads, whatever the order."""
+    digest = hashlib.sha1(str(tmp_path).encode()).hexdigest()[:8]
+    return f"s3://{BUCKET}/t/{tmp_path.name}-{digest}/runs"
+
+
+def out_key(env: Mapping[str, str], *parts: str) -> str:
+    """The bucket key of `parts` under this env's POGONA_OUTPUT_URI, e.g. out_key(env, run, "manifest.json")."""
+    prefix = env["POGONA_OUTPUT_URI"].removeprefix(f"s3://{BUCKET}/")
+    return "/".join([prefix, *parts])
+
+
 def job_env(s3: LocalS3, tmp_path: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POGONA_", "AWS_"))}
     env.update(s3.env)
     env.update(TINY)
-    env.update(POGONA_OUTPUT_URI=f"s3://{BUCKET}/runs", POGONA_WORK_DIR=str(tmp_path / "work"))
+    env.update(POGONA_OUTPUT_URI=output_uri(tmp_path), POGONA_WORK_DIR=str(tmp_path / "work"))
     env.update(overrides)
     return env
 
@@ -114,7 +128,14 @@ class FaultProxy:
     """mitmproxy (reverse mode) in front of the S3 server, failing a share of requests (tests/fault_addon.py)."""
 
     def __init__(
-        self, upstream: str, faults: str, tmp: Path, match: str = ".*", seed: int = 1, slow_s: float = 2
+        self,
+        upstream: str,
+        faults: str,
+        tmp: Path,
+        match: str = ".*",
+        seed: int = 1,
+        slow_s: float = 2,
+        addon: str = "fault_addon.py",
     ) -> None:
         from pogona_job.locals3 import free_port
 
@@ -145,7 +166,7 @@ class FaultProxy:
             "--set",
             "termlog_verbosity=warn",
             "-s",
-            str(ROOT / "tests" / "fault_addon.py"),
+            str(ROOT / "tests" / addon),
         ]
         self.proc = subprocess.Popen(args, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         import socket
@@ -166,6 +187,11 @@ class FaultProxy:
 
     def faults(self) -> list[str]:
         return [line for line in self.log.read_text(errors="replace").splitlines() if line.startswith("FAULT ")]
+
+    def records(self) -> list[tuple[int, str, str]]:
+        """(status, method, path?query) of every request, in order (with addon="record_addon.py")."""
+        lines = [line.split(" ", 3) for line in self.log.read_text(errors="replace").splitlines()]
+        return [(int(p[1]), p[2], p[3]) for p in lines if p[0] == "RECORD" and len(p) == 4]
 
     def stop(self) -> None:
         self.proc.terminate()

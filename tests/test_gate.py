@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pogona_job.errors import SanityFailed
-from pogona_job.gate import BatchWatchdog, parity_probe, require_parity, verdict
+from pogona_job.gate import CAUSES, BatchWatchdog, parity_probe, require_parity, verdict
 
 HEALTHY = {"box_loss": 1.4, "cls_loss": 1.3, "dfl_loss": 1.1}
 SIGNATURE = {"box_loss": 0.0, "cls_loss": 27.0, "dfl_loss": 0.0}  # MPS: no foreground assigned
@@ -43,6 +43,41 @@ def test_a_healthy_batch_resets_the_count() -> None:
     for losses in (SIGNATURE, SIGNATURE, HEALTHY, SIGNATURE, SIGNATURE):
         dog.check(losses, boxes_in_batch=3)
     assert dog.tripped is None
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        {"box_loss": 0.0, "cls_loss": 2.0, "dfl_loss": 1.1},  # box alone at 0: a batch of tiny, well-fit boxes
+        {"box_loss": 0.9, "cls_loss": 2.0, "dfl_loss": 0.0},  # dfl alone at 0
+    ],
+    ids=["box-only", "dfl-only"],
+)
+def test_only_box_and_dfl_both_zero_is_the_signature(losses: dict[str, float]) -> None:
+    """The signature needs both localisation losses at 0: one alone is a plausible batch, never a trip."""
+    dog = BatchWatchdog(zero_batches=2)
+    for _ in range(20):
+        dog.check(losses, boxes_in_batch=4)
+    assert dog.tripped is None and dog.zero_run == 0 and dog.batches == 20
+
+
+def test_one_localisation_loss_at_zero_breaks_a_signature_run() -> None:
+    dog = BatchWatchdog(zero_batches=3)
+    for losses in (SIGNATURE, SIGNATURE, {**SIGNATURE, "dfl_loss": 0.4}, SIGNATURE, SIGNATURE):
+        dog.check(losses, boxes_in_batch=3)
+    assert dog.tripped is None and dog.zero_run == 2
+
+
+def test_the_failure_report_keeps_the_last_five_batches_not_the_first() -> None:
+    """`recent` feeds the manifest's watchdog.last_batches: bounded, newest last, whatever the run length."""
+    dog = BatchWatchdog(zero_batches=1000)
+    seen = [{"box_loss": 1.0 + i, "cls_loss": 2.0, "dfl_loss": 1.0} for i in range(500)]
+    for losses in seen:
+        dog.check(losses, boxes_in_batch=2)
+    assert list(dog.recent) == seen[-5:]
+    with pytest.raises(SanityFailed):
+        dog.check({**HEALTHY, "box_loss": math.inf}, boxes_in_batch=2)
+    assert list(dog.recent) == [*seen[-4:], {**HEALTHY, "box_loss": math.inf}]
 
 
 def test_all_zero_losses_stop_at_once() -> None:
@@ -115,3 +150,139 @@ def test_verdict_fails_the_origin_log_mps_run() -> None:
 def test_verdict_fails_a_flat_loss_and_nan() -> None:
     assert not verdict(_rows((1.0, 1.0, 1.0), (1.0, 1.0, 0.99)), min_loss_drop=0.02, min_map50=0).passed
     assert not verdict(_rows((1.0, 1.0, 1.0), (math.nan, 1.0, 1.0)), min_loss_drop=0.02, min_map50=0).passed
+
+
+# --- the exact words and numbers the report shows (the verdict table, the failure sentences) ----------
+
+
+def _row(epoch: int, box: float, cls: float, dfl: float, **extra: float) -> dict[str, float]:
+    return {"epoch": epoch, "train/box_loss": box, "train/cls_loss": cls, "train/dfl_loss": dfl, **extra}
+
+
+def test_the_verdict_table_compares_the_first_epoch_with_the_best_later_one_and_reads_the_last_map() -> None:
+    rows = [
+        _row(1, 4.0, 3.5, 2.5, **{"val/box_loss": 2.0, "metrics/mAP50(B)": 0.01}),  # total 10
+        _row(2, 3.0, 3.0, 2.0, **{"val/box_loss": 1.9, "metrics/mAP50(B)": 0.30}),  # total 8: the best
+        _row(3, 3.5, 3.0, 2.5, **{"val/box_loss": 1.8, "metrics/mAP50(B)": 0.12}),  # total 9
+    ]
+    v = verdict(rows, min_loss_drop=0.02, min_map50=0.05)
+    assert v.as_dict() == {
+        "passed": True,
+        "criteria": [
+            {"name": "losses finite", "threshold": "all finite", "observed": "yes", "passed": True},
+            {
+                "name": "train loss fell (first sanity epoch to the best later one)",
+                "threshold": ">= 2%",
+                "observed": "20.0% (10 -> 8)",
+                "passed": True,
+            },
+            {"name": "no epoch with box_loss = dfl_loss = 0", "threshold": "none", "observed": "none", "passed": True},
+            {"name": "mAP@0.5 after the sanity epochs", "threshold": ">= 0.05", "observed": "0.120", "passed": True},
+        ],
+    }
+
+
+def test_no_sanity_epoch_at_all_fails_with_one_criterion() -> None:
+    assert verdict([], min_loss_drop=0.02, min_map50=0.0).as_dict() == {
+        "passed": False,
+        "criteria": [{"name": "epochs completed", "threshold": ">= 1", "observed": "0", "passed": False}],
+    }
+
+
+def test_a_drop_exactly_at_the_threshold_passes_and_two_epochs_are_enough() -> None:
+    v = verdict([_row(1, 4.0, 2.0, 2.0), _row(2, 3.0, 1.5, 1.5)], min_loss_drop=0.25, min_map50=0.0)
+    assert v.criteria[1].observed == "25.0% (8 -> 6)" and v.criteria[1].passed
+    single = verdict([_row(1, 4.0, 2.0, 2.0)], min_loss_drop=0.0, min_map50=0.0)
+    assert single.criteria[1].observed == "0.0% (8 -> 8)" and not single.criteria[1].passed
+
+
+def test_a_small_first_loss_still_counts_and_a_zero_or_infinite_one_gives_no_drop() -> None:
+    small = verdict([_row(1, 0.3, 0.3, 0.3), _row(2, 0.2, 0.2, 0.1)], min_loss_drop=0.02, min_map50=0)
+    assert small.criteria[1].observed == "44.4% (0.9 -> 0.5)" and small.criteria[1].passed
+    zeros = verdict([_row(1, 0.0, 0.0, 0.0), _row(2, 0.0, 0.0, 0.0)], min_loss_drop=0.02, min_map50=0)
+    assert zeros.criteria[1].observed == "0.0% (0 -> 0)" and not zeros.criteria[1].passed
+    inf = verdict([_row(1, math.inf, 1.0, 1.0), _row(2, 1.0, 1.0, 1.0)], min_loss_drop=0.02, min_map50=0)
+    assert inf.criteria[1].observed == "0.0% (inf -> 3)" and not inf.passed
+    assert inf.criteria[0].observed == "NaN/inf seen" and not inf.criteria[0].passed
+
+
+def test_a_nan_validation_loss_is_not_finite_either() -> None:
+    rows = [_row(1, 2.0, 2.0, 2.0, **{"val/dfl_loss": 1.0}), _row(2, 1.0, 1.0, 1.0, **{"val/dfl_loss": math.nan})]
+    v = verdict(rows, min_loss_drop=0.02, min_map50=0)
+    assert (v.criteria[0].observed, v.criteria[0].passed) == ("NaN/inf seen", False)
+
+
+def test_only_epochs_with_box_and_dfl_both_zero_are_listed() -> None:
+    rows = [_row(1, 0.0, 5.0, 0.0), _row(2, 0.0, 4.0, 0.7), _row(3, 0.6, 3.0, 0.0), _row(4, 0.0, 2.0, 0.0)]
+    c = verdict(rows, min_loss_drop=0.02, min_map50=0).criteria[2]
+    assert (c.observed, c.passed) == ("1, 4", False)
+
+
+def test_a_results_file_without_map_reads_as_zero() -> None:
+    v = verdict([_row(1, 2.0, 2.0, 2.0), _row(2, 1.0, 1.0, 1.0)], min_loss_drop=0.02, min_map50=0.0)
+    assert (v.criteria[3].observed, v.criteria[3].passed) == ("0.000", True)
+
+
+def test_the_failure_sentence_names_each_failed_criterion_with_its_numbers() -> None:
+    v = verdict([_row(1, 0.0, 27.0, 0.0), _row(2, 0.0, 27.0, 0.0)], min_loss_drop=0.02, min_map50=0.05)
+    assert v.failure_sentence() == (
+        "The sanity epochs show the model is not learning (train loss fell (first sanity epoch to the best later "
+        "one): observed 0.0% (27 -> 27), needed >= 2%; no epoch with box_loss = dfl_loss = 0: observed 1, 2, "
+        f"needed none; mAP@0.5 after the sanity epochs: observed 0.000, needed >= 0.05); {CAUSES}."
+    )
+
+
+def test_the_watchdog_sentences_carry_the_losses_and_the_batch() -> None:
+    with pytest.raises(SanityFailed) as nan:
+        BatchWatchdog().check({**HEALTHY, "cls_loss": math.nan}, boxes_in_batch=1)
+    assert nan.value.sentence == (
+        f"The model is not learning: a non-finite loss (box_loss 1.4, cls_loss nan, dfl_loss 1.1) at sanity batch 1; "
+        f"{CAUSES}."
+    )
+    dog = BatchWatchdog(zero_batches=2, phase="full")
+    dog.check(SIGNATURE, boxes_in_batch=1)  # a single labelled box is a labelled batch
+    with pytest.raises(SanityFailed) as sig:
+        dog.check({**SIGNATURE, "cls_loss": 0.0123456}, boxes_in_batch=1)
+    assert sig.value.sentence == (
+        "The model is not learning: box_loss and dfl_loss exactly 0 for 2 consecutive labelled batches "
+        f"(cls_loss 0.0123) - the no-foreground signature - by full batch 2; {CAUSES}."
+    )
+    assert dog.tripped == sig.value.sentence.removeprefix("The model is not learning: ").split("; likely")[0]
+
+
+def test_the_probe_names_the_first_disagreeing_loss_with_both_values() -> None:
+    cases = [
+        ({**HEALTHY, "cls_loss": math.nan}, "0", "cls_loss is nan on 0 but 1.3 on the CPU"),
+        (SIGNATURE, "mps", "box_loss is 0 on mps but 1.4 on the CPU"),  # box first: dfl is 0 too
+        ({**HEALTHY, "dfl_loss": 1.5, "box_loss": 2.0}, "0", "box_loss is 2 on 0 but 1.4 on the CPU (tolerance 5%)"),
+        ({"box_loss": 1.4, "cls_loss": 1.3}, "cuda:1", "dfl_loss is nan on cuda:1 but 1.1 on the CPU"),  # missing
+    ]
+    for device_losses, device, reason in cases:
+        result = parity_probe(lambda d, losses=device_losses: HEALTHY if d == "cpu" else losses, device)
+        assert (result.passed, result.reason, result.device) == (False, reason, device)
+        assert result.cpu == HEALTHY and result.tolerance == 0.05
+
+
+def test_the_probe_tolerance_is_relative_with_a_floor_for_tiny_losses() -> None:
+    def probe(cpu: dict[str, float], device: dict[str, float], **kw: float) -> bool:
+        return parity_probe(lambda d: cpu if d == "cpu" else device, "0", **kw).passed
+
+    assert probe({"box_loss": 1.0}, {"box_loss": 1.049}) and not probe({"box_loss": 1.0}, {"box_loss": 1.051})
+    assert probe({"box_loss": 2.0}, {"box_loss": 2.5}, tolerance=0.25)
+    assert not probe({"box_loss": 2.0}, {"box_loss": 2.51}, tolerance=0.25)
+    # Below 1e-3 the allowed difference stays 5% of 1e-3, not 5% of a vanishing loss.
+    assert probe({"box_loss": 1e-4}, {"box_loss": 1.2e-4}) and not probe({"box_loss": 1e-4}, {"box_loss": 1e-3})
+    assert probe({"box_loss": 0.0}, {"box_loss": 0.0})
+
+
+def test_the_probe_runs_the_cpu_then_the_named_device_and_keeps_both_losses() -> None:
+    calls: list[str] = []
+
+    def compute(device: str) -> dict[str, float]:
+        calls.append(device)
+        return HEALTHY if device == "cpu" else {**HEALTHY, "cls_loss": 1.31}
+
+    result = parity_probe(compute, "cuda:1")
+    assert calls == ["cpu", "cuda:1"]
+    assert (result.passed, result.reason) == (True, "")
+    assert result.cpu == HEALTHY and result.accelerator == {**HEALTHY, "cls_loss": 1.31}

@@ -17,17 +17,18 @@ import torch
 from pogona_job import job
 from pogona_job.config import load_settings
 from pogona_job.locals3 import LocalS3
-from tests.conftest import BUCKET, job_env
+from tests.conftest import BUCKET, job_env, out_key
 
 K = 4
 
 
 @pytest.fixture()
-def env(s3: LocalS3, demo_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key, value in job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_GATE_ZERO_BATCHES=str(K)).items():
+def env(s3: LocalS3, demo_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    values = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_GATE_ZERO_BATCHES=str(K))
+    for key, value in values.items():
         if key.startswith(("POGONA_", "AWS_")):
             monkeypatch.setenv(key, value)
-    yield
+    yield values
 
 
 def _run(run_id: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[dict[str, Any]]]:
@@ -51,25 +52,38 @@ def _no_foreground(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_mps_signature_stops_within_k_batches_and_full_training_never_starts(
-    env: None, monkeypatch: pytest.MonkeyPatch, s3_client: Any
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_client: Any
 ) -> None:
     _no_foreground(monkeypatch)
     code, events = _run("gate-signature", monkeypatch)
     assert code == 5
     failed = next(e for e in events if e["event"] == "run failed")
     assert "no-foreground signature" in failed["reason"] and "MPS" in failed["reason"]
-    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key="runs/gate-signature/manifest.json")["Body"].read())
+    manifest = json.loads(
+        s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "gate-signature", "manifest.json"))["Body"].read()
+    )
     assert manifest["status"] == "failed" and manifest["exit_code"] == 5
-    assert manifest["watchdog"]["phase"] == "sanity" and manifest["watchdog"]["batches"] <= K + 2
+    watchdog = manifest["watchdog"]
+    assert watchdog["phase"] == "sanity" and K <= watchdog["batches"] <= K + 2
+    # The report shows the batches that tripped it: the last (at most 5), ending in K signature batches.
+    last = watchdog["last_batches"]
+    assert len(last) == min(5, watchdog["batches"])
+    assert all(b["box_loss"] == 0.0 and b["dfl_loss"] == 0.0 and b["cls_loss"] > 0 for b in last[-K:])
     assert not any(e["event"] == "phase started" and e.get("phase") == "full" for e in events)
-    report = s3_client.get_object(Bucket=BUCKET, Key="runs/gate-signature/report.md")["Body"].read().decode()
+    report = (
+        s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "gate-signature", "report.md"))["Body"].read().decode()
+    )
     assert "Batch watchdog stopped the run" in report and "What went wrong" in report
     assert "| Full | cpu | no epoch completed | - | not run |" in report
-    leftovers = s3_client.list_objects_v2(Bucket=BUCKET, Prefix="runs/gate-signature/checkpoint/").get("KeyCount")
+    leftovers = s3_client.list_objects_v2(Bucket=BUCKET, Prefix=out_key(env, "gate-signature", "checkpoint/")).get(
+        "KeyCount"
+    )
     assert leftovers == 0, "a run nobody will resume keeps no checkpoint"
 
 
-def test_nan_loss_stops_at_the_first_nan_batch(env: None, monkeypatch: pytest.MonkeyPatch, s3_client: Any) -> None:
+def test_nan_loss_stops_at_the_first_nan_batch(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_client: Any
+) -> None:
     from ultralytics.utils.loss import v8DetectionLoss
 
     original = v8DetectionLoss.loss

@@ -1,4 +1,8 @@
-"""Device policy and the resources the job picks (GPU logic checked with its inputs faked: no GPU here)."""
+"""Device policy and the resources the job picks.
+
+Whether torch sees CUDA is forced in each test (`cuda` fixture), so the same assertions hold on a
+laptop, in CI and on a GPU machine.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from pogona_job.config import Settings
 from pogona_job.errors import ConfigError
@@ -18,19 +23,37 @@ def _meminfo(tmp_path: Path, gib: int) -> Path:
     return path
 
 
-def test_auto_is_the_cpu_here_and_never_mps() -> None:
+@pytest.fixture()
+def cuda(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Set whether torch sees a CUDA GPU; a GPU the container was handed but cannot use is a separate case."""
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+
+    def set_cuda(available: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+
+    return set_cuda
+
+
+def test_auto_is_cuda_when_torch_sees_it_else_the_cpu_and_never_mps(cuda) -> None:  # type: ignore[no-untyped-def]
+    cuda(False)
     assert resolve_device(Settings(device="auto")) == "cpu"
+    cuda(True)
+    assert resolve_device(Settings(device="auto")) == "0"
 
 
-def test_mps_is_refused_unless_allowed() -> None:
+def test_mps_is_refused_unless_allowed(cuda) -> None:  # type: ignore[no-untyped-def]
+    cuda(False)
     with pytest.raises(ConfigError, match=r"POGONA_DEVICE=mps is refused.*POGONA_ALLOW_MPS=true"):
         resolve_device(Settings(device="mps"))
     assert resolve_device(Settings(device="mps", allow_mps=True)) == "mps"
 
 
-def test_a_gpu_index_without_cuda_is_a_config_error() -> None:
+def test_a_gpu_index_without_cuda_is_a_config_error_and_kept_with_it(cuda) -> None:  # type: ignore[no-untyped-def]
+    cuda(False)
     with pytest.raises(ConfigError, match="POGONA_DEVICE=0,1 asks for a CUDA GPU"):
         resolve_device(Settings(device="0,1"))
+    cuda(True)
+    assert resolve_device(Settings(device="0,1")) == "0,1"
 
 
 def test_small_shm_turns_workers_off_with_the_reason(tmp_path: Path) -> None:

@@ -1,0 +1,136 @@
+"""`make mutants`: mutation testing (mutmut) of the code whose rules the tests must pin down.
+
+Each target mutates one module (or only its named functions) and runs only the test files that
+specify it, in a scratch copy of the tree (mutmut writes a `mutants/` folder and reads its
+settings from pyproject.toml, which differ per target). Prints every surviving mutant and a
+summary line per target; exits 1 when any survives. Not part of `make test`: minutes per module.
+
+    python .ci/mutants.py [--show] [gate|checkpoint|dataset|storage ...]   (default: all)
+
+--show prints each survivor's diff (`mutmut show` takes seconds per mutant); --keep DIR keeps each
+target's scratch tree in DIR/<target> (for `mutmut show NAME` there).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Target:
+    paths: tuple[str, ...]  # files or folders to mutate (those that exist)
+    tests: tuple[str, ...]  # the test files that specify them (globs)
+    names: tuple[str, ...] = ()  # mutmut name globs: only these functions' mutants ("" = all)
+
+
+TARGETS = {
+    # The watchdog, parity probe and verdict; test_gate_training (real training) is left out: minutes per mutant.
+    "gate": Target(("pogona_job/gate.py",), ("tests/test_gate.py",)),
+    "checkpoint": Target(
+        ("pogona_job/checkpoint.py",), ("tests/test_checkpoint.py", "tests/test_preemption.py", "tests/test_crash.py")
+    ),
+    # The validation rules (label lines, boxes, image sizes, split rules) of the dataset package.
+    "dataset": Target(("pogona_job/dataset", "pogona_job/dataset.py"), ("tests/test_dataset*.py",)),
+    # Only the S3 error -> exit code mapping.
+    "storage": Target(
+        ("pogona_job/storage.py",),
+        ("tests/test_storage.py", "tests/test_faults.py"),
+        ("pogona_job.storage.x_errors_for*",),
+    ),
+}
+
+
+def _copy_tree(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for raw in filter(None, files):
+        rel = raw.decode()
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def _config(target: Target, tests: list[str]) -> str:
+    def toml_list(items: list[str] | tuple[str, ...]) -> str:
+        return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+    paths = [p if p.endswith(".py") else p.rstrip("/") + "/" for p in target.paths]
+    return (
+        "\n[tool.mutmut]\n"
+        f"paths_to_mutate = {toml_list(paths)}\n"
+        'also_copy = ["tests/", "dataset/", "benchmarks/", "README.md"]\n'
+        f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]\n'
+    )
+
+
+def run_target(name: str, target: Target, show: bool = False, keep: Path | None = None) -> list[str]:
+    """Mutate, run, and return the surviving mutants' names (a missing module or test is an error)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutants-{name}-") as tmp:
+        work = Path(tmp)
+        if keep is not None:  # to `mutmut show NAME` there afterwards
+            work = keep / name
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        _copy_tree(work)
+        tests = sorted({str(p.relative_to(work)) for pattern in target.tests for p in work.glob(pattern)})
+        paths = tuple(p for p in target.paths if (work / p).exists())
+        if not tests or not paths:
+            raise SystemExit(f"{name}: nothing to mutate or no tests ({target.paths}, {target.tests})")
+        target = Target(paths, target.tests, target.names)
+        pyproject = work / "pyproject.toml"
+        text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject.read_text())
+        pyproject.write_text(text + _config(target, tests))
+        mutmut = str(Path(sys.executable).parent / "mutmut")
+        print(f"== {name}: mutating {', '.join(paths)}; tests {' '.join(tests)}", flush=True)
+        # One thread per test process: mutmut forks its workers, and a forked torch thread pool deadlocks.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "YOLO_OFFLINE": "true"}
+        run = subprocess.run(
+            [mutmut, "run", *target.names], cwd=work, capture_output=True, text=True, check=False, env=env
+        )
+        progress = run.stdout.replace("\r", "\n").strip().splitlines()  # a spinner: keep its last state
+        print(progress[-1] if progress else run.stderr[-2000:], flush=True)
+        results = subprocess.run([mutmut, "results"], cwd=work, capture_output=True, text=True, check=False).stdout
+        survivors = [line.split(":")[0].strip() for line in results.splitlines() if line.strip().endswith(": survived")]
+        for mutant in survivors:
+            diff = (
+                subprocess.run([mutmut, "show", mutant], cwd=work, capture_output=True, text=True).stdout
+                if show
+                else ""
+            )
+            print(f"-- survived: {mutant}\n{diff}".rstrip(), flush=True)
+        others = [line.strip() for line in results.splitlines() if line.strip() and ": survived" not in line]
+        print(f"== {name}: {len(survivors)} survived; not killed for another reason: {others or 'none'}")
+        return survivors
+
+
+def main(argv: list[str]) -> int:
+    show = "--show" in argv
+    keep = Path(argv[argv.index("--keep") + 1]).resolve() if "--keep" in argv else None
+    names = [a for a in argv if a != "--show" and not a.startswith("--keep") and Path(a).resolve() != keep]
+    names = names or list(TARGETS)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        print(f"unknown target(s) {unknown}; choose from {list(TARGETS)}", file=sys.stderr)
+        return 2
+    survived = {name: run_target(name, TARGETS[name], show, keep) for name in names}
+    print("\nmutants surviving: " + ", ".join(f"{n} {len(s)}" for n, s in survived.items()))
+    return 1 if any(survived.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
