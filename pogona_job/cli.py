@@ -25,8 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="the whole job (default)")
     sub.add_parser("config", help="print the effective configuration, secrets masked")
     ds = sub.add_parser("dataset", help="dataset tools").add_subparsers(dest="action", required=True)
-    ds.add_parser("pull", help="download POGONA_DATASET_URI into DEST").add_argument("dest", type=Path)
-    ds.add_parser("push", help="validate SRC, then upload it to POGONA_DATASET_URI").add_argument("src", type=Path)
+    pull = ds.add_parser("pull", help="download POGONA_DATASET_URI into DEST (prunes only files it fetched)")
+    pull.add_argument("dest", type=Path)
+    pull.add_argument("--force", action="store_true", help="pull into a non-empty DEST that no earlier pull wrote")
+    push = ds.add_parser("push", help="validate SRC, then upload it to POGONA_DATASET_URI (hidden/junk files skipped)")
+    push.add_argument("src", type=Path)
+    push.add_argument("--delete", action="store_true", help="also delete objects that SRC no longer has (listed)")
     ds.add_parser("validate", help="check a local dataset folder; no bucket needed").add_argument("dir", type=Path)
     demo = ds.add_parser("demo", help="write the synthetic demo dataset into DEST")
     demo.add_argument("dest", type=Path)
@@ -84,6 +88,14 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
 
     console = settings.log_format != "json"
     if args.action == "pull":
+        dest: Path = args.dest
+        if dest.is_dir() and any(dest.iterdir()) and not (dest / storage.CACHE_INDEX).exists() and not args.force:
+            print(
+                f"{dest} is not empty and no earlier pull wrote it: choose an empty folder, or pass --force "
+                "(files the pull did not fetch are never deleted).",
+                file=sys.stderr,
+            )
+            return 2
         with transfer_progress("pull", console=console) as progress:
             result = storage.pull_prefix(client, uri, args.dest, threads=settings.s3_threads, progress=progress)
         log.info("dataset pulled", files=result.files, fetched=result.fetched, cached=result.skipped)
@@ -92,7 +104,15 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
     if _validate(args.src, settings) != 0:
         return 3
     with transfer_progress("push", console=console) as progress:
-        uploaded, skipped = storage.push_tree(client, args.src, uri, threads=settings.s3_threads, progress=progress)
+        uploaded, skipped = storage.push_tree(
+            client,
+            args.src,
+            uri,
+            threads=settings.s3_threads,
+            progress=progress,
+            delete=args.delete,
+            on_delete=lambda key: print(f"deleting s3://{uri.bucket}/{key} (not in {args.src})"),
+        )
     print(f"Pushed {args.src} to {uri.uri}: {uploaded} uploaded, {skipped} unchanged.")
     return 0
 

@@ -1,7 +1,8 @@
 """mitmproxy addon: a reverse proxy in front of SeaweedFS that fails a share of S3 requests.
 
 Configured by environment variables of the mitmdump process:
-  FAULTS       comma list of kind:share, kinds 503 (SlowDown), 500 (InternalError), reset, slow
+  FAULTS       comma list of kind:share, kinds 503 (SlowDown), 500 (InternalError), reset, slow,
+               301 / 307 (the bucket lives elsewhere), flip (one byte of a response body changed)
   FAULTS_MATCH regex on "METHOD path?query" selecting which requests may fail (default: all)
   FAULTS_SEED  seed of the deterministic choice; FAULTS_SLOW_S delay of a slow response
 Every injected fault is printed as one line "FAULT <kind> <METHOD> <path>".
@@ -53,6 +54,18 @@ class Faults:
             flow.kill()
         elif kind == "slow":
             await asyncio.sleep(self.slow_s)
+        elif kind in ("301", "307"):
+            code = "PermanentRedirect" if kind == "301" else "TemporaryRedirect"
+            body = _XML.format(code=code, message="The bucket you are attempting to access must be addressed elsewhere.")
+            headers = {"Content-Type": "application/xml", "x-amz-bucket-region": "eu-west-1"}
+            flow.response = http.Response.make(int(kind), body, headers)
+        elif kind == "flip":
+            flow.metadata["flip"] = True  # done on the response, same length: only a content check can tell
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        body = flow.response.content if flow.response is not None else None
+        if flow.metadata.get("flip") and flow.response is not None and body:
+            flow.response.content = bytes([body[0] ^ 0xFF]) + body[1:]
 
 
 addons = [Faults()]
