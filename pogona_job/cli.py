@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pogona_job.config import Settings, effective_config, load_settings
-from pogona_job.errors import ConfigError, JobError
+from pogona_job.errors import ConfigError, Interrupted, JobError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +98,7 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return 2
-        with transfer_progress("pull", console=console) as progress:
+        with transfer_progress("pull", console=console, check=_stop_on_sigterm()) as progress:
             result = storage.pull_prefix(client, uri, args.dest, threads=settings.s3_threads, progress=progress)
         log.info("dataset pulled", files=result.files, fetched=result.fetched, cached=result.skipped)
         print(f"Pulled {uri.uri} into {args.dest}: {result.fetched} fetched, {result.skipped} already cached.")
@@ -115,6 +117,18 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
         )
     print(f"Pushed {args.src} to {uri.uri}: {uploaded} uploaded, {skipped} unchanged.")
     return 0
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """SIGTERM ends a pull at its next progress tick (5 a second): GETs dropped, no partial file left."""
+    asked: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: asked.append(signum))
+
+    def check() -> None:
+        if asked:
+            raise Interrupted("The pull was stopped by a termination signal: run it again to go on (fetched files are kept).")
+
+    return check
 
 
 def _validate(folder: Path, settings: Settings) -> int:

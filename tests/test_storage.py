@@ -302,3 +302,41 @@ def test_push_skips_hidden_and_junk_files_and_delete_is_opt_in(client, tmp_path:
     storage.push_tree(client, src, dest, delete=True, on_delete=removed.append)
     assert removed == [f"{dest.key}/images/sub1/f1.bin"]
     assert {o.rel for o in storage.list_objects(client, dest)} == {"labels/sub0/f0.bin"}
+
+
+def _cli_env(s3: LocalS3, uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POGONA_", "AWS_"))}
+    return {**env, **s3.env, "POGONA_DATASET_URI": uri, "POGONA_OUTPUT_URI": f"s3://{BUCKET}/runs"}
+
+
+def test_dataset_pull_cli_refuses_a_foreign_non_empty_folder_unless_forced(
+    s3: LocalS3, client, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    _tree(tmp_path / "src", n=2)
+    storage.push_tree(client, tmp_path / "src", S3Path(BUCKET, "storage/cli"))
+    env = _cli_env(s3, f"s3://{BUCKET}/storage/cli")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "thesis.tex").write_text("mine")
+    refused = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)
+    assert refused.code == 2 and "--force" in refused.stderr and "Traceback" not in refused.stderr
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["thesis.tex"]
+    forced = run_cli(["dataset", "pull", "--force", str(tmp_path / "dst")], env)
+    assert forced.code == 0, forced.stderr
+    assert (tmp_path / "dst" / "thesis.tex").read_text() == "mine" and len(_digests(tmp_path / "dst")) == 3
+    again = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)  # its own index: no flag needed
+    assert again.code == 0 and "0 fetched, 2 already cached" in again.stdout
+
+
+def test_dataset_push_cli_delete_names_what_it_removes(s3: LocalS3, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pogona_job.demo import write_demo
+
+    write_demo(tmp_path / "demo", n_images=12, size=64, seed=1)
+    env = _cli_env(s3, f"s3://{BUCKET}/storage/pushcli")
+    (tmp_path / "demo" / ".env").write_text("AWS_SECRET_ACCESS_KEY=x")
+    assert run_cli(["dataset", "push", str(tmp_path / "demo")], env).code == 0
+    client.put_object(Bucket=BUCKET, Key="storage/pushcli/old/stale.jpg", Body=b"stale")
+    result = run_cli(["dataset", "push", "--delete", str(tmp_path / "demo")], env)
+    assert result.code == 0, result.stderr
+    assert f"deleting s3://{BUCKET}/storage/pushcli/old/stale.jpg" in result.stdout
+    keys = {o.rel for o in storage.list_objects(client, S3Path(BUCKET, "storage/pushcli"))}
+    assert "old/stale.jpg" not in keys and ".env" not in keys and keys
