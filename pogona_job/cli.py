@@ -126,7 +126,9 @@ def _stop_on_sigterm() -> Callable[[], None]:
 
     def check() -> None:
         if asked:
-            raise Interrupted("The pull was stopped by a termination signal: run it again to go on (fetched files are kept).")
+            raise Interrupted(
+                "The pull was stopped by a termination signal: run it again to go on (fetched files are kept)."
+            )
 
     return check
 

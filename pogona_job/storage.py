@@ -20,11 +20,9 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import time
 import urllib.request
 import weakref
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,32 +49,16 @@ from pogona_job.errors import ConfigError, DatasetError, JobError, StorageDenied
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from obstore.store import S3Store
+
+    from pogona_job.pull import PullResult
 else:
     S3Client = Any
 
 CACHE_INDEX = ".pogona-cache.json"
-_PARTS = ".pogona-parts"  # temp files of a pull in progress: short names, renamed into place when complete
-_REFUSED = {
-    "AccessDenied",
-    "AllAccessDisabled",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AccountProblem",
-    "InvalidToken",
-    "ExpiredToken",
-    "403",
-}
-_TRANSIENT = {
-    "SlowDown",
-    "ServiceUnavailable",
-    "InternalError",
-    "RequestTimeout",
-    "Throttling",
-    "500",
-    "502",
-    "503",
-    "504",
-}
+_REFUSED = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccountProblem"}
+_REFUSED |= {"InvalidToken", "ExpiredToken", "403"}
+_TRANSIENT = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
+_TRANSIENT |= {"500", "502", "503", "504"}
 _REDIRECTED = {"PermanentRedirect", "TemporaryRedirect", "AuthorizationHeaderMalformed", "301", "307"}
 
 
@@ -312,24 +294,10 @@ def safe_relative(rel: str, key: str) -> str:
     return rel
 
 
-def _check_tree(objects: list[RemoteObject]) -> None:
-    """A key that is also another key's folder (`a` and `a/b`) cannot both be files on disk."""
-    files = {o.rel: o.key for o in objects}
-    for obj in objects:
-        parts = obj.rel.split("/")
-        for depth in range(1, len(parts)):
-            if (parent := "/".join(parts[:depth])) in files:
-                raise DatasetError(
-                    f"The keys {files[parent]!r} and {obj.key!r} cannot both be pulled: one is the other's folder. "
-                    "Rename or delete one of them in the bucket."
-                )
-
-
 # --- obstore: the bulk engine ---------------------------------------------------------
 
 _T = TypeVar("_T")
 _stores: weakref.WeakKeyDictionary[Any, dict[str, S3Store | None]] = weakref.WeakKeyDictionary()
-_fallback_logged: set[str] = set()
 
 
 class _FrozenCredentials:
@@ -370,10 +338,10 @@ def _store(client: S3Client, bucket: str) -> S3Store | None:
         return None
     endpoint = client.meta.endpoint_url
     url = urlsplit(endpoint)
-    path_style = (client.meta.config.s3 or {}).get("addressing_style") == "path"
+    path_style = (getattr(client.meta.config, "s3", None) or {}).get("addressing_style") == "path"
     custom = path_style or not (url.hostname or "").endswith(".amazonaws.com")
-    options: dict[str, Any] = {"allow_http": url.scheme == "http", "connect_timeout": "10s", "timeout": "30min"}
-    options["read_timeout"] = "60s"
+    options: dict[str, Any] = {"allow_http": url.scheme == "http", "connect_timeout": "10s", "read_timeout": "60s"}
+    options["timeout"] = "30min"  # a whole large GET or part; stalls are caught by read_timeout
     proxy = urllib.request.getproxies().get(url.scheme)
     if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
         options["proxy_url"] = proxy
@@ -382,7 +350,7 @@ def _store(client: S3Client, bucket: str) -> S3Store | None:
     try:
         if bundle := _ca_bundle():
             options["root_certificate"] = Path(bundle).read_text()
-        attempts = int(client.meta.config.retries.get("max_attempts", 5))  # type: ignore[union-attr]
+        attempts = int((getattr(client.meta.config, "retries", None) or {}).get("max_attempts", 5))
         config: dict[str, Any] = {"region": client.meta.region_name or "us-east-1"}
         if custom:
             config.update(endpoint=endpoint.rstrip("/"), virtual_hosted_style_request=False)
@@ -396,11 +364,11 @@ def _store(client: S3Client, bucket: str) -> S3Store | None:
             credential_provider=_FrozenCredentials(credentials),  # type: ignore[arg-type]
         )
     except Exception as exc:  # a CA bundle it cannot read, a config it refuses: botocore does this run
-        if "store" not in _fallback_logged:
-            _fallback_logged.add("store")
-            from pogona_job.logs import get_logger
+        from pogona_job.logs import get_logger
 
-            get_logger().warning("storage: obstore unavailable, using botocore for this run", reason=str(exc)[:300])
+        get_logger().warning(
+            "storage: obstore unavailable, botocore moves the bytes", bucket=bucket, reason=str(exc)[:300]
+        )
         store = None
     cached[bucket] = store
     return store
@@ -421,20 +389,6 @@ def _run(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
 Progress = Callable[[int, int], None]  # (files_done, bytes_done) -> None
 
 
-@dataclass
-class PullResult:
-    files: int
-    bytes: int
-    fetched: int
-    skipped: int
-    fingerprint: str  # sha256 over (key, size, etag) in key order: same data, same fingerprint
-    seconds: float
-
-
-class _Stale(Exception):
-    """The listing no longer matches the bucket (an object gone or replaced): list again."""
-
-
 def pull_prefix(
     client: S3Client,
     src: S3Path,
@@ -444,194 +398,13 @@ def pull_prefix(
     progress: Progress | None = None,
     verify: bool = True,
 ) -> PullResult:
-    """Mirror an S3 prefix into dest, fetching only what changed (same size, ETag and mtime = cached).
+    """Mirror an S3 prefix into dest, fetching only what changed; see pogona_job/pull.py."""
+    from pogona_job import pull
 
-    Every download is checked (size, MD5 or multipart ETag) before it replaces anything; files
-    appear only complete (written under dest/.pogona-parts, then renamed). Local files the
-    index does not name are never touched: only what an earlier pull fetched is pruned.
-    `threads` GETs run at once; `progress` is called often, also while nothing completes, so a
-    stop check inside it interrupts the pull promptly.
-    """
-    start = time.monotonic()
-    dest.mkdir(parents=True, exist_ok=True)
-    index_file = dest / CACHE_INDEX
-    index = _read_index(index_file)
-    shutil.rmtree(dest / _PARTS, ignore_errors=True)  # left by a killed pull
-    try:
-        for attempt in (1, 2):
-            with errors_for(src.bucket, f"listing {src.uri}"):
-                listing = sorted(list_objects(client, src), key=lambda o: o.key)
-            _check_tree(listing)
-            _prune(dest, index, keep={o.rel for o in listing})
-            try:
-                fetched = _fetch_all(client, src, dest, listing, index, threads, progress, verify)
-                break
-            except _Stale as exc:
-                if attempt == 2:
-                    raise TransientFailure(
-                        f"Objects under {src.uri} kept changing during the pull ({exc}): retry when the dataset "
-                        "upload has finished."
-                    ) from None
-                from pogona_job.logs import get_logger
-
-                get_logger().info("storage retry", message=f"{exc}; listing {src.uri} again")
-    finally:
-        shutil.rmtree(dest / _PARTS, ignore_errors=True)
-        _write_atomic(index_file, json.dumps(index).encode())
-    digest = hashlib.sha256()
-    for obj in listing:
-        digest.update(f"{obj.rel}\t{obj.size}\t{obj.etag}\n".encode())
-    total = sum(o.size for o in listing)
-    return PullResult(len(listing), total, fetched, len(listing) - fetched, digest.hexdigest(), time.monotonic() - start)
+    return pull.pull(client, src, dest, threads=threads, progress=progress, verify=verify)
 
 
-def _read_index(path: Path) -> dict[str, list[Any]]:
-    """rel -> [size, etag, mtime_ns] of files this pull wrote and checked."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 3} if isinstance(data, dict) else {}
-
-
-def _cached(dest: Path, obj: RemoteObject, index: dict[str, list[Any]]) -> bool:
-    entry = index.get(obj.rel)
-    if entry is None or entry[:2] != [obj.size, obj.etag]:
-        return False
-    try:
-        st = os.stat(dest / obj.rel)
-    except OSError:
-        return False
-    return st.st_size == obj.size and st.st_mtime_ns == entry[2]  # changed on disk since: fetched again
-
-
-def _prune(dest: Path, index: dict[str, list[Any]], keep: set[str]) -> None:
-    """Delete files an earlier pull fetched that the bucket no longer has; nothing else."""
-    root = dest.resolve()
-    for rel in [r for r in index if r not in keep]:
-        del index[rel]
-        path = (dest / rel).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            continue
-        path.unlink()
-        for folder in path.parents:
-            if folder == root or any(folder.iterdir()):
-                break
-            folder.rmdir()
-
-
-def _fetch_all(
-    client: S3Client,
-    src: S3Path,
-    dest: Path,
-    listing: list[RemoteObject],
-    index: dict[str, list[Any]],
-    threads: int,
-    progress: Progress | None,
-    verify: bool,
-) -> int:
-    todo = [o for o in listing if not _cached(dest, o, index)]
-    done = {"files": len(listing) - len(todo), "bytes": sum(o.size for o in listing) - sum(o.size for o in todo)}
-    if progress:
-        progress(done["files"], done["bytes"])
-    if not todo:
-        return 0
-    parts = dest / _PARTS
-    parts.mkdir(exist_ok=True)
-    store = _store(client, src.bucket)
-    doing = f"downloading {src.uri}"
-
-    def place(obj: RemoteObject, tmp: Path) -> None:
-        target = dest / obj.rel
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise DatasetError(f"Cannot write the object {obj.key!r} to {target}: {exc.strerror}.") from None
-        index[obj.rel] = [obj.size, obj.etag, target.stat().st_mtime_ns]
-        done["files"] += 1
-        done["bytes"] += obj.size
-
-    async def get(obj: RemoteObject, tmp: Path) -> tuple[str, Any]:
-        """Write the object to tmp; (ETag served, md5 of the bytes)."""
-        md5 = hashlib.md5(usedforsecurity=False)
-        if store is None:  # botocore does this run (see _store)
-            response = await asyncio.to_thread(client.get_object, Bucket=src.bucket, Key=obj.key)
-            data = await asyncio.to_thread(response["Body"].read)
-            md5.update(data)
-            tmp.write_bytes(data)
-            return str(response["ETag"]).strip('"'), md5
-        import obstore
-
-        result = await obstore.get_async(store, obj.key)
-        served = str(result.meta["e_tag"] or "").strip('"')
-        with open(tmp, "wb") as fh:
-            if obj.size <= 8 << 20:
-                data = await result.bytes_async()
-                md5.update(data)
-                fh.write(data)
-            else:
-                async for chunk in result.stream(min_chunk_size=4 << 20):
-                    md5.update(chunk)
-                    fh.write(chunk)
-        return served, md5
-
-    async def fetch(obj: RemoteObject, slot: int) -> None:
-        tmp = parts / str(slot)
-        for attempt in (1, 2):
-            try:
-                served, md5 = await get(obj, tmp)
-            except FileNotFoundError as exc:
-                if "NoSuchBucket" in str(exc):
-                    raise _obstore_error(exc, src.bucket, doing) from None
-                raise _Stale(f"{obj.key} is gone") from None
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    raise _Stale(f"{obj.key} is gone") from None
-                raise
-            if served and served != obj.etag:
-                raise _Stale(f"{obj.key} was replaced")
-            problem = _check(client, src.bucket, obj, tmp, md5) if verify else None
-            if problem is None:
-                place(obj, tmp)
-                return
-            from pogona_job.logs import get_logger
-
-            get_logger().warning("storage: download failed its check", key=obj.key, problem=problem, attempt=attempt)
-        raise TransientFailure(f"The object {obj.key!r} failed its content check twice ({problem}): retry later.")
-
-    async def main() -> None:
-        queue: asyncio.Queue[RemoteObject] = asyncio.Queue()
-        for obj in todo:
-            queue.put_nowait(obj)
-
-        async def worker(slot: int) -> None:
-            while not queue.empty():
-                await fetch(queue.get_nowait(), slot)
-
-        async def ticker() -> None:  # progress (and so the stop check) also while every GET is waiting
-            while True:
-                await asyncio.sleep(0.2)
-                if progress:
-                    progress(done["files"], done["bytes"])
-
-        tasks = [asyncio.ensure_future(worker(i)) for i in range(min(threads, len(todo)))]
-        tick = asyncio.ensure_future(ticker())
-        try:
-            await _first_failure([*tasks, tick], until=tasks)
-        finally:
-            for task in [*tasks, tick]:
-                task.cancel()
-            await asyncio.gather(*tasks, tick, return_exceptions=True)
-
-    with errors_for(src.bucket, doing):
-        _run(main)
-    if progress:
-        progress(done["files"], done["bytes"])
-    return len(todo)
-
-
-async def _first_failure(watched: list[asyncio.Future[None]], until: list[asyncio.Future[None]]) -> None:
+async def _first_failure(watched: Sequence[asyncio.Future[None]], until: Sequence[asyncio.Future[None]]) -> None:
     """Wait until every task of `until` is done; the first exception of any watched task is raised."""
     pending = set(watched)
     while any(not t.done() for t in until):
@@ -639,28 +412,6 @@ async def _first_failure(watched: list[asyncio.Future[None]], until: list[asynci
         for task in finished:
             if (exc := task.exception()) is not None:
                 raise exc
-
-
-def _check(client: S3Client, bucket: str, obj: RemoteObject, tmp: Path, md5: Any) -> str | None:
-    """Why the downloaded bytes are not the listed object, or None when they are."""
-    size = tmp.stat().st_size
-    if size != obj.size:
-        return f"{size} bytes, listed {obj.size}"
-    if re.fullmatch(r"[0-9a-f]{32}", obj.etag):
-        if md5.hexdigest() == obj.etag:
-            return None
-    elif m := re.fullmatch(r"([0-9a-f]{32})-(\d+)", obj.etag):
-        part = client.head_object(Bucket=bucket, Key=obj.key, PartNumber=1).get("ContentLength", 0)
-        if part and multipart_etag(tmp, int(part)) == obj.etag:
-            return None
-        if not part:
-            return None  # the server does not say the part size: the size check is what we have
-    else:
-        return None  # not an MD5 ETag (SSE-C, other stores): the size check is what we have
-    meta = client.head_object(Bucket=bucket, Key=obj.key)
-    if meta.get("ServerSideEncryption") == "aws:kms" or meta.get("SSECustomerAlgorithm"):
-        return None  # S3 documents that these ETags are not an MD5 of the content
-    return f"content does not match the ETag {obj.etag}"
 
 
 def multipart_etag(path: Path, part_size: int) -> str:
@@ -720,30 +471,24 @@ def upload_many(
 
 
 async def _upload(client: S3Client, path: Path, dest: S3Path) -> Artifact:
+    import obstore
+
     size = path.stat().st_size
     store = _store(client, dest.bucket)
     started = datetime.now(UTC) - timedelta(minutes=10)  # clock skew; one run writes a key at a time
     with errors_for(dest.bucket, f"uploading {dest.key}"):
         try:
-            if size < _MULTIPART_THRESHOLD:
-                data = path.read_bytes()
-                if store is None:
-                    await asyncio.to_thread(client.put_object, Bucket=dest.bucket, Key=dest.key, Body=data)
-                else:
-                    import obstore
-
-                    await obstore.put_async(store, dest.key, data, use_multipart=False)
-                return Artifact(dest.key, size, hashlib.sha256(data).hexdigest())
-            if store is None:
+            if store is None:  # botocore this run (see _store); s3transfer aborts its own multipart uploads
                 from boto3.s3.transfer import TransferConfig
 
-                await asyncio.to_thread(
-                    client.upload_file, str(path), dest.bucket, dest.key, Config=TransferConfig(multipart_chunksize=_PART_SIZE)
-                )
+                config = TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD, multipart_chunksize=_PART_SIZE)
+                await asyncio.to_thread(client.upload_file, str(path), dest.bucket, dest.key, Config=config)
+            elif size < _MULTIPART_THRESHOLD:
+                data = path.read_bytes()
+                await obstore.put_async(store, dest.key, data, use_multipart=False)
+                return Artifact(dest.key, size, hashlib.sha256(data).hexdigest())
             else:
-                import obstore
-
-                await obstore.put_async(store, dest.key, path, use_multipart=True, chunk_size=_PART_SIZE, max_concurrency=4)
+                await obstore.put_async(store, dest.key, path, chunk_size=_PART_SIZE, max_concurrency=4)
         except BaseException:
             if size >= _MULTIPART_THRESHOLD:
                 await asyncio.to_thread(_abort_uploads, client, dest, started)
@@ -837,9 +582,3 @@ def md5_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

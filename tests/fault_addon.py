@@ -56,7 +56,9 @@ class Faults:
             await asyncio.sleep(self.slow_s)
         elif kind in ("301", "307"):
             code = "PermanentRedirect" if kind == "301" else "TemporaryRedirect"
-            body = _XML.format(code=code, message="The bucket you are attempting to access must be addressed elsewhere.")
+            body = _XML.format(
+                code=code, message="The bucket you are attempting to access must be addressed elsewhere."
+            )
             headers = {"Content-Type": "application/xml", "x-amz-bucket-region": "eu-west-1"}
             flow.response = http.Response.make(int(kind), body, headers)
         elif kind == "flip":

@@ -154,7 +154,7 @@ def test_an_empty_prefix_deletes_nothing_local(client, tmp_path: Path) -> None: 
 
 @pytest.mark.parametrize("uri", ["s3://b-bucket/../../../victim", "s3://b-bucket/a/./b", "s3://b-bucket/a/.."])
 def test_dot_segments_in_an_s3_uri_are_a_config_error(uri: str) -> None:
-    with pytest.raises(ConfigError, match="no '.' or '..' parts") as err:
+    with pytest.raises(ConfigError, match=r"no '\.' or '\.\.' parts") as err:
         S3Path.parse(uri)
     assert err.value.exit_code == 2
 
@@ -210,7 +210,9 @@ def _phantom_listing(monkeypatch: pytest.MonkeyPatch, times: int) -> None:
     monkeypatch.setattr(storage, "list_objects", listing)
 
 
-def test_object_deleted_mid_pull_lists_again_and_completes(client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_object_deleted_mid_pull_lists_again_and_completes(
+    client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     _tree(tmp_path / "src", n=4)
     dest = S3Path(BUCKET, "storage/midpull")
     storage.push_tree(client, tmp_path / "src", dest)
@@ -310,7 +312,9 @@ def _cli_env(s3: LocalS3, uri: str) -> dict[str, str]:
 
 
 def test_dataset_pull_cli_refuses_a_foreign_non_empty_folder_unless_forced(
-    s3: LocalS3, client, tmp_path: Path  # type: ignore[no-untyped-def]
+    s3: LocalS3,
+    client,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     _tree(tmp_path / "src", n=2)
     storage.push_tree(client, tmp_path / "src", S3Path(BUCKET, "storage/cli"))
