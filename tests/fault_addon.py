@@ -5,6 +5,7 @@ Configured by environment variables of the mitmdump process:
                301 / 307 (the bucket lives elsewhere), flip (one byte of a response body changed)
   FAULTS_MATCH regex on "METHOD path?query" selecting which requests may fail (default: all)
   FAULTS_SEED  seed of the deterministic choice; FAULTS_SLOW_S delay of a slow response
+  FAULTS_MAX   stop injecting after this many faults (default: no limit)
 Every injected fault is printed as one line "FAULT <kind> <METHOD> <path>".
 """
 
@@ -28,14 +29,16 @@ class Faults:
         self.match = re.compile(os.environ.get("FAULTS_MATCH", ".*"))
         self.rng = random.Random(int(os.environ.get("FAULTS_SEED", "0")))
         self.slow_s = float(os.environ.get("FAULTS_SLOW_S", "2"))
+        self.left = int(os.environ.get("FAULTS_MAX", "-1"))
 
     def _pick(self, flow: http.HTTPFlow) -> str | None:
-        if not self.match.search(f"{flow.request.method} {flow.request.path}"):
+        if self.left == 0 or not self.match.search(f"{flow.request.method} {flow.request.path}"):
             return None
         roll, edge = self.rng.random(), 0.0
         for kind, share in self.rules:
             edge += share
             if roll < edge:
+                self.left -= 1
                 return kind
         return None
 
