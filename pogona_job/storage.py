@@ -350,7 +350,8 @@ def _store(client: S3Client, bucket: str) -> S3Store | None:
     try:
         if bundle := _ca_bundle():
             options["root_certificate"] = Path(bundle).read_text()
-        attempts = int((getattr(client.meta.config, "retries", None) or {}).get("max_attempts", 5))
+        retries = getattr(client.meta.config, "retries", None) or {}
+        attempts = int(retries.get("total_max_attempts", 6))  # botocore's: the first try + max_attempts retries
         config: dict[str, Any] = {"region": client.meta.region_name or "us-east-1"}
         if custom:
             config.update(endpoint=endpoint.rstrip("/"), virtual_hosted_style_request=False)
