@@ -100,17 +100,17 @@ def pull(
 
 
 def _read_index(path: Path) -> dict[str, list[Any]]:
-    """rel -> [size, etag, mtime_ns] of files this pull wrote and checked."""
+    """rel -> [size, etag, mtime_ns] of files this pull wrote and checked ([size, etag]: an older index)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 3} if isinstance(data, dict) else {}
+    return {k: v for k, v in data.items() if isinstance(v, list) and len(v) in (2, 3)} if isinstance(data, dict) else {}
 
 
 def _cached(dest: Path, obj: RemoteObject, index: dict[str, list[Any]]) -> bool:
     entry = index.get(obj.rel)
-    if entry is None or entry[:2] != [obj.size, obj.etag]:
+    if entry is None or len(entry) != 3 or entry[:2] != [obj.size, obj.etag]:
         return False
     try:
         st = os.stat(dest / obj.rel)
@@ -155,10 +155,18 @@ def _fetch_all(
     store = storage._store(client, src.bucket)
     doing = f"downloading {src.uri}"
 
+    root, inside = dest.resolve(), set()
+
     def place(obj: RemoteObject, tmp: Path) -> None:
         target = dest / obj.rel
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.parent not in inside:  # a folder linked elsewhere must not carry a file out of dest
+                if not target.parent.resolve().is_relative_to(root):  # before mkdir: resolves what exists
+                    raise DatasetError(
+                        f"Refusing to write {obj.key!r} through {target.parent}: it leads outside {dest}."
+                    )
+                target.parent.mkdir(parents=True, exist_ok=True)
+                inside.add(target.parent)
             os.replace(tmp, target)
         except OSError as exc:
             raise DatasetError(f"Cannot write the object {obj.key!r} to {target}: {exc.strerror}.") from None

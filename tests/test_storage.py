@@ -344,3 +344,23 @@ def test_dataset_push_cli_delete_names_what_it_removes(s3: LocalS3, client, tmp_
     assert f"deleting s3://{BUCKET}/storage/pushcli/old/stale.jpg" in result.stdout
     keys = {o.rel for o in storage.list_objects(client, S3Path(BUCKET, "storage/pushcli"))}
     assert "old/stale.jpg" not in keys and ".env" not in keys and keys
+
+
+def test_a_folder_linked_outside_dest_is_not_written_through(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _tree(tmp_path / "src", n=2)
+    dest = S3Path(BUCKET, "storage/symlink")
+    storage.push_tree(client, tmp_path / "src", dest)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "images").symlink_to(tmp_path / "outside")
+    with pytest.raises(DatasetError, match="leads outside") as err:
+        storage.pull_prefix(client, dest, tmp_path / "dst")
+    assert err.value.exit_code == 3 and not any((tmp_path / "outside").rglob("*"))
+
+
+def test_an_index_naming_paths_outside_dest_prunes_nothing_there(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "victim.txt").write_text("keep me")
+    (tmp_path / "dst" / storage.CACHE_INDEX).write_text('{"../victim.txt": [7, "e", 1]}')
+    storage.pull_prefix(client, S3Path(BUCKET, "storage/nothing-here"), tmp_path / "dst")
+    assert (tmp_path / "victim.txt").read_text() == "keep me"
