@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -227,3 +229,52 @@ def test_sigterm_stops_a_dataset_pull_at_once_with_no_partial_file(
     assert proc.returncode == 143, stderr[-2000:]
     assert "Traceback" not in stderr and "again" in stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "dst").rglob("*.jpg")) and not (tmp_path / "dst" / ".pogona-parts").exists()
+
+
+@pytest.fixture()
+def forward_proxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """mitmproxy as a plain forward proxy (HTTP_PROXY), logging every request it carries."""
+    from pogona_job.locals3 import free_port
+
+    port, log = free_port(), tmp_path / "forward.log"
+    env = {**os.environ, "FAULTS": "slow:1.0", "FAULTS_SLOW_S": "0"}  # "slow" by 0 s: only logs the request
+    args = [str(Path(sys.executable).parent / "mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(port)]
+    args += ["--set", f"confdir={tmp_path / 'fwd-conf'}", "--set", "termlog_verbosity=warn"]
+    args += ["-s", str(ROOT / "tests" / "fault_addon.py")]
+    proc = subprocess.Popen(args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        for _ in range(300):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_bulk_transfers_honour_http_proxy_and_no_proxy(
+    s3: LocalS3,
+    s3_client: Any,
+    forward_proxy: tuple[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    bypass: bool,
+) -> None:
+    files = _dataset(s3_client, "faults/proxy", n=3)
+    proxy, log = forward_proxy
+    for key in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    if bypass:
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    client = _client(s3, s3.endpoint, monkeypatch)
+    storage.pull_prefix(client, S3Path(BUCKET, "faults/proxy"), tmp_path / "dst")
+    assert {
+        p.relative_to(tmp_path / "dst").as_posix(): p.read_bytes() for p in (tmp_path / "dst").rglob("*.jpg")
+    } == files
+    lines = log.read_text(errors="replace").splitlines()
+    carried = [line for line in lines if line.startswith("FAULT slow GET /pogona-test/faults/proxy/images/")]
+    assert len(carried) == (0 if bypass else 3), carried  # the GETs are obstore's
