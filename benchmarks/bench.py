@@ -336,9 +336,10 @@ def load_line() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def stamp_line(load_at_start: str | None = None) -> str:
+def stamp_line(load_at_start: str | None = None, state: tuple[str, bool] | None = None) -> str:
+    """Date, the commit measured (taken at the start: a commit made meanwhile is not what ran), machine, load."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    commit, dirty = git_state()
+    commit, dirty = state or git_state()
     rev = commit + (" + uncommitted changes" if dirty else "")
     start = f"at the start {load_at_start}, " if load_at_start else ""
     return f"{date}; commit {rev}; machine: {machine_line()}; load average (1/5/15 min) {start}at the end {load_line()}"
@@ -911,12 +912,12 @@ def run_storage(bench: Bench) -> None:
     )
 
 
-def render(bench: Bench, started: float, load_at_start: str) -> str:
+def render(bench: Bench, started: float, load_at_start: str, state: tuple[str, bool]) -> str:
     tools = bench.tools.versions() if bench.tools else "reference tools skipped"
     lines = [
         "## Storage and job overhead (benchmarks/bench.py)",
         "",
-        f"{stamp_line(load_at_start)}; {tools}; SeaweedFS on loopback (pogona_job.locals3); "
+        f"{stamp_line(load_at_start, state)}; {tools}; SeaweedFS on loopback (pogona_job.locals3); "
         "rounds interleaved, medians; "
         f"{bench.args.rounds} rounds per storage figure; took {(time.monotonic() - started) / 60:.1f} min.",
         "",
@@ -928,7 +929,7 @@ def render(bench: Bench, started: float, load_at_start: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started, load_at_start = time.monotonic(), load_line()
+    started, load_at_start, state = time.monotonic(), load_line(), git_state()
     print(f"Load average (1/5/15 min): {load_at_start}", flush=True)
     try:
         require_clean(allow_dirty=args.allow_dirty)
@@ -948,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.skip_job:
                 print("Job overhead: pogona-job run vs bare yolo train ...", flush=True)
                 job_rows(bench, bench_job(bench))
-            text = render(bench, started, load_at_start)
+            text = render(bench, started, load_at_start, state)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

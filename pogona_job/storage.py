@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
+from botocore.utils import parse_timestamp
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -107,7 +108,10 @@ def make_client(*, threads: int = 32, max_attempts: int = 5) -> S3Client:
         response_checksum_validation="when_required",
     )
     try:
-        client: S3Client = boto3.session.Session().client("s3", config=config)
+        session = boto3.session.Session()
+        parsers = session._session.get_component("response_parser_factory")
+        parsers.set_parser_defaults(timestamp_parser=_timestamp)  # listings: dateutil took ~0.3 ms per object
+        client: S3Client = session.client("s3", config=config)
     except ProfileNotFound as exc:
         raise ConfigError(f"{exc}: check the spelling of AWS_PROFILE against ~/.aws/config.") from None
     except ValueError as exc:  # botocore's "Invalid endpoint"
@@ -116,6 +120,14 @@ def make_client(*, threads: int = 32, max_attempts: int = 5) -> S3Client:
 
     route_botocore_retries()
     return client
+
+
+def _timestamp(value: str) -> datetime:
+    """S3's ISO 8601 times at C speed; anything else (HTTP dates in headers) the botocore way."""
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return parse_timestamp(value)
 
 
 def _where() -> str:
