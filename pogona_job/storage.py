@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.utils import parse_timestamp
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -44,6 +43,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from botocore.utils import parse_timestamp
 
 from pogona_job.errors import ConfigError, DatasetError, JobError, StorageDenied, TransientFailure
 
