@@ -92,10 +92,8 @@ def _custom_endpoint() -> str | None:
 def make_client(*, threads: int = 32, max_attempts: int = 5) -> S3Client:
     """One client for all threads; its pool must hold a connection per thread."""
     endpoint = _custom_endpoint()
-    if endpoint is not None:
-        url = urlsplit(endpoint)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ConfigError(f"AWS_ENDPOINT_URL_S3 {endpoint!r} is not a URL: write it like https://host:port.")
+    if endpoint is not None and (urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname):
+        raise ConfigError(f"AWS_ENDPOINT_URL_S3 {endpoint!r} is not a URL: write it like https://host:port.")
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=10,
@@ -118,7 +116,7 @@ def make_client(*, threads: int = 32, max_attempts: int = 5) -> S3Client:
         raise ConfigError(f"The S3 endpoint is not usable ({exc}): check AWS_ENDPOINT_URL_S3.") from None
     from pogona_job.logs import route_botocore_retries
 
-    route_botocore_retries()
+    route_botocore_retries()  # botocore's retries logged as "storage retry"
     return client
 
 
@@ -213,7 +211,7 @@ def errors_for(bucket: str, doing: str) -> Iterator[None]:
         raise _obstore_error(exc, bucket, doing) from None
 
 
-# --- small objects (boto3) ------------------------------------------------------------
+# --- the control plane (boto3): small objects, listings, deletes --------------------
 
 
 def get_json(client: S3Client, path: S3Path) -> dict[str, Any] | None:
@@ -275,9 +273,6 @@ def delete_prefix(client: S3Client, prefix: S3Path) -> int:
     keys = [o.key for o in list_objects(client, prefix)]
     delete_keys(client, prefix.bucket, keys)
     return len(keys)
-
-
-# --- listing --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
