@@ -2,7 +2,8 @@
 
 Configured by environment variables of the mitmdump process:
   FAULTS       comma list of kind:share, kinds 503 (SlowDown), 500 (InternalError), reset, slow,
-               301 / 307 (the bucket lives elsewhere), flip (one byte of a response body changed)
+               301 / 307 (the bucket lives elsewhere), flip (one byte of a response body changed),
+               conflict (a listing naming keys `<prefix>a` and `<prefix>a/b`, as AWS S3 can hold)
   FAULTS_MATCH regex on "METHOD path?query" selecting which requests may fail (default: all)
   FAULTS_SEED  seed of the deterministic choice; FAULTS_SLOW_S delay of a slow response
   FAULTS_MAX   stop injecting after this many faults (default: no limit)
@@ -64,6 +65,19 @@ class Faults:
             )
             headers = {"Content-Type": "application/xml", "x-amz-bucket-region": "eu-west-1"}
             flow.response = http.Response.make(int(kind), body, headers)
+        elif kind == "conflict":
+            prefix = flow.request.query.get("prefix", "")
+            entries = "".join(
+                f"<Contents><Key>{prefix}{key}</Key><LastModified>2026-11-25T10:00:00.000Z</LastModified>"
+                f'<ETag>"{"0" * 32}"</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass></Contents>'
+                for key in ("a", "a/b")
+            )
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name>'
+                f"<Prefix>{prefix}</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>"
+                f"<IsTruncated>false</IsTruncated>{entries}</ListBucketResult>"
+            )
+            flow.response = http.Response.make(200, body, {"Content-Type": "application/xml"})
         elif kind == "flip":
             flow.metadata["flip"] = True  # done on the response, same length: only a content check can tell
 

@@ -278,3 +278,23 @@ def test_bulk_transfers_honour_http_proxy_and_no_proxy(
     lines = log.read_text(errors="replace").splitlines()
     carried = [line for line in lines if line.startswith("FAULT slow GET /pogona-test/faults/proxy/images/")]
     assert len(carried) == (0 if bypass else 3), carried  # the GETs are obstore's
+
+
+def test_dataset_pull_cli_a_key_that_is_another_keys_folder_is_exit_3_naming_both(
+    s3: LocalS3, proxy_factory: Any, tmp_path: Path
+) -> None:
+    proxy = proxy_factory("conflict:1.0", match=r"list-type=2")  # AWS S3 holds `a` and `a/b`; SeaweedFS cannot
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/faults/aab", AWS_ENDPOINT_URL_S3=proxy.endpoint)
+    result = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)
+    assert result.code == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "'faults/aab/a' and 'faults/aab/a/b'" in last and "Traceback" not in result.stderr
+
+
+def test_dataset_pull_cli_handles_a_250_character_key(s3: LocalS3, s3_client: Any, tmp_path: Path) -> None:
+    name = "k" * 246 + ".jpg"
+    s3_client.put_object(Bucket=BUCKET, Key=f"faults/long/{name}", Body=b"long")
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/faults/long")
+    result = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)
+    assert result.code == 0, result.stderr[-2000:]
+    assert (tmp_path / "dst" / name).read_bytes() == b"long"

@@ -364,3 +364,25 @@ def test_an_index_naming_paths_outside_dest_prunes_nothing_there(client, tmp_pat
     (tmp_path / "dst" / storage.CACHE_INDEX).write_text('{"../victim.txt": [7, "e", 1]}')
     storage.pull_prefix(client, S3Path(BUCKET, "storage/nothing-here"), tmp_path / "dst")
     assert (tmp_path / "victim.txt").read_text() == "keep me"
+
+
+def test_obstore_is_fed_boto3s_refreshing_credentials() -> None:
+    # A role's credentials (IRSA, ECS, IMDS, SSO) are RefreshableCredentials; AWS itself cannot run here,
+    # so the refresh function stands in for STS: each call hands out the next key.
+    from datetime import UTC, datetime, timedelta
+
+    from botocore.credentials import RefreshableCredentials
+
+    issued = iter(range(1, 10))
+
+    def refresh() -> dict[str, str]:
+        n = next(issued)
+        expiry = datetime.now(UTC) + timedelta(seconds=1 if n == 1 else 3600)  # the first expires at once
+        return {"access_key": f"AK{n}", "secret_key": "s", "token": f"t{n}", "expiry_time": expiry.isoformat()}
+
+    credentials = RefreshableCredentials.create_from_metadata(refresh(), refresh, "test")
+    provider = storage._FrozenCredentials(credentials)
+    first = provider()
+    assert first["access_key_id"] == "AK2" and first["token"] == "t2"  # already within the refresh window
+    assert first["expires_at"] > datetime.now(UTC)
+    assert provider()["access_key_id"] == "AK2"  # not refreshed again while valid
