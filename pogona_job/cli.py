@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pogona_job.config import Settings, effective_config, load_settings
-from pogona_job.errors import ConfigError, JobError
+from pogona_job.errors import ConfigError, Interrupted, JobError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,8 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="the whole job (default)")
     sub.add_parser("config", help="print the effective configuration, secrets masked")
     ds = sub.add_parser("dataset", help="dataset tools").add_subparsers(dest="action", required=True)
-    ds.add_parser("pull", help="download POGONA_DATASET_URI into DEST").add_argument("dest", type=Path)
-    ds.add_parser("push", help="validate SRC, then upload it to POGONA_DATASET_URI").add_argument("src", type=Path)
+    pull = ds.add_parser("pull", help="download POGONA_DATASET_URI into DEST (prunes only files it fetched)")
+    pull.add_argument("dest", type=Path)
+    pull.add_argument("--force", action="store_true", help="pull into a non-empty DEST that no earlier pull wrote")
+    push = ds.add_parser("push", help="validate SRC, then upload it to POGONA_DATASET_URI (hidden/junk files skipped)")
+    push.add_argument("src", type=Path)
+    push.add_argument("--delete", action="store_true", help="also delete objects that SRC no longer has (listed)")
     ds.add_parser("validate", help="check a local dataset folder; no bucket needed").add_argument("dir", type=Path)
     demo = ds.add_parser("demo", help="write the synthetic demo dataset into DEST")
     demo.add_argument("dest", type=Path)
@@ -86,7 +92,15 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
 
     console = settings.log_format != "json"
     if args.action == "pull":
-        with transfer_progress("pull", console=console) as progress:
+        dest: Path = args.dest
+        if dest.is_dir() and any(dest.iterdir()) and not (dest / storage.CACHE_INDEX).exists() and not args.force:
+            print(
+                f"{dest} is not empty and no earlier pull wrote it: choose an empty folder, or pass --force "
+                "(files the pull did not fetch are never deleted).",
+                file=sys.stderr,
+            )
+            return 2
+        with transfer_progress("pull", console=console, check=_stop_on_sigterm()) as progress:
             result = storage.pull_prefix(client, uri, args.dest, threads=settings.s3_threads, progress=progress)
         log.info("dataset pulled", files=result.files, fetched=result.fetched, cached=result.skipped)
         print(f"Pulled {uri.uri} into {args.dest}: {result.fetched} fetched, {result.skipped} already cached.")
@@ -94,9 +108,31 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
     if _validate(args.src, settings) != 0:
         return 3
     with transfer_progress("push", console=console) as progress:
-        uploaded, skipped = storage.push_tree(client, args.src, uri, threads=settings.s3_threads, progress=progress)
+        uploaded, skipped = storage.push_tree(
+            client,
+            args.src,
+            uri,
+            threads=settings.s3_threads,
+            progress=progress,
+            delete=args.delete,
+            on_delete=lambda key: print(f"deleting s3://{uri.bucket}/{key} (not in {args.src})"),
+        )
     print(f"Pushed {args.src} to {uri.uri}: {uploaded} uploaded, {skipped} unchanged.")
     return 0
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """SIGTERM ends a pull at its next progress tick (5 a second): GETs dropped, no partial file left."""
+    asked: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: asked.append(signum))
+
+    def check() -> None:
+        if asked:
+            raise Interrupted(
+                "The pull was stopped by a termination signal: run it again to go on (fetched files are kept)."
+            )
+
+    return check
 
 
 def _validate(folder: Path, settings: Settings) -> int:

@@ -30,6 +30,8 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda|cuda:\d+|\d+(,\d+)*)$")
 def _check_s3_uri(value: str) -> str:
     if not _S3_URI.match(value):
         raise ValueError("must look like s3://bucket/prefix")
+    if any(part in (".", "..") for part in value[5:].split("/")):
+        raise ValueError("must not contain '.' or '..' parts")  # the same rule as storage.S3Path.parse
     return value.rstrip("/")
 
 

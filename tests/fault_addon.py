@@ -1,9 +1,12 @@
 """mitmproxy addon: a reverse proxy in front of SeaweedFS that fails a share of S3 requests.
 
 Configured by environment variables of the mitmdump process:
-  FAULTS       comma list of kind:share, kinds 503 (SlowDown), 500 (InternalError), reset, slow
+  FAULTS       comma list of kind:share, kinds 503 (SlowDown), 500 (InternalError), reset, slow,
+               301 / 307 (the bucket lives elsewhere), flip (one byte of a response body changed),
+               conflict (a listing naming keys `<prefix>a` and `<prefix>a/b`, as AWS S3 can hold)
   FAULTS_MATCH regex on "METHOD path?query" selecting which requests may fail (default: all)
   FAULTS_SEED  seed of the deterministic choice; FAULTS_SLOW_S delay of a slow response
+  FAULTS_MAX   stop injecting after this many faults (default: no limit)
 Every injected fault is printed as one line "FAULT <kind> <METHOD> <path>".
 """
 
@@ -27,14 +30,16 @@ class Faults:
         self.match = re.compile(os.environ.get("FAULTS_MATCH", ".*"))
         self.rng = random.Random(int(os.environ.get("FAULTS_SEED", "0")))
         self.slow_s = float(os.environ.get("FAULTS_SLOW_S", "2"))
+        self.left = int(os.environ.get("FAULTS_MAX", "-1"))
 
     def _pick(self, flow: http.HTTPFlow) -> str | None:
-        if not self.match.search(f"{flow.request.method} {flow.request.path}"):
+        if self.left == 0 or not self.match.search(f"{flow.request.method} {flow.request.path}"):
             return None
         roll, edge = self.rng.random(), 0.0
         for kind, share in self.rules:
             edge += share
             if roll < edge:
+                self.left -= 1
                 return kind
         return None
 
@@ -53,6 +58,33 @@ class Faults:
             flow.kill()
         elif kind == "slow":
             await asyncio.sleep(self.slow_s)
+        elif kind in ("301", "307"):
+            code = "PermanentRedirect" if kind == "301" else "TemporaryRedirect"
+            body = _XML.format(
+                code=code, message="The bucket you are attempting to access must be addressed elsewhere."
+            )
+            headers = {"Content-Type": "application/xml", "x-amz-bucket-region": "eu-west-1"}
+            flow.response = http.Response.make(int(kind), body, headers)
+        elif kind == "conflict":
+            prefix = flow.request.query.get("prefix", "")
+            entries = "".join(
+                f"<Contents><Key>{prefix}{key}</Key><LastModified>2026-11-25T10:00:00.000Z</LastModified>"
+                f'<ETag>"{"0" * 32}"</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass></Contents>'
+                for key in ("a", "a/b")
+            )
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name>'
+                f"<Prefix>{prefix}</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>"
+                f"<IsTruncated>false</IsTruncated>{entries}</ListBucketResult>"
+            )
+            flow.response = http.Response.make(200, body, {"Content-Type": "application/xml"})
+        elif kind == "flip":
+            flow.metadata["flip"] = True  # done on the response, same length: only a content check can tell
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        body = flow.response.content if flow.response is not None else None
+        if flow.metadata.get("flip") and flow.response is not None and body:
+            flow.response.content = bytes([body[0] ^ 0xFF]) + body[1:]
 
 
 addons = [Faults()]

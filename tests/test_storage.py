@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pogona_job import storage
-from pogona_job.errors import DatasetError, StorageDenied, TransientFailure
+from pogona_job.errors import ConfigError, DatasetError, StorageDenied, TransientFailure
 from pogona_job.locals3 import LocalS3
 from pogona_job.storage import S3Path
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, run_cli
 
 
 @pytest.fixture()
@@ -126,14 +128,261 @@ def test_latest_pointer_never_moves_backwards(client) -> None:  # type: ignore[n
     assert (storage.get_json(client, latest) or {})["run_id"] == "c"
 
 
-def test_pull_mirrors_the_prefix_and_drops_files_gone_from_the_bucket(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pull_prunes_only_files_it_fetched_itself(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _tree(tmp_path / "src", n=6)
     dest = S3Path(BUCKET, "storage/mirror")
     storage.push_tree(client, tmp_path / "src", dest)
     storage.pull_prefix(client, dest, tmp_path / "dst")
     gone = "images/sub1/f1.bin"
     client.delete_object(Bucket=BUCKET, Key=f"{dest.key}/{gone}")
-    (tmp_path / "dst" / "stray.txt").write_text("left by an earlier dataset")
+    (tmp_path / "dst" / "thesis.tex").write_text("the user's own file")
+    (tmp_path / "dst" / "photos").mkdir()
+    (tmp_path / "dst" / "photos" / "cat.jpg").write_bytes(b"cat")
     storage.pull_prefix(client, dest, tmp_path / "dst")
-    assert not (tmp_path / "dst" / gone).exists() and not (tmp_path / "dst" / "stray.txt").exists()
-    assert len(_digests(tmp_path / "dst")) == 5
+    assert not (tmp_path / "dst" / gone).exists()
+    assert (tmp_path / "dst" / "thesis.tex").read_text() == "the user's own file"
+    assert (tmp_path / "dst" / "photos" / "cat.jpg").read_bytes() == b"cat"
+    assert len(_digests(tmp_path / "dst")) == 5 + 2
+
+
+def test_an_empty_prefix_deletes_nothing_local(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "thesis.tex").write_text("mine")
+    result = storage.pull_prefix(client, S3Path(BUCKET, "storage/nothing-here"), tmp_path / "dst")
+    assert result.files == 0 and (tmp_path / "dst" / "thesis.tex").read_text() == "mine"
+
+
+@pytest.mark.parametrize("uri", ["s3://b-bucket/../../../victim", "s3://b-bucket/a/./b", "s3://b-bucket/a/.."])
+def test_dot_segments_in_an_s3_uri_are_a_config_error(uri: str) -> None:
+    with pytest.raises(ConfigError, match=r"no '\.' or '\.\.' parts") as err:
+        S3Path.parse(uri)
+    assert err.value.exit_code == 2
+
+
+def test_dot_segments_in_the_dataset_uri_stop_the_cli_with_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POGONA_", "AWS_"))}
+    env.update(POGONA_DATASET_URI=f"s3://{BUCKET}/../../victim", POGONA_OUTPUT_URI=f"s3://{BUCKET}/runs")
+    result = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)
+    assert result.code == 2 and "POGONA_DATASET_URI" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "dst").exists()
+
+
+def test_cached_file_changed_on_disk_is_fetched_again(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _tree(tmp_path / "src", n=3)
+    dest = S3Path(BUCKET, "storage/bitflip")
+    storage.push_tree(client, tmp_path / "src", dest)
+    storage.pull_prefix(client, dest, tmp_path / "dst")
+    local = tmp_path / "dst" / "images" / "sub1" / "f1.bin"
+    data = bytearray(local.read_bytes())
+    data[0] ^= 0xFF  # one flipped byte, same length
+    local.write_bytes(bytes(data))
+    again = storage.pull_prefix(client, dest, tmp_path / "dst")
+    assert again.fetched == 1
+    assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
+
+
+def test_multipart_object_is_verified_and_pulled(client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(storage, "_MULTIPART_THRESHOLD", 5 << 20)
+    monkeypatch.setattr(storage, "_PART_SIZE", 5 << 20)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "big.bin").write_bytes(hashlib.sha256(b"big").digest() * (12 << 15))  # 12 MiB: 3 parts
+    dest = S3Path(BUCKET, "storage/multipart")
+    storage.push_tree(client, tmp_path / "src", dest)
+    listed = next(storage.list_objects(client, dest))
+    assert listed.etag.endswith("-3")
+    assert storage.multipart_etag(tmp_path / "src" / "big.bin", 5 << 20) == listed.etag
+    assert storage.pull_prefix(client, dest, tmp_path / "dst").fetched == 1
+    assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
+    assert storage.push_tree(client, tmp_path / "src", dest) == (0, 1)  # the multipart ETag matched locally
+
+
+def _phantom_listing(monkeypatch: pytest.MonkeyPatch, times: int) -> None:
+    """The listing names an object that is gone by the time it is fetched (deleted mid-pull)."""
+    real = storage.list_objects
+    calls = {"n": 0}
+
+    def listing(client, prefix):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        yield from real(client, prefix)
+        if calls["n"] <= times:
+            yield storage.RemoteObject(f"{prefix.key}/zz-deleted.bin", "zz-deleted.bin", 3, "0" * 32)
+
+    monkeypatch.setattr(storage, "list_objects", listing)
+
+
+def test_object_deleted_mid_pull_lists_again_and_completes(
+    client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    _tree(tmp_path / "src", n=4)
+    dest = S3Path(BUCKET, "storage/midpull")
+    storage.push_tree(client, tmp_path / "src", dest)
+    _phantom_listing(monkeypatch, times=1)
+    result = storage.pull_prefix(client, dest, tmp_path / "dst")
+    assert result.files == 4 and _digests(tmp_path / "dst") == _digests(tmp_path / "src")
+
+
+def test_objects_that_keep_vanishing_are_transient_75(client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    _tree(tmp_path / "src", n=2)
+    dest = S3Path(BUCKET, "storage/vanish")
+    storage.push_tree(client, tmp_path / "src", dest)
+    _phantom_listing(monkeypatch, times=99)
+    with pytest.raises(TransientFailure, match="kept changing") as err:
+        storage.pull_prefix(client, dest, tmp_path / "dst")
+    assert err.value.exit_code == 75
+    assert not (tmp_path / "dst" / "zz-deleted.bin").exists()
+
+
+def test_key_that_is_another_keys_folder_is_exit_3_naming_both(tmp_path: Path) -> None:
+    # SeaweedFS (a filer) cannot hold both `a` and `a/b`; AWS S3 can: stub its listing.
+    from botocore.stub import Stubber
+
+    client = storage.make_client()
+    objects = [{"Key": "ds/a", "Size": 1, "ETag": '"e"'}, {"Key": "ds/a/b", "Size": 1, "ETag": '"e"'}]
+    with Stubber(client) as stub:
+        stub.add_response("list_objects_v2", {"Contents": objects})
+        with pytest.raises(DatasetError, match="'ds/a' and 'ds/a/b'") as err:
+            storage.pull_prefix(client, S3Path(BUCKET, "ds"), tmp_path / "dst")
+    assert err.value.exit_code == 3
+
+
+def test_250_character_key_round_trips(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    name = "k" * 246 + ".jpg"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / name).write_bytes(b"long name")
+    dest = S3Path(BUCKET, "storage/longkey")
+    storage.push_tree(client, tmp_path / "src", dest)
+    assert storage.pull_prefix(client, dest, tmp_path / "dst").fetched == 1
+    assert (tmp_path / "dst" / name).read_bytes() == b"long name"
+
+
+class _RightsOnAMissingBucket(LocalS3):
+    """A real server whose key may also List/Read/Write a bucket that was never created."""
+
+    def _identities(self) -> dict[str, Any]:
+        identities = super()._identities()
+        identities["identities"][0]["actions"] += ["List:pogona-gone", "Read:pogona-gone", "Write:pogona-gone"]
+        return identities
+
+
+def test_missing_bucket_is_refused_with_exit_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _RightsOnAMissingBucket(buckets=["pogona-here"]) as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        client = storage.make_client(max_attempts=2)
+        with pytest.raises(StorageDenied, match="'pogona-gone' does not exist") as err:
+            storage.check_bucket(client, S3Path("pogona-gone", "ds"), "reading")
+        assert err.value.exit_code == 4
+        with pytest.raises(StorageDenied, match="does not exist"):
+            storage.pull_prefix(client, S3Path("pogona-gone", "ds"), tmp_path / "dst")
+
+
+def test_misspelled_profile_and_malformed_endpoint_are_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile-pogona")
+    with pytest.raises(ConfigError, match="AWS_PROFILE") as err:
+        storage.make_client()
+    assert err.value.exit_code == 2
+    monkeypatch.delenv("AWS_PROFILE")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "localhost:9000")
+    with pytest.raises(ConfigError, match="AWS_ENDPOINT_URL_S3"):
+        storage.make_client()
+
+
+def test_push_skips_hidden_and_junk_files_and_delete_is_opt_in(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "src"
+    _tree(src, n=2)
+    for junk in [".env", ".git/config", "images/.DS_Store", "__pycache__/x.pyc", "labels/f0.bin~"]:
+        (src / junk).parent.mkdir(parents=True, exist_ok=True)
+        (src / junk).write_text("SECRET=1")
+    dest = S3Path(BUCKET, "storage/junk")
+    assert storage.push_tree(client, src, dest) == (2, 0)
+    keys = {o.rel for o in storage.list_objects(client, dest)}
+    assert keys == {"labels/sub0/f0.bin", "images/sub1/f1.bin"}
+    (src / "images" / "sub1" / "f1.bin").unlink()
+    storage.push_tree(client, src, dest)
+    assert len(list(storage.list_objects(client, dest))) == 2  # without --delete nothing is removed
+    removed: list[str] = []
+    storage.push_tree(client, src, dest, delete=True, on_delete=removed.append)
+    assert removed == [f"{dest.key}/images/sub1/f1.bin"]
+    assert {o.rel for o in storage.list_objects(client, dest)} == {"labels/sub0/f0.bin"}
+
+
+def _cli_env(s3: LocalS3, uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POGONA_", "AWS_"))}
+    return {**env, **s3.env, "POGONA_DATASET_URI": uri, "POGONA_OUTPUT_URI": f"s3://{BUCKET}/runs"}
+
+
+def test_dataset_pull_cli_refuses_a_foreign_non_empty_folder_unless_forced(
+    s3: LocalS3,
+    client,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    _tree(tmp_path / "src", n=2)
+    storage.push_tree(client, tmp_path / "src", S3Path(BUCKET, "storage/cli"))
+    env = _cli_env(s3, f"s3://{BUCKET}/storage/cli")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "thesis.tex").write_text("mine")
+    refused = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)
+    assert refused.code == 2 and "--force" in refused.stderr and "Traceback" not in refused.stderr
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["thesis.tex"]
+    forced = run_cli(["dataset", "pull", "--force", str(tmp_path / "dst")], env)
+    assert forced.code == 0, forced.stderr
+    assert (tmp_path / "dst" / "thesis.tex").read_text() == "mine" and len(_digests(tmp_path / "dst")) == 3
+    again = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)  # its own index: no flag needed
+    assert again.code == 0 and "0 fetched, 2 already cached" in again.stdout
+
+
+def test_dataset_push_cli_delete_names_what_it_removes(s3: LocalS3, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pogona_job.demo import write_demo
+
+    write_demo(tmp_path / "demo", n_images=12, size=64, seed=1)
+    env = _cli_env(s3, f"s3://{BUCKET}/storage/pushcli")
+    (tmp_path / "demo" / ".env").write_text("AWS_SECRET_ACCESS_KEY=x")
+    assert run_cli(["dataset", "push", str(tmp_path / "demo")], env).code == 0
+    client.put_object(Bucket=BUCKET, Key="storage/pushcli/old/stale.jpg", Body=b"stale")
+    result = run_cli(["dataset", "push", "--delete", str(tmp_path / "demo")], env)
+    assert result.code == 0, result.stderr
+    assert f"deleting s3://{BUCKET}/storage/pushcli/old/stale.jpg" in result.stdout
+    keys = {o.rel for o in storage.list_objects(client, S3Path(BUCKET, "storage/pushcli"))}
+    assert "old/stale.jpg" not in keys and ".env" not in keys and keys
+
+
+def test_a_folder_linked_outside_dest_is_not_written_through(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _tree(tmp_path / "src", n=2)
+    dest = S3Path(BUCKET, "storage/symlink")
+    storage.push_tree(client, tmp_path / "src", dest)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "images").symlink_to(tmp_path / "outside")
+    with pytest.raises(DatasetError, match="leads outside") as err:
+        storage.pull_prefix(client, dest, tmp_path / "dst")
+    assert err.value.exit_code == 3 and not any((tmp_path / "outside").rglob("*"))
+
+
+def test_an_index_naming_paths_outside_dest_prunes_nothing_there(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "victim.txt").write_text("keep me")
+    (tmp_path / "dst" / storage.CACHE_INDEX).write_text('{"../victim.txt": [7, "e", 1]}')
+    storage.pull_prefix(client, S3Path(BUCKET, "storage/nothing-here"), tmp_path / "dst")
+    assert (tmp_path / "victim.txt").read_text() == "keep me"
+
+
+def test_obstore_is_fed_boto3s_refreshing_credentials() -> None:
+    # A role's credentials (IRSA, ECS, IMDS, SSO) are RefreshableCredentials; AWS itself cannot run here,
+    # so the refresh function stands in for STS: each call hands out the next key.
+    from datetime import UTC, datetime, timedelta
+
+    from botocore.credentials import RefreshableCredentials
+
+    issued = iter(range(1, 10))
+
+    def refresh() -> dict[str, str]:
+        n = next(issued)
+        expiry = datetime.now(UTC) + timedelta(seconds=1 if n == 1 else 3600)  # the first expires at once
+        return {"access_key": f"AK{n}", "secret_key": "s", "token": f"t{n}", "expiry_time": expiry.isoformat()}
+
+    credentials = RefreshableCredentials.create_from_metadata(refresh(), refresh, "test")
+    provider = storage._FrozenCredentials(credentials)
+    first = provider()
+    assert first["access_key_id"] == "AK2" and first["token"] == "t2"  # already within the refresh window
+    assert first["expires_at"] > datetime.now(UTC)
+    assert provider()["access_key_id"] == "AK2"  # not refreshed again while valid
