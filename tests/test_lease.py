@@ -81,9 +81,7 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_stops(s3_client: Any,
     new.release()
 
 
-def test_a_holder_that_could_not_renew_for_a_ttl_stops_even_if_nobody_took_over(
-    s3_client: Any, prefix: S3Path
-) -> None:
+def test_a_holder_that_could_not_renew_for_a_ttl_stops_even_if_nobody_took_over(s3_client: Any, prefix: S3Path) -> None:
     clock = FakeClock()
     lease = Lease(s3_client, prefix / "lease.json", 30, clock=clock)
     lease.acquire("r")
