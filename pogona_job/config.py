@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         ge=5,
         le=3600,
         allow_inf_nan=False,
-        description="a run's lease expires this long after its holder's last heartbeat (5 to 3600)",
+        description="a run's lease expires this long after its holder's last heartbeat",
     )
 
     # --- logging, storage ---------------------------------------------------------------
