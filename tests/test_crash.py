@@ -35,7 +35,7 @@ import pytest
 from pogona_job.locals3 import LocalS3, free_port
 from tests.conftest import BUCKET, ROOT, job_env
 
-EPOCHS, SANITY = 3, 2
+EPOCHS, SANITY = 3, 3
 
 # (name, regex on "METHOD path", which match in that leg). Order matters: each leg starts where the
 # previous kill left the run and must reach its own crash point.
