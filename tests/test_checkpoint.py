@@ -5,7 +5,6 @@ to the restored epoch; older sets go only after the pointer moved; the interval 
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from pathlib import Path
 from typing import Any
