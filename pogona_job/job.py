@@ -229,8 +229,8 @@ def _execute(job: Job) -> None:
         storage.check_bucket(job.client, job.out, "checking the output prefix")
         previous = storage.get_json(job.client, job.out / "manifest.json")
         if previous and previous.get("status") == "succeeded":
-            _complete_succeeded(job, previous)  # a kill after the manifest left these undone
             log.info("run already succeeded; nothing redone", manifest=(job.out / "manifest.json").uri)
+            _complete_succeeded(job, previous)  # a kill after the manifest left these undone
             print(f"Run {job.run_id} already succeeded: {job.out.uri}/ (nothing redone).", file=sys.stderr)
             raise _AlreadyDone
         lease = Lease(
