@@ -490,6 +490,9 @@ def _complete_succeeded(job: Job, manifest: dict[str, Any]) -> None:
     """A retry of a succeeded run finishes what a kill after its manifest left undone."""
     advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
     storage.delete_prefix(job.client, job.out / "checkpoint")
+    lease = pointers.read(job.client, job.out / "lease.json")  # a dead attempt's, killed after the manifest
+    if lease.etag is not None:
+        pointers.delete(job.client, job.out / "lease.json", expected=lease.etag)
 
 
 def _flush_checkpoints(job: Job) -> None:
