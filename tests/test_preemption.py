@@ -80,6 +80,9 @@ def _epochs(s3_client: Any, key: str) -> list[int]:
 def _assert_complete(s3_client: Any, run: str) -> dict[str, Any]:
     manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=f"runs/{run}/manifest.json")["Body"].read())
     assert manifest["status"] == "succeeded"
+    assert {"results.csv", "sanity/results.csv", "weights/best.pt"} <= set(
+        manifest["artifacts"]
+    )  # whoever uploaded them
     for key, meta in manifest["artifacts"].items():
         body = s3_client.get_object(Bucket=BUCKET, Key=f"runs/{run}/{key}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == meta["sha256"], key
