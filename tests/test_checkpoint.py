@@ -28,12 +28,12 @@ def run(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> S3Path:
     return S3Path(BUCKET, f"ckpt-tests/{secrets.token_hex(4)}")
 
 
-def _train_dir(root: Path, epoch: int) -> Path:
+def _train_dir(root: Path, epoch: int, rows_to: int | None = None) -> Path:
     """What ultralytics leaves after `epoch` epochs: weights and one results row per epoch."""
     (root / "weights").mkdir(parents=True, exist_ok=True)
     (root / "weights" / "last.pt").write_bytes(f"last-{epoch}-".encode() * 100)
     (root / "weights" / "best.pt").write_bytes(f"best-{epoch}-".encode() * 100)
-    rows = "".join(f"{e:>23},{1 / e:>16.5f},{e / 10:>18.5f}\n" for e in range(1, epoch + 1))
+    rows = "".join(f"{e:>23},{1 / e:>16.5f},{e / 10:>18.5f}\n" for e in range(1, (rows_to or epoch) + 1))
     (root / "results.csv").write_text(HEADER + rows)
     return root
 
@@ -118,6 +118,19 @@ def test_no_checkpoint_restores_nothing_and_clears_what_a_dead_attempt_left_loca
     stale = _train_dir(tmp_path / "stale", 4)
     assert restore(s3_client, run, "full", stale) is None
     assert not (stale / "results.csv").exists()  # else ultralytics would append after its rows
+
+
+def test_a_set_whose_results_csv_ran_ahead_of_its_last_pt_is_cut_on_restore(
+    s3_client: Any, run: S3Path, tmp_path: Path
+) -> None:
+    """The review's 1,2,3,2,3: rows beyond the restored last.pt's epoch must not survive a resume."""
+    sync = _sync(s3_client, run, tmp_path)
+    sync.offer("full", 2, 5, _train_dir(tmp_path / "train", 2, rows_to=3), {})
+    assert sync.flush(60)
+    sync.close()
+    restored = restore(s3_client, run, "full", tmp_path / "fresh")
+    assert restored is not None and restored.epoch == 2
+    assert _epochs_in(tmp_path / "fresh" / "results.csv") == [1, 2]
 
 
 def test_results_csv_is_cut_to_the_restored_epoch(tmp_path: Path) -> None:
