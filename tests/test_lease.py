@@ -124,6 +124,8 @@ def test_a_newer_attempt_of_the_same_batch_job_takes_over_at_once(s3_client: Any
     retry = Lease(s3_client, path, 600, attempt=2, scheduler_job="batch:j-1")
     retry.acquire("r")
     assert _holder(s3_client, path) == retry.token
+    dead.release()  # a stale holder that has not noticed yet: its conditional delete must miss
+    assert _holder(s3_client, path) == retry.token
     with pytest.raises(RunBusy):  # and never backwards: an older attempt cannot take it from a newer one
         Lease(s3_client, path, 600, attempt=1, scheduler_job="batch:j-1").acquire("r")
     retry.release()
@@ -205,3 +207,16 @@ def test_an_unreadable_latest_json_is_replaced(s3_client: Any, prefix: S3Path) -
     s3_client.put_object(Bucket=BUCKET, Key=f"{prefix.key}/latest.json", Body=b"{not json")
     advance_latest(s3_client, prefix, {"run_id": "r", "finished_at": "2026-01-01T00:00:00+00:00"})
     assert _latest(s3_client, prefix)["run_id"] == "r"
+
+
+def test_every_renewal_changes_the_etag_so_a_takeover_read_before_it_fails(s3_client: Any, prefix: S3Path) -> None:
+    """A taker that read the lease just before the holder renewed must not replace the renewed lease."""
+    path = prefix / "lease.json"
+    holder = Lease(s3_client, path, 600)
+    holder.acquire("r")
+    _stop_beating(holder)
+    seen = pointers.read(s3_client, path)
+    holder.renew()
+    assert not pointers.write(s3_client, path, {"holder": "taker"}, expected=seen.etag)
+    assert _holder(s3_client, path) == holder.token
+    holder.release()
