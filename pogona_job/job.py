@@ -255,7 +255,7 @@ def _execute(job: Job) -> None:
             job.work / "checkpoint-staging",
             every_epochs=s.checkpoint_every_epochs,
             min_interval_s=s.checkpoint_min_interval_s,
-            guard=lease.check,
+            guard=lease.confirm,
         )
 
     with job.phase("pull"):
@@ -444,8 +444,7 @@ def _publish(job: Job) -> None:
     """config.json and report.md, then manifest.json LAST, then latest.json: readers trust the manifest."""
     rec = job.record
     if job.lease is not None:  # prove we still hold the run right before writing its outputs
-        job.lease.renew()
-        job.lease.check()
+        job.lease.confirm()
     config_path = job.work / "config.json"
     config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
     rec.artifacts = sorted({*job.sums, "config.json", "report.md"})

@@ -110,6 +110,12 @@ class Lease:
             else:
                 self.etag, self._valid_until = etag, sent + self.ttl_s
 
+    def confirm(self) -> None:
+        """Renew now, then check: called right before writing what only the holder may write (a
+        checkpoint pointer, the outputs), so a lease taken since the last heartbeat is noticed first."""
+        self.renew()
+        self.check()
+
     def check(self) -> None:
         """Raise LeaseLost when the lease is (or may be) someone else's now."""
         if not self.lost and self.etag is not None and self.clock() > self._valid_until:

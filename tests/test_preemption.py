@@ -212,7 +212,7 @@ def test_a_holder_whose_lease_is_taken_stops_with_75_and_publishes_nothing(
     from pogona_job.storage import S3Path
 
     job = Job(env_for("stolen", POGONA_LEASE_TTL_S="8"))
-    job.wait_for(_is("epoch", phase="sanity", epoch=1))
+    job.wait_for(_is("training started", phase="sanity"))
     path = S3Path(BUCKET, "runs/stolen/lease.json")
     current = pointers.read(s3_client, path)
     thief = {"holder": "thief", "run_id": "stolen", "attempt": 9, "ttl_s": 600, "beat": 1}
