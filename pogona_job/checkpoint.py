@@ -123,6 +123,8 @@ class CheckpointSync:
 
     def _upload(self, snap: _Snapshot) -> None:
         start = time.monotonic()
+        if self.guard is not None:
+            self.guard()  # a job that lost the run writes nothing into it
         phase_dir = self.run / "checkpoint" / snap.phase
         set_dir = phase_dir / str(snap.epoch)
         files = [(snap.folder / name, set_dir / name) for _, name in FILES if (snap.folder / name).exists()]
@@ -134,7 +136,7 @@ class CheckpointSync:
         }
         storage.put_json(self.client, set_dir / SET, entry)
         if self.guard is not None:
-            self.guard()  # a job that lost the run must not move its pointer
+            self.guard()  # and must not move its pointer (renewed now: a taker since is noticed)
         storage.put_json(self.client, phase_dir / POINTER, entry)  # LAST: only ever names a complete set
         self.uploaded.append((snap.phase, snap.epoch))
         removed = _prune(self.client, phase_dir, snap.epoch)

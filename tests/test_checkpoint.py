@@ -157,8 +157,12 @@ def test_min_interval_skips_epochs_but_never_the_final_one(s3_client: Any, run: 
 def test_a_pointer_that_may_not_be_written_is_an_error_not_a_log_line(
     s3_client: Any, run: S3Path, tmp_path: Path
 ) -> None:
-    def lost() -> None:
-        raise LeaseLost("lost the lease")
+    calls: list[int] = []
+
+    def lost() -> None:  # held while the set uploads, lost by the time the pointer would be written
+        calls.append(1)
+        if len(calls) > 1:
+            raise LeaseLost("lost the lease")
 
     sync = _sync(s3_client, run, tmp_path, guard=lost)
     sync.offer("full", 1, 3, _train_dir(tmp_path / "train", 1), {})
