@@ -13,9 +13,11 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -111,13 +113,25 @@ class Settings(BaseSettings):
         1, ge=1, description="upload last.pt, results and gate state to `<run>/checkpoint/` every N epochs"
     )
     checkpoint_min_interval_s: float = Field(
-        30.0, ge=0, description="...but not more often than this (short demo epochs would spend their time uploading)"
+        30.0,
+        ge=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="...but not more often than this (short demo epochs would spend their time uploading)",
     )
     stop_budget_s: float = Field(
-        25.0, gt=0, le=3600, description="after SIGTERM: seconds to save a checkpoint and report, then exit 143"
+        25.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="after SIGTERM: seconds to save a checkpoint and report, then exit 143",
     )
     lease_ttl_s: float = Field(
-        120.0, ge=5, description="a run's lease expires this long after its holder's last heartbeat"
+        120.0,
+        ge=5,
+        le=3600,
+        allow_inf_nan=False,
+        description="a run's lease expires this long after its holder's last heartbeat",
     )
 
     # --- logging, storage ---------------------------------------------------------------
@@ -207,6 +221,49 @@ def load_settings() -> Settings:
         raise ConfigError(f"{env_name(field)} is invalid{shown}: {err['msg']}.") from None
 
 
+def scheduler_attempt(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
+    """AWS Batch's attempt number (1 when not under Batch); the lease lets a newer attempt take over."""
+    raw = (environ.get("AWS_BATCH_JOB_ATTEMPT") or "1").strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"AWS_BATCH_JOB_ATTEMPT is invalid (got {raw!r}): it must be a whole number from 1.")
+    return int(raw)
+
+
+def scheduler_job(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+    """The scheduler's id of this job, stable across its attempts (None outside a scheduler)."""
+    if environ.get("AWS_BATCH_JOB_ID"):
+        return f"batch:{environ['AWS_BATCH_JOB_ID']}"
+    if environ.get("KUBERNETES_JOB_NAME"):
+        return f"k8s:{environ['KUBERNETES_JOB_NAME']}"
+    return None
+
+
+def require_writable(work: Path) -> Path:
+    """The work dir must be creatable and writable: one sentence and exit 2 otherwise, not a traceback."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=work, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"POGONA_WORK_DIR={work} is not writable ({exc.strerror or exc}): point it at a writable "
+            "folder with room for the dataset and the runs."
+        ) from None
+    return work
+
+
+def mask_url(url: str | None) -> str | None:
+    """An endpoint URL with `user:password@` keeps its host, never its credentials."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"****@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def mask(value: str | None) -> str:
     if not value:
         return "(unset)"
@@ -219,7 +276,7 @@ def effective_config(settings: Settings) -> dict[str, Any]:
         env_name(k): (str(v) if isinstance(v, Path) else v) for k, v in settings.model_dump().items()
     }
     out["aws"] = {
-        "AWS_ENDPOINT_URL_S3": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        "AWS_ENDPOINT_URL_S3": mask_url(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")),
         "AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
         "AWS_PROFILE": os.environ.get("AWS_PROFILE"),
         "AWS_ACCESS_KEY_ID": mask(os.environ.get("AWS_ACCESS_KEY_ID")),

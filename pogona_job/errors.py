@@ -65,3 +65,9 @@ class Interrupted(JobError):
 
     exit_code = 143
     status = "interrupted"
+
+
+class LeaseLost(JobError):
+    """Another job took this run's lease over: stop at once and publish nothing (the new holder owns the run)."""
+
+    exit_code = 75

@@ -2,8 +2,9 @@
 evaluate, push. `run()` maps every outcome to an exit code and a one-line reason.
 
 Preemption: every phase can be interrupted by SIGTERM (exit 143 after saving what it can)
-and a restart with the same run id resumes: a succeeded run is left alone, a passed gate
-is not re-run, training continues from the last uploaded checkpoint.
+and a restart with the same run id resumes: a succeeded run is left alone (its latest.json and
+clean-up completed), a passed gate is not re-run, training continues from the last verified
+checkpoint set (checkpoint.py). Only the lease holder writes under the run (lease.py).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pogona_job import storage
-from pogona_job.config import Settings, effective_config
-from pogona_job.errors import Interrupted, JobError, SanityFailed, TrainingFailed
+from pogona_job import pointers, storage
+from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt, scheduler_job
+from pogona_job.errors import Interrupted, JobError, SanityFailed, TrainingFailed, TransientFailure
 from pogona_job.logs import bind, get_logger
 from pogona_job.progress import transfer_progress
 from pogona_job.report import RunRecord, render
@@ -51,6 +52,7 @@ class StopFlag:
     def __init__(self, budget_s: float) -> None:
         self.budget_s = budget_s
         self.requested_at: float | None = None
+        self._raise_now = False  # inside interruptible(): the handler raises at once
         self.signal_name = ""
         self._logged = False
         self._previous: dict[int, Any] = {}
@@ -71,6 +73,22 @@ class StopFlag:
             os._exit(143)
         self.signal_name = signal.Signals(signum).name
         self.requested_at = time.monotonic()
+        if self._raise_now:
+            self._raise_now = False
+            raise _StopNow
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Code with no safe points of its own (staging, evaluation) and nothing to save: a signal
+        stops it at once, on the graceful path, instead of running into the hard exit."""
+        self.check()
+        self._raise_now = True
+        try:
+            yield
+        except _StopNow:
+            self.check()
+        finally:
+            self._raise_now = False
 
     def _enforce_budget(self) -> None:
         while True:
@@ -105,16 +123,23 @@ class Job:
     stop: StopFlag
     sums: dict[str, storage.Artifact]
     checkpoints: Any = None  # CheckpointSync once training starts
-    lease: Any = None
+    lease: Any = None  # set only once acquired: a job without it writes nothing under the run
+    succeeded: bool = False  # the succeeded manifest is published: nothing may rewrite it
     extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
 
     @property
     def runs(self) -> Path:
         return self.work / "runs" / self.run_id
 
+    def check(self) -> None:
+        """Between batches and phases: stop on a signal, or when the run's lease was lost."""
+        self.stop.check()
+        if self.lease is not None:
+            self.lease.check()
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self.stop.check()
+        self.check()
         bind(phase=name)
         log.info("phase started")
         start = time.monotonic()
@@ -158,16 +183,20 @@ class _AlreadyDone(Exception):
     pass
 
 
+class _StopNow(BaseException):
+    """Raised by the signal handler inside interruptible(); a BaseException so that library code's
+    `except Exception` cannot swallow it."""
+
+
 def _prepare(settings: Settings) -> Job:
     settings.require_uris()
     assert settings.output_uri
     run_id = settings.effective_run_id()
-    attempt = int(os.environ.get("AWS_BATCH_JOB_ATTEMPT") or 1)
+    attempt = scheduler_attempt()
     bind(run_id=run_id, attempt=attempt, phase="config")
     stop = StopFlag(settings.stop_budget_s)
     stop.install()
-    work = settings.work_dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work = require_writable(settings.work_dir.resolve())
     from pogona_job import offline
 
     offline.prepare(work / "ultralytics")
@@ -199,10 +228,14 @@ def _execute(job: Job) -> None:
         previous = storage.get_json(job.client, job.out / "manifest.json")
         if previous and previous.get("status") == "succeeded":
             log.info("run already succeeded; nothing redone", manifest=(job.out / "manifest.json").uri)
+            _complete_succeeded(job, previous)  # a kill after the manifest left these undone
             print(f"Run {job.run_id} already succeeded: {job.out.uri}/ (nothing redone).", file=sys.stderr)
             raise _AlreadyDone
-        job.lease = Lease(job.client, job.out / "lease.json", s.lease_ttl_s)
-        job.lease.acquire(job.run_id)
+        lease = Lease(
+            job.client, job.out / "lease.json", s.lease_ttl_s, attempt=job.attempt, scheduler_job=scheduler_job()
+        )
+        lease.acquire(job.run_id)
+        job.lease = lease  # only now: a refused job must not publish into a run another job owns
         import ultralytics  # noqa: F401 - after offline.prepare(); the first import is the slow part
 
         from pogona_job import logs, offline
@@ -220,6 +253,7 @@ def _execute(job: Job) -> None:
             job.work / "checkpoint-staging",
             every_epochs=s.checkpoint_every_epochs,
             min_interval_s=s.checkpoint_min_interval_s,
+            guard=lease.confirm,
         )
 
     with job.phase("pull"):
@@ -233,7 +267,7 @@ def _execute(job: Job) -> None:
         )
         rec.dataset.update(uri=s.dataset_uri, fingerprint=result.fingerprint, files=result.files, bytes=result.bytes)
 
-    with job.phase("stage"):
+    with job.phase("stage"), job.stop.interruptible():
         inventory = dataset.inspect_dataset(local, s.classes)
         staged_root = job.work / "staged"
         rec.dataset.update(problems=len(inventory.problems), junk_ignored=inventory.junk_ignored)
@@ -271,9 +305,9 @@ def _execute(job: Job) -> None:
             log.info("parity probe skipped", reason="device is the CPU")
         rec.sanity = _train(job, "sanity", model_source, staged.data_yaml, device, workers, s.sanity_epochs)
         # The sanity checkpoint must land before full training's first one could supersede it.
-        job.checkpoints.flush(timeout=120)
-        if not gate.get("passed"):
-            _upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
+        _flush_checkpoints(job)
+        # Uploaded by every attempt: the manifest lists it (with its hash) even on a resumed run.
+        _upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
 
     if rec.sanity.first_batch_at is not None:
         from pogona_job import PROCESS_START
@@ -292,8 +326,9 @@ def _execute(job: Job) -> None:
 
     with job.phase("full"):
         rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
+        _flush_checkpoints(job)  # the final set lands now, never after the clean-up below
 
-    with job.phase("evaluate"):
+    with job.phase("evaluate"), job.stop.interruptible():
         from pogona_job.evaluate import evaluate_per_modality, lagging_modalities
 
         best = rec.full.save_dir / "weights" / "best.pt"
@@ -308,9 +343,10 @@ def _execute(job: Job) -> None:
         pushed = time.monotonic()
         _push_outputs(job, rec.full.save_dir, staged.split_files)
         rec.timings["push"] = round(time.monotonic() - pushed, 2)  # the manifest must carry its own phase
-        job.stop.check()  # before the manifest: an interrupted push is redone on restart, never half-published
+        job.check()  # before the manifest: an interrupted push is redone on restart, never half-published
         rec.status, rec.finished_at = "succeeded", _now()
         _publish(job)
+        job.checkpoints.close()  # nothing in flight can land after the clean-up
         storage.delete_prefix(job.client, job.out / "checkpoint")  # only kept while the run is in progress
     log.info("run succeeded", outputs=job.out.uri, **_final_numbers(rec))
 
@@ -332,7 +368,7 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
         assert restored
         log.info("resuming from checkpoint", from_epoch=restored.epoch + 1, epochs=epochs)
     # A SIGTERM is honoured between batches, never mid-step.
-    watchdog = BatchWatchdog(zero_batches=job.settings.gate_zero_batches, phase=phase, between_batches=job.stop.check)
+    watchdog = BatchWatchdog(zero_batches=job.settings.gate_zero_batches, phase=phase, between_batches=job.check)
 
     def on_epoch(epoch: int, _values: dict[str, float]) -> None:
         job.checkpoints.offer(phase, epoch, epochs, save_dir, {"attempt": job.attempt})
@@ -415,17 +451,60 @@ def _push_outputs(job: Job, save_dir: Path, split_files: list[Path]) -> None:
 def _publish(job: Job) -> None:
     """config.json and report.md, then manifest.json LAST, then latest.json: readers trust the manifest."""
     rec = job.record
+    if job.lease is not None:  # prove we still hold the run right before writing its outputs
+        job.lease.confirm()
     config_path = job.work / "config.json"
     config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
     rec.artifacts = sorted({*job.sums, "config.json", "report.md"})
     report_path = job.work / "report.md"
     report_path.write_text(render(rec))
     _upload(job, [(config_path, "config.json"), (report_path, "report.md")])
-    storage.put_json(job.client, job.out / "manifest.json", _manifest(job))
+    manifest = _manifest(job)
+    written = pointers.update(
+        job.client,
+        job.out / "manifest.json",
+        lambda current: None if (current or {}).get("status") == "succeeded" else manifest,
+    )
+    if written is None:
+        log.warning("the run's manifest already says succeeded; left as it is")
+        return
     if rec.status == "succeeded":
-        latest = S3Path.parse(job.settings.output_uri or "") / "latest.json"
-        pointer = {"run_id": job.run_id, "manifest": (job.out / "manifest.json").uri, "finished_at": rec.finished_at}
-        storage.advance_pointer(job.client, latest, pointer)
+        job.succeeded = True
+        advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
+
+
+def advance_latest(client: Any, output: S3Path, manifest: dict[str, Any]) -> None:
+    """Point `<output>/latest.json` at this succeeded run unless it names one that finished later.
+
+    A compare-and-swap on the ETag, retried on conflict: two runs finishing together never move
+    it backwards, and an unreadable latest.json is replaced."""
+    run = output / str(manifest["run_id"])
+    pointer = {
+        "run_id": manifest["run_id"],
+        "manifest": (run / "manifest.json").uri,
+        "finished_at": manifest["finished_at"],
+    }
+
+    def decide(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        if current is not None and str(current.get("finished_at", "")) >= pointer["finished_at"]:
+            return None  # already this run, or a later one
+        return pointer
+
+    pointers.update(client, output / "latest.json", decide)
+
+
+def _complete_succeeded(job: Job, manifest: dict[str, Any]) -> None:
+    """A retry of a succeeded run finishes what a kill after its manifest left undone."""
+    advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
+    storage.delete_prefix(job.client, job.out / "checkpoint")
+    lease = pointers.read(job.client, job.out / "lease.json")  # a dead attempt's, killed after the manifest
+    if lease.etag is not None:
+        pointers.delete(job.client, job.out / "lease.json", expected=lease.etag)
+
+
+def _flush_checkpoints(job: Job) -> None:
+    if not job.checkpoints.flush(timeout=600):
+        raise TransientFailure("The checkpoint upload did not finish within 10 minutes; retry the job.")
 
 
 def _manifest(job: Job) -> dict[str, Any]:
@@ -483,7 +562,9 @@ def _finish_failed(job: Job | None, err: JobError) -> int:
         rec = job.record
         rec.status, rec.exit_code, rec.failure, rec.finished_at = err.status, err.exit_code, err.sentence, _now()
         log.error("run failed", exit_code=err.exit_code, reason=err.sentence, failed_phase=rec.failed_phase)
-        if err.exit_code not in (2, 4) and job.lease is not None:  # 2/4: nothing, or nowhere, to write
+        # 2/4: nothing, or nowhere, to write. Without the lease (refused, or lost to another job) the
+        # run is not ours; after the succeeded manifest, nothing may rewrite it.
+        if err.exit_code not in (2, 4) and job.lease is not None and not job.lease.lost and not job.succeeded:
             _publish_failure(job)
     _write_failure_file(err.sentence)
     print(err.sentence, file=sys.stderr)
@@ -504,8 +585,13 @@ def _publish_failure(job: Job) -> None:
 
     rec = job.record
     try:
-        if job.checkpoints is not None and not job.checkpoints.flush(max(1.0, job.stop.left() - 5)):
-            log.warning("checkpoint upload did not finish within the stop budget")
+        if job.checkpoints is not None:
+            try:
+                if not job.checkpoints.flush(max(1.0, job.stop.left() - 5)):
+                    log.warning("checkpoint upload did not finish within the stop budget")
+            except JobError as exc:  # the previous complete set is still there to resume from
+                log.warning("the newest checkpoint was not saved", reason=exc.sentence)
+            job.checkpoints.close()
         # The epochs a failed phase did finish belong in its report.
         device = str(rec.settings_used.get("device", "cpu"))
         if rec.sanity is None:
@@ -514,7 +600,7 @@ def _publish_failure(job: Job) -> None:
         elif rec.full is None and rec.verdict is not None and rec.verdict.passed:
             rec.full = partial_phase("full", job.runs / "full", device)
         _publish(job)
-        if rec.exit_code not in (75, 143):  # not retryable: nobody will resume from the checkpoint
+        if rec.exit_code not in (75, 143) and not job.succeeded:  # not retryable: nobody will resume
             storage.delete_prefix(job.client, job.out / "checkpoint")
         log.info("failure report pushed", report=(job.out / "report.md").uri)
     except JobError as exc:

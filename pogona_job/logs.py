@@ -27,6 +27,9 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+_NO_LOCALS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+
+
 def resolve_format(fmt: Format, stream: TextIO = sys.stderr) -> Literal["json", "console"]:
     if fmt == "auto":
         return "console" if stream.isatty() else "json"
@@ -40,14 +43,18 @@ def configure(fmt: Format = "auto", *, debug: bool = False, stream: TextIO | Non
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if resolved == "json"
-        else structlog.dev.ConsoleRenderer(colors=tty, pad_event_to=28)
+        else structlog.dev.ConsoleRenderer(
+            colors=tty, pad_event_to=28, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if resolved == "json" else structlog.dev.set_exc_info,
+            # Tracebacks never carry frames' local variables (a client, a URL, a key could sit in one):
+            # by construction, not by scrubbing, so POGONA_DEBUG cannot leak credentials.
+            _NO_LOCALS if resolved == "json" else structlog.dev.set_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.INFO),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -29,6 +30,7 @@ class Versioned:
     value: dict[str, Any] | None
     etag: str | None
     last_modified: float | None = None  # the server's clock (epoch seconds), not ours
+    server_now: float | None = None  # the server's Date header at the read: "now" on the same clock
 
 
 def read(client: Any, path: S3Path) -> Versioned:
@@ -41,23 +43,40 @@ def read(client: Any, path: S3Path) -> Versioned:
             raise
         body = response["Body"].read()
     modified = response.get("LastModified")
-    return Versioned(json.loads(body), str(response["ETag"]), modified.timestamp() if modified else None)
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        value = json.loads(body)
+    except ValueError:  # an unreadable object is replaced by the next conditional write, never trusted
+        value = None
+    return Versioned(
+        value if isinstance(value, dict) else None,
+        str(response["ETag"]),
+        modified.timestamp() if modified else None,
+        parsedate_to_datetime(date).timestamp() if date else None,
+    )
 
 
 def write(client: Any, path: S3Path, value: dict[str, Any], *, expected: str | None) -> bool:
     """Write `value` only if the object still has ETag `expected` (None: only if it is absent).
 
     Returns False when another writer changed it first; storage errors map to exits 4/75 as usual."""
+    return put(client, path, value, expected=expected) is not None
+
+
+def put(client: Any, path: S3Path, value: dict[str, Any], *, expected: str | None) -> str | None:
+    """`write`, returning the new ETag (what the next conditional write must match), or None on conflict."""
     condition = {"IfMatch": expected} if expected is not None else {"IfNoneMatch": "*"}
     body = json.dumps(value, indent=2, sort_keys=True).encode()
     with storage.errors_for(path.bucket, f"writing {path.key}"):
         try:
-            client.put_object(Bucket=path.bucket, Key=path.key, Body=body, ContentType="application/json", **condition)
+            response = client.put_object(
+                Bucket=path.bucket, Key=path.key, Body=body, ContentType="application/json", **condition
+            )
         except ClientError as exc:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in _CONFLICT:
-                return False
+                return None
             raise
-    return True
+    return str(response["ETag"])
 
 
 def update(
@@ -76,3 +95,15 @@ def update(
     raise TransientFailure(
         f"{path.uri} kept changing under concurrent writers ({attempts} tries): retry the job later."
     )
+
+
+def delete(client: Any, path: S3Path, *, expected: str) -> bool:
+    """Delete the object only if it still has ETag `expected`; False when it changed (or is gone)."""
+    with storage.errors_for(path.bucket, f"deleting {path.key}"):
+        try:
+            client.delete_object(Bucket=path.bucket, Key=path.key, IfMatch=expected)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (*_CONFLICT, 404):
+                return False
+            raise
+    return True

@@ -82,3 +82,91 @@ def test_readme_variable_table_is_generated_from_the_settings() -> None:
     assert readme_with_table(readme) == readme, "README drifted from config.py: run `make readme`"
     for name in Settings.model_fields:
         assert f"POGONA_{name.upper()}" in markdown_table()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e9", "4"])
+def test_lease_ttl_must_be_a_bounded_number(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """An infinite lease would never expire: a crashed holder would block its run forever."""
+    monkeypatch.setenv("POGONA_LEASE_TTL_S", value)
+    with pytest.raises(ConfigError, match="POGONA_LEASE_TTL_S is invalid"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("5", 5.0), ("3600", 3600.0)])
+def test_lease_ttl_bounds_are_inclusive(monkeypatch: pytest.MonkeyPatch, value: str, expected: float) -> None:
+    monkeypatch.setenv("POGONA_LEASE_TTL_S", value)
+    assert load_settings().lease_ttl_s == expected
+
+
+@pytest.mark.parametrize("name", ["POGONA_CHECKPOINT_MIN_INTERVAL_S", "POGONA_STOP_BUDGET_S"])
+def test_other_durations_refuse_infinity(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(name, "inf")
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+def _run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **BASE,
+        "POGONA_DATASET_URI": "s3://bucket-a/data",
+        "POGONA_OUTPUT_URI": "s3://bucket-a/runs",
+        "POGONA_WORK_DIR": str(tmp_path / "w"),
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",  # nothing listens: the job must stop before any S3 call
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("attempt", ["two", "1.5", "-1", "0"])
+def test_a_non_numeric_batch_attempt_exits_2_with_one_sentence(tmp_path: Path, attempt: str) -> None:
+    result = run_cli(["run"], _run_env(tmp_path, AWS_BATCH_JOB_ATTEMPT=attempt))
+    assert result.code == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"AWS_BATCH_JOB_ATTEMPT is invalid (got '{attempt}')")
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unwritable_work_dir_exits_2_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli(["run"], _run_env(tmp_path, POGONA_WORK_DIR=str(blocker / "work")))
+    assert result.code == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"POGONA_WORK_DIR={blocker / 'work'} is not writable") and "Traceback" not in result.stderr
+
+
+def test_an_existing_read_only_work_dir_exits_2(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the missing-parent case above covers the path")
+    work = tmp_path / "ro"
+    work.mkdir()
+    work.chmod(0o555)
+    result = run_cli(["run"], _run_env(tmp_path, POGONA_WORK_DIR=str(work)))
+    assert result.code == 2 and "is not writable" in result.stderr
+
+
+def test_endpoint_credentials_are_masked_in_the_effective_config() -> None:
+    env = {**BASE, "AWS_ENDPOINT_URL_S3": "https://alice:hunter2-pass@minio.example:9000/base"}
+    result = run_cli(["config"], env)
+    assert result.code == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["aws"]["AWS_ENDPOINT_URL_S3"] == "https://****@minio.example:9000/base"
+    assert "hunter2-pass" not in result.stdout and "alice" not in result.stdout
+
+
+def test_debug_tracebacks_never_show_local_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    """POGONA_DEBUG logs tracebacks; a frame's locals (a key, a client) must never be in them."""
+    from pogona_job import logs
+
+    for fmt in ("json", "console"):
+        logs.configure(fmt, debug=True)  # type: ignore[arg-type]
+
+        def failing(secret: str = "AKIA-SECRET-IN-A-LOCAL") -> None:
+            token = secret + "-2"  # noqa: F841 - a local that must not be rendered
+            raise RuntimeError("boom")
+
+        try:
+            failing()
+        except RuntimeError:
+            logs.get_logger().debug("unexpected error", exc_info=True)
+        err = capsys.readouterr().err
+        assert "boom" in err and "failing" in err, err  # the traceback itself is there...
+        assert "AKIA-SECRET-IN-A-LOCAL" not in err, err  # ...its locals are not

@@ -1,0 +1,37 @@
+"""mitmproxy addon for the crash-point harness: holds ONE chosen request forever, so the test can
+kill -9 the job at exactly that moment (the request never reaches the server).
+
+Configured by environment variables of the mitmdump process:
+  PAUSE_MATCH  regex on "METHOD path?query" (e.g. "^PUT .*/checkpoint/full/pointer\\.json")
+  PAUSE_NTH    pause the Nth matching request (1-based, default 1); earlier ones pass
+Prints "PAUSED <METHOD> <path>" when it holds one, and "PASS <METHOD> <path>" for every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+
+from mitmproxy import http
+
+
+class Pause:
+    def __init__(self) -> None:
+        pattern = os.environ.get("PAUSE_MATCH", "")
+        self.match = re.compile(pattern) if pattern else None
+        self.nth = int(os.environ.get("PAUSE_NTH", "1"))
+        self.seen = 0
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        line = f"{flow.request.method} {flow.request.path}"
+        if self.match is not None and self.match.search(line):
+            self.seen += 1
+            if self.seen == self.nth:
+                print(f"PAUSED {line}", flush=True)
+                await asyncio.sleep(24 * 3600)  # until the test kills the job (and then this proxy)
+                return
+        print(f"PASS {line}", flush=True)
+
+
+addons = [Pause()]

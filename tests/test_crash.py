@@ -1,0 +1,213 @@
+"""The crash-point harness: kill -9 the job at chosen requests, restart it on a NEW machine (a fresh
+POGONA_WORK_DIR: everything must come back from the bucket), and check that the run still ends
+exactly right.
+
+A mitmproxy addon (tests/pause_addon.py) holds one chosen request - a checkpoint file, a set.json,
+a pointer, the gate, an artifact, the manifest, latest.json, the clean-up - and the test kills the
+job's whole process group while that request is in flight. Each restart is the next AWS Batch
+attempt of the same job, so it may take the dead attempt's lease over at once. The legs run in
+order on one run id, each restart going further, so one training budget covers every point.
+
+At the end: results.csv has rows 1..N exactly once (and sanity 1..S), every manifest artifact
+matches its sha256, the report counts N epochs, latest.json names the run, and no checkpoint
+object (nor the lease) is left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pogona_job.locals3 import LocalS3, free_port
+from tests.conftest import BUCKET, ROOT, job_env
+
+EPOCHS, SANITY = 3, 3
+
+# (name, regex on "METHOD path", which match in that leg). Order matters: each leg starts where the
+# previous kill left the run and must reach its own crash point.
+CRASH_POINTS = [
+    ("a sanity checkpoint file", r"^PUT .*/checkpoint/sanity/2/last\.pt", 1),
+    ("the sanity pointer", r"^PUT .*/checkpoint/sanity/pointer\.json", 1),
+    ("the gate", r"^PUT .*/checkpoint/gate\.json", 1),
+    ("a full set's set.json", r"^PUT .*/checkpoint/full/2/set\.json", 1),
+    ("the final set's results.csv", r"^PUT .*/checkpoint/full/3/results\.csv", 1),
+    ("the final pointer", r"^PUT .*/checkpoint/full/pointer\.json", 1),
+    ("an artifact", r"^PUT .*/weights/best\.pt", 1),
+    ("the results artifact", r"^PUT .*/[0-9a-f]{8}/results\.csv", 1),
+    ("the manifest", r"^PUT .*/manifest\.json", 1),
+    ("latest.json", r"^PUT .*/latest\.json", 1),
+    ("the checkpoint clean-up", r"^POST .*\?delete", 1),
+]
+
+
+class PauseProxy:
+    """mitmdump in reverse mode in front of the S3 server, holding the request that matches."""
+
+    def __init__(self, upstream: str, tmp: Path, match: str, nth: int) -> None:
+        self.port = free_port()
+        self.log = tmp / f"pause-{self.port}.log"
+        env = {**os.environ, "PAUSE_MATCH": match, "PAUSE_NTH": str(nth)}
+        args = [
+            str(Path(sys.executable).parent / "mitmdump"),
+            *("--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1", "--listen-port", str(self.port)),
+            *("--set", "keep_host_header=true", "--set", f"confdir={tmp / 'mitm-conf'}"),
+            *("--set", "flow_detail=0", "--set", "termlog_verbosity=warn"),
+            *("-s", str(ROOT / "tests" / "pause_addon.py")),
+        ]
+        self.proc = subprocess.Popen(args, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mitmdump did not start: {self.log.read_text()[-2000:]}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def paused(self) -> str | None:
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("PAUSED "):
+                return line
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Leg:
+    """One attempt of the job in its own process group, on a fresh work dir."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pogona_job", "run"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "wb"),  # noqa: SIM115
+            start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [json.loads(x) for x in lines if x.startswith("{")]
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-25:])
+
+
+def _objects(s3_client: Any, prefix: str) -> dict[str, Any]:
+    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"].removeprefix(prefix): o for page in pages for o in page.get("Contents", [])}
+
+
+def _body(s3_client: Any, key: str) -> bytes:
+    data: bytes = s3_client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return data
+
+
+def _epochs(s3_client: Any, key: str) -> list[int]:
+    return [int(r["epoch"]) for r in csv.DictReader(io.StringIO(_body(s3_client, key).decode()))]
+
+
+@pytest.fixture()
+def legs() -> Any:
+    started: list[Leg] = []
+    yield started
+    for leg in started:  # a failed test must not leave a job running
+        leg.kill()
+
+
+def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
+    s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path, legs: list[Leg]
+) -> None:
+    output = f"crash-{secrets.token_hex(4)}"
+    run = secrets.token_hex(4)  # 8 hex digits: the results-artifact crash point matches on it
+    prefix = f"{output}/{run}/"
+
+    def env(attempt: int, endpoint: str) -> dict[str, str]:
+        work = tmp_path / f"machine-{attempt}"  # a new spot instance every time: nothing local survives
+        e = job_env(
+            s3, work, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=run, POGONA_OUTPUT_URI=f"s3://{BUCKET}/{output}"
+        )
+        e.update(
+            POGONA_EPOCHS=str(EPOCHS),
+            POGONA_SANITY_EPOCHS=str(SANITY),
+            AWS_BATCH_JOB_ID="crash-harness",
+            AWS_BATCH_JOB_ATTEMPT=str(attempt),
+            AWS_ENDPOINT_URL_S3=endpoint,
+        )
+        return e
+
+    seen: list[str] = []
+    for attempt, (name, match, nth) in enumerate(CRASH_POINTS, start=1):
+        proxy = PauseProxy(s3.endpoint, tmp_path, match, nth)
+        try:
+            leg = Leg(env(attempt, proxy.endpoint), tmp_path / f"leg-{attempt}.log")
+            legs.append(leg)
+            deadline = time.monotonic() + 300
+            while proxy.paused() is None and leg.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            paused = proxy.paused()
+            leg.kill()
+        finally:
+            proxy.stop()
+        assert paused, f"leg {attempt} never reached {name} (exit {leg.proc.returncode}):\n{leg.tail()}"
+        seen.append(paused)
+        manifest = _objects(s3_client, prefix).get("manifest.json")
+        if name in ("latest.json", "the checkpoint clean-up"):
+            assert json.loads(_body(s3_client, prefix + "manifest.json"))["status"] == "succeeded"
+        else:
+            assert manifest is None, f"a killed attempt published a manifest at {name}"
+        if attempt > 1:  # every restart came from the bucket, never from a local file
+            came_back = {"checkpoint restored", "run already succeeded; nothing redone"}
+            assert any(e.get("event") in came_back for e in leg.events()), leg.tail()
+
+    final = Leg(env(len(CRASH_POINTS) + 1, s3.endpoint), tmp_path / "final.log")
+    legs.append(final)
+    assert final.proc.wait(600) == 0, final.tail()
+    print("crash points hit:\n  " + "\n  ".join(seen))
+
+    manifest = json.loads(_body(s3_client, prefix + "manifest.json"))
+    assert manifest["status"] == "succeeded" and manifest["run_id"] == run
+    for key, meta in manifest["artifacts"].items():
+        body = _body(s3_client, prefix + key)
+        assert (len(body), hashlib.sha256(body).hexdigest()) == (meta["size"], meta["sha256"]), key
+    assert {"results.csv", "sanity/results.csv", "weights/best.pt", "weights/last.pt"} <= set(manifest["artifacts"])
+    assert _epochs(s3_client, prefix + "results.csv") == list(range(1, EPOCHS + 1))
+    assert _epochs(s3_client, prefix + "sanity/results.csv") == list(range(1, SANITY + 1))
+    report = _body(s3_client, prefix + "report.md").decode()
+    full = report[report.index("### Full training") :]
+    assert re.search(rf"\({EPOCHS} epochs\)", full), full[:600]
+    latest = json.loads(_body(s3_client, f"{output}/latest.json"))
+    assert latest["run_id"] == run
+    left = set(_objects(s3_client, prefix))
+    assert not {k for k in left if k.startswith("checkpoint/") or k == "lease.json"}, sorted(left)
