@@ -154,6 +154,17 @@ def test_endpoint_credentials_are_masked_in_the_effective_config() -> None:
 
 def test_debug_tracebacks_never_show_local_variables(capsys: pytest.CaptureFixture[str]) -> None:
     """POGONA_DEBUG logs tracebacks; a frame's locals (a key, a client) must never be in them."""
+    import structlog
+
+
+    saved = structlog.get_config()
+    try:
+        _check_no_locals(capsys)
+    finally:
+        structlog.configure(**saved)  # other tests keep the logging set-up they had
+
+
+def _check_no_locals(capsys: pytest.CaptureFixture[str]) -> None:
     from pogona_job import logs
 
     for fmt in ("json", "console"):
