@@ -106,6 +106,7 @@ class Job:
     sums: dict[str, storage.Artifact]
     checkpoints: Any = None  # CheckpointSync once training starts
     lease: Any = None
+    live: Any = None  # livestatus.LiveStatus: progress.json, accounting, budget (once the lease is held)
     extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
 
     @property
@@ -116,6 +117,8 @@ class Job:
     def phase(self, name: str) -> Iterator[None]:
         self.stop.check()
         bind(phase=name)
+        if self.live is not None:
+            self.live.set_phase(name)
         log.info("phase started")
         start = time.monotonic()
         try:
@@ -151,6 +154,8 @@ def run(settings: Settings) -> int:
         if job is not None:
             if job.checkpoints is not None:
                 job.checkpoints.close()
+            if job.live is not None:
+                job.live.close(job.record.status, job.record.exit_code)
             if job.lease is not None:
                 job.lease.release()
             job.stop.uninstall()
@@ -199,9 +204,9 @@ def _execute(job: Job) -> None:
         storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from")
         storage.check_bucket(job.client, job.out, "checking the output prefix")
         previous = storage.get_json(job.client, job.out / "manifest.json")
-        if previous and previous.get("status") == "succeeded":
+        if previous and previous.get("status") in ("succeeded", "partial"):  # partial: its budget is spent
             log.info("run already succeeded; nothing redone", manifest=(job.out / "manifest.json").uri)
-            print(f"Run {job.run_id} already succeeded: {job.out.uri}/ (nothing redone).", file=sys.stderr)
+            print(f"Run {job.run_id} already {previous['status']}: {job.out.uri}/ (nothing redone).", file=sys.stderr)
             raise _AlreadyDone
         job.lease = Lease(job.client, job.out / "lease.json", s.lease_ttl_s)
         job.lease.acquire(job.run_id)
@@ -215,6 +220,9 @@ def _execute(job: Job) -> None:
         workers, workers_reason = training.resolve_workers(s.workers, device)
         rec.settings_used.update(device=device, workers=workers, workers_reason=workers_reason)
         log.info("resources", device=device, workers=workers_reason)
+        from pogona_job import livestatus
+
+        job.live = livestatus.start(job, device)
         model_source = _model_source(job)
         job.checkpoints = CheckpointSync(
             job.client,
@@ -291,6 +299,7 @@ def _execute(job: Job) -> None:
         if not rec.verdict.passed:
             raise SanityFailed(rec.verdict.failure_sentence())
         storage.put_json(job.client, job.out / "checkpoint" / "gate.json", rec.verdict.as_dict())
+    job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
 
     with job.phase("full"):
         rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
@@ -311,10 +320,14 @@ def _execute(job: Job) -> None:
         _push_outputs(job, rec.full.save_dir, staged.split_files)
         rec.timings["push"] = round(time.monotonic() - pushed, 2)  # the manifest must carry its own phase
         job.stop.check()  # before the manifest: an interrupted push is redone on restart, never half-published
-        rec.status, rec.finished_at = "succeeded", _now()
+        rec.status, rec.finished_at = job.live.tracker.final_status(), _now()
+        rec.failure = job.live.tracker.stop_reason  # partial: why it stopped early
         _publish(job)
         storage.delete_prefix(job.client, job.out / "checkpoint")  # only kept while the run is in progress
-    log.info("run succeeded", outputs=job.out.uri, **_final_numbers(rec))
+    log.info(f"run {rec.status}", outputs=job.out.uri, **_final_numbers(rec))
+    from pogona_job import notify
+
+    notify.send(job)
 
 
 def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str, workers: int, epochs: int) -> Any:
@@ -353,6 +366,7 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
             on_epoch=on_epoch,
             resume=resume,
             extra=job.extra_args,
+            callbacks=job.live.callbacks(phase, epochs),
         )
     finally:
         gc.collect()  # the phase's model and loaders are garbage now: free them before the next phase
@@ -407,6 +421,8 @@ def _push_outputs(job: Job, save_dir: Path, split_files: list[Path]) -> None:
 def _publish(job: Job) -> None:
     """config.json and report.md, then manifest.json LAST, then latest.json: readers trust the manifest."""
     rec = job.record
+    if job.live is not None:
+        rec.accounting = job.live.tracker.summary(rec.status)
     config_path = job.work / "config.json"
     config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
     rec.artifacts = sorted({*job.sums, "config.json", "report.md"})
@@ -456,6 +472,7 @@ def _manifest(job: Job) -> dict[str, Any]:
             "uploaded": job.checkpoints.uploaded if job.checkpoints else [],
             "skipped_superseded": job.checkpoints.skipped if job.checkpoints else [],
         },
+        "accounting": rec.accounting,
         "artifacts": {key: {"sha256": a.sha256, "size": a.size} for key, a in sorted(job.sums.items())},
     }
 
@@ -477,6 +494,9 @@ def _finish_failed(job: Job | None, err: JobError) -> int:
         log.error("run failed", exit_code=err.exit_code, reason=err.sentence, failed_phase=rec.failed_phase)
         if err.exit_code not in (2, 4) and job.lease is not None:  # 2/4: nothing, or nowhere, to write
             _publish_failure(job)
+        from pogona_job import notify
+
+        notify.send(job)
     _write_failure_file(err.sentence)
     print(err.sentence, file=sys.stderr)
     return err.exit_code

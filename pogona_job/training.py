@@ -210,8 +210,10 @@ def train_phase(
     on_epoch: EpochHook | None = None,
     resume: bool = False,
     extra: Mapping[str, Any] | None = None,
+    callbacks: Mapping[str, Callable[[Any], None]] | None = None,
 ) -> PhaseResult:
-    """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch."""
+    """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch.
+    `callbacks` (livestatus: meter, budget) run before the job's own, so the epoch event carries their fields."""
     start = time.monotonic()
     last = save_dir / "weights" / "last.pt"
     model = load_model(str(last) if resume else model_source)
@@ -246,10 +248,13 @@ def train_phase(
             epochs=trainer.epochs,
             seconds=round(float(trainer.epoch_time or 0.0), 2),
             **values,
+            **getattr(trainer, "pogona_epoch_fields", {}),  # images/s, ETA, dataloader share (livestatus)
         )
         if on_epoch:
             on_epoch(trainer.epoch + 1, values)
 
+    for event, callback in (callbacks or {}).items():
+        model.add_callback(event, callback)
     model.add_callback("on_train_start", on_train_start)
     model.add_callback("on_train_batch_end", on_batch_end)
     model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
