@@ -263,7 +263,7 @@ def watch(client: Any, output: S3Path, run_id: str | None, *, once: bool = False
                 if display is not None:
                     display.close(line)
                 return 0 if line.get("state") not in ("failed", "stalled") else 1
-            time.sleep(poll_s)
+            time.sleep(min(poll_s, float(line.get("interval_s") or poll_s)))  # no slower than the writer
     except KeyboardInterrupt:
         if display is not None:
             display.close(None)
