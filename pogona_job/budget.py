@@ -164,10 +164,12 @@ class Tracker:
         fits = max(0, math.floor((self.limit_s - used) / epoch_s)) if epoch_s > 0 else remaining
         self.projection.update(over_budget=projected > self.limit_s, epochs_that_fit=min(fits, remaining))
         if projected > self.limit_s:
+            fit = min(fits, remaining)
             self.projection["warning"] = (
                 f"The full run ({remaining} epochs of ~{duration(epoch_s)}) is projected at {duration(projected)} "
-                f"in all, over the budget {self.limit_source} ({duration(self.limit_s)}): about {min(fits, remaining)} "
-                "epochs fit; training will stop there and publish best-so-far as partial."
+                f"in all, over the budget {self.limit_source} ({duration(self.limit_s)}): "
+                + (f"about {fit} epoch{'s' if fit != 1 else ''} fit" if fit else "no more epochs fit")
+                + "; training stops at the budget (after at least one epoch) and publishes best-so-far as partial."
             )
             log.warning(
                 "budget will not cover the full run",
@@ -215,7 +217,7 @@ class Tracker:
                 "started_at": self.started_at,
                 "updated_at": _now(),
                 "wall_s": round(self.elapsed(), 2),
-                "phases_s": dict(self.timings),
+                "phases_s": {k: v for k, v in self.timings.items() if not k.startswith("startup")},
                 "epochs": dict(self.epochs),
                 "resumed_from": dict(self.resumed_from),
                 "outcome": outcome,
@@ -343,7 +345,7 @@ def report_lines(acc: dict[str, Any]) -> list[str]:
             else "none set"
         ),
         "",
-        "| Attempt | Started | Outcome | Wall-clock s | Instance | Epochs (phase: last) | Resumed from | Phases (s) |",
+        "| Attempt | Started | Outcome | Wall-clock s | Instance | Epochs reached | Resumed from | Phases (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for a in acc["attempts"]:
@@ -371,5 +373,6 @@ def report_lines(acc: dict[str, Any]) -> list[str]:
                 "",
             ]
         else:
-            out += [f"- Dataloader share of step time ({phase}): {share:.0%}", ""]
+            out.append(f"- Dataloader share of step time ({phase}): {share:.0%} (no input-pipeline bottleneck)")
+    out.append("")
     return out

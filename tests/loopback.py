@@ -23,7 +23,7 @@ class Receiver:
         received = self.messages
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 received.append(json.loads(body))
                 self.send_response(200)
@@ -72,14 +72,14 @@ class MetadataStandIn:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_PUT(self) -> None:  # noqa: N802
+            def do_PUT(self) -> None:
                 seen.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
                 if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
                     self._send(200, TOKEN)
                 else:
                     self._send(400, "")
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 seen.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
                 if self.path == "/ecs/task":
                     self._send(200, json.dumps(task))

@@ -189,6 +189,8 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
         assert hashlib.sha256(body).hexdigest() == manifest["artifacts"][key]["sha256"], key
     # weights/best.onnx comes with the ship branch's export step; not on this branch yet.
     report = _get(s3_client, prefix + "report.md").decode()
+    Path("/tmp/cost-partial-report.md").write_text(report)
+    print(f"partial: {manifest['failure']} / {manifest['accounting']['summary']}")
     assert "**Status: PARTIAL**" in report and manifest["failure"] in report
     assert "Projection after the sanity epochs" in report
     assert _maybe_json(s3_client, "runs/latest.json") == latest_before  # never latest...
@@ -241,6 +243,8 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     assert acc["estimated_cost_usd"] == pytest.approx(total / 3600, abs=1e-3)
     assert f"2 preemptions, {done_first} epochs recomputed" in acc["summary"]
     report = _get(s3_client, f"runs/{run}/report.md").decode()
+    print(f"preempted twice: {acc['summary']}; attempts {[a['wall_s'] for a in attempts]} s")
+    Path("/tmp/cost-preempted-report.md").write_text(report)
     assert "| Preempted attempt | Epochs recomputed after it |" in report and acc["summary"] in report
     assert [e for e in _rows(s3_client, f"runs/{run}/results.csv")] and len(hook.messages) == 2
     assert hook.messages[1]["title"] == f"pogona-train run {run}: succeeded"
@@ -249,7 +253,9 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
 def test_gate_failure_and_a_failed_run_each_send_one_message(
     env_for: Callable[..., dict[str, str]], s3_client: Any, hook: Receiver
 ) -> None:
-    gate = run_cli(["run"], env_for("cost-gate", POGONA_SANITY_EPOCHS="2", POGONA_GATE_MIN_MAP50="1", POGONA_NOTIFY=hook.url))
+    gate = run_cli(
+        ["run"], env_for("cost-gate", POGONA_SANITY_EPOCHS="2", POGONA_GATE_MIN_MAP50="1", POGONA_NOTIFY=hook.url)
+    )
     assert gate.code == 5, gate.stderr[-2000:]
     assert len(hook.messages) == 1
     msg = hook.messages[0]
@@ -258,7 +264,10 @@ def test_gate_failure_and_a_failed_run_each_send_one_message(
     assert lines[0] == f"Why: {gate.stderr.strip().splitlines()[-1]}"
     assert lines[1] == "Exit code: 5, phase: verdict"
     assert any(line.startswith("Signature: mAP@0.5 after the sanity epochs: observed ") for line in lines)
-    assert lines[-2:] == [f"Report: s3://{BUCKET}/runs/cost-gate/report.md", f"Manifest: s3://{BUCKET}/runs/cost-gate/manifest.json"]
+    assert lines[-2:] == [
+        f"Report: s3://{BUCKET}/runs/cost-gate/report.md",
+        f"Manifest: s3://{BUCKET}/runs/cost-gate/manifest.json",
+    ]
 
     empty = env_for("cost-failed", POGONA_NOTIFY=hook.url)
     empty["POGONA_DATASET_URI"] = f"s3://{BUCKET}/datasets/nothing-here"

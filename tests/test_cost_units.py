@@ -79,7 +79,10 @@ def test_summary_line_reads_like_the_issue() -> None:
         "epochs_recomputed": 2,
         "estimated_cost_usd": 0.4218,
     }
-    assert budget.summary_line(60, acc) == "60 epochs in 48 min on g6.2xlarge (spot), 1 preemption, 2 epochs recomputed, ≈ US$0.42"
+    assert (
+        budget.summary_line(60, acc)
+        == "60 epochs in 48 min on g6.2xlarge (spot), 1 preemption, 2 epochs recomputed, ≈ US$0.42"
+    )
     acc.update(instance=cloud.Instance().as_dict(), preemptions=0, estimated_cost_usd=None, wall_s=42)
     assert budget.summary_line(1, acc) == "1 epoch in 42 s on unknown instance, 0 preemptions"
 
@@ -89,8 +92,15 @@ def test_notify_urls_are_masked_in_the_effective_config() -> None:
     assert cfg["POGONA_NOTIFY"] == "slack://**** json://****"
 
 
-def _progress(run: str, heartbeat: float, interval: float = 1.0, epoch: int = 2) -> dict[str, Any]:
-    return {"run_id": run, "phase": "full", "epoch": epoch, "epochs": 5, "interval_s": interval, "heartbeat_ts": heartbeat}
+def _progress(run: str, hb: float, interval: float = 1.0, epoch: int = 2) -> dict[str, Any]:
+    return {
+        "run_id": run,
+        "phase": "full",
+        "epoch": epoch,
+        "epochs": 5,
+        "interval_s": interval,
+        "heartbeat_ts": heartbeat,
+    }
 
 
 def test_watch_reports_stalled_when_the_heartbeat_is_old(s3: LocalS3, s3_client: Any, tmp_path: Path) -> None:
