@@ -99,7 +99,7 @@ def _progress(run: str, hb: float, interval: float = 1.0, epoch: int = 2) -> dic
         "epoch": epoch,
         "epochs": 5,
         "interval_s": interval,
-        "heartbeat_ts": heartbeat,
+        "heartbeat_ts": hb,
     }
 
 
