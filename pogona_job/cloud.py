@@ -21,7 +21,7 @@ import json
 import os
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +139,19 @@ def detect(env: Mapping[str, str] | None = None, override: str | None = None, ti
     if found.launch_type == "unknown" and found.type == "unknown":
         found.launch_type = "local"
     return found
+
+
+_DETECTED: Instance | None = None
+
+
+def instance(override: str | None = None) -> Instance:
+    """`detect()` once per process (the metadata does not change under a running job)."""
+    global _DETECTED
+    if _DETECTED is None:
+        _DETECTED = detect()
+    return replace(_DETECTED, type=override, source="POGONA_INSTANCE_TYPE") if override else _DETECTED
+
+
+def image_digest() -> str:
+    """The running image's digest: IMAGE_DIGEST if set, else ECS task metadata's ImageID, else "unknown"."""
+    return os.environ.get("IMAGE_DIGEST") or instance().image_digest

@@ -199,7 +199,7 @@ def start(job: Any, device: str) -> LiveStatus:
     from pogona_job import cloud
 
     s = job.settings
-    instance = cloud.detect(override=s.instance_type)
+    instance = cloud.instance(override=s.instance_type)
     tracker = Tracker(job.client, job.out, s, instance, device, job.attempt, job.record.timings)
     tracker.load()
     log.info("instance", type=instance.type, lifecycle=instance.lifecycle, source=instance.source)
