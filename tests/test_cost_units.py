@@ -154,3 +154,54 @@ def test_a_dead_notification_endpoint_is_logged_and_the_live_one_still_gets_it()
         "Report: s3://b/runs/r1/report.md",
         "Manifest: s3://b/runs/r1/manifest.json",
     ]
+
+
+def test_the_terminal_display_renders_a_live_line_and_the_final_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    from pogona_job.livestatus import _RichDisplay
+
+    display = _RichDisplay()
+    display.show({**_progress("r", time.time()), "state": "running", "metrics": {"map50": 0.5}, "eta_s": 12.0})
+    display.show({**_progress("r", time.time() - 99), "state": "stalled"})
+    final = {"state": "succeeded", "final": True, "manifest": {"accounting": {"summary": "2 epochs in 9 s on x"}}}
+    display.close(final)
+    assert "Run finished: succeeded. 2 epochs in 9 s on x" in capsys.readouterr().out
+
+
+def test_an_attempt_that_vanished_counts_as_a_preemption_and_its_lost_epochs_are_counted() -> None:
+    from pogona_job.storage import S3Path
+
+    tracker = budget.Tracker(
+        client=None,
+        run=S3Path.parse("s3://b/runs/r"),
+        settings=Settings(max_hours=1, hourly_cost=2.0),
+        instance=cloud.Instance(type="g6.xlarge", lifecycle="spot"),
+        device="0",
+        scheduler_attempt=3,
+        timings={"full": 5.0},
+    )
+    tracker.prior = [  # kill -9: its last periodic entry still says "running"
+        {
+            "id": "a",
+            "wall_s": 1800.0,
+            "outcome": "running",
+            "epochs": {"sanity": 3, "full": 7},
+            "gpus": 1,
+            "hourly_cost": 2.0,
+            "seconds_since_last_epoch": 0.0,
+        },
+    ]
+    tracker.training_started("full", 5)  # the newest checkpoint held 5 epochs: 2 recomputed
+    tracker.epoch_done("full", 6, 60.0, 0.25)
+    acc = tracker.summary("succeeded")
+    assert acc["preemptions"] == 1 and acc["epochs_recomputed"] == 2
+    assert acc["preemption_details"][0]["by_phase"] == {"full": 2}
+    assert acc["gpu_hours"] == pytest.approx((1800 + tracker.elapsed()) / 3600, abs=1e-3)
+    assert acc["estimated_cost_usd"] == pytest.approx(1.0, abs=0.01)
+    assert acc["input_bottleneck"] is True
+    assert "Input-pipeline bottleneck (full)" in "\n".join(budget.report_lines(acc))
+    # the budget counts the vanished attempt: 30 min used of 60, and a 31-minute epoch does not fit
+    assert not tracker.should_stop("full", 6, 10, 60.0)
+    assert tracker.should_stop("full", 6, 10, 31 * 60.0)
+    assert tracker.stop_reason and "across 2 attempts" in tracker.stop_reason
+    tracker.prior[0]["hourly_cost"] = None  # an unpriced attempt: the total is unknown, not understated
+    assert tracker.summary("partial")["estimated_cost_usd"] is None
