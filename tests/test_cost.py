@@ -141,6 +141,8 @@ def test_watch_follows_a_live_run_and_a_dead_notify_endpoint_does_not_fail_it(
         assert e["images_per_s"] > 0 and e["epoch_seconds"] > 0 and 0 <= e["dataloader_share"] <= 1
         assert e["eta_s"] >= 0
     assert [e["eta_s"] for e in epochs if e["phase"] == "full"][-1] == 0
+    fields = ("phase", "epoch", "images_per_s", "epoch_seconds", "eta_s", "dataloader_share")
+    print("epoch events:", [{k: e[k] for k in fields} for e in epochs], "watch lines:", len(watcher.lines))
 
     undelivered = [e for e in _events(result.stderr) if e.get("event") == "notification not delivered"]
     assert len(undelivered) == 1 and undelivered[0]["url_index"] == 0 and "down" not in json.dumps(undelivered)
