@@ -35,6 +35,13 @@ PREEMPTED = ("interrupted", "running")  # "running": the attempt died without cl
 BOTTLENECK_SHARE = 0.10  # dataloader wait above this share of step time: the GPU is starved
 
 
+class BudgetSpent(JobError):
+    """A resumed attempt found the budget already spent: publish the checkpoint's best-so-far as partial."""
+
+    exit_code = 0
+    status = "partial"
+
+
 def budget_limit(settings: Settings) -> tuple[float | None, str]:
     """The budget in seconds (the tighter of hours and cost) and how it was set, for sentences."""
     if settings.max_cost is not None and settings.hourly_cost is None:
@@ -198,6 +205,22 @@ class Tracker:
         )
         log.warning("budget reached: stopping at this epoch boundary", epoch=epoch, epochs=epochs, used_s=round(used))
         return True
+
+    def refuse_if_spent(self, phase: str, start_epoch: int, epochs: int) -> None:
+        """Before a resumed full training: with the budget spent by earlier attempts, train no further."""
+        if phase != "full" or self.limit_s is None or start_epoch <= 0 or start_epoch >= epochs:
+            return
+        used = self.used_s()
+        if used < self.limit_s:
+            return
+        attempts = len(self.prior) + 1
+        self.stop_reason = (
+            f"Stopped by its budget after epoch {start_epoch} of {epochs}: the earlier attempts already used "
+            f"{duration(used)} of {self.limit_source} ({duration(self.limit_s)}) across {attempts} attempts; "
+            "best-so-far weights from the last checkpoint published as partial."
+        )
+        log.warning("budget already spent by earlier attempts: not training further", epoch=start_epoch)
+        raise BudgetSpent(self.stop_reason)
 
     def final_status(self) -> str:
         return "partial" if self.stop_reason else "succeeded"

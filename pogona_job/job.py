@@ -302,7 +302,15 @@ def _execute(job: Job) -> None:
     job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
 
     with job.phase("full"):
-        rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
+        from pogona_job.budget import BudgetSpent
+
+        try:
+            rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
+        except BudgetSpent:  # a retry found the budget spent: the checkpoint's best-so-far becomes partial
+            partial = training.partial_phase("full", job.runs / "full", device)
+            if partial is None:
+                raise
+            rec.full = partial
 
     with job.phase("evaluate"):
         from pogona_job.evaluate import evaluate_per_modality, lagging_modalities

@@ -130,6 +130,7 @@ class LiveStatus:
             start = int(getattr(trainer, "start_epoch", 0))
             self.tracker.training_started(phase, start)
             self.set(epoch=start, batches=len(trainer.train_loader))
+            self.tracker.refuse_if_spent(phase, start, epochs)  # raises BudgetSpent: the job publishes partial
 
         def on_train_epoch_start(trainer: Any) -> None:
             now = time.monotonic()

@@ -252,6 +252,30 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     assert hook.messages[1]["title"] == f"pogona-train run {run}: succeeded"
 
 
+def test_a_retry_that_finds_the_budget_spent_trains_no_further_and_publishes_partial(
+    env_for: Callable[..., dict[str, str]], s3_client: Any
+) -> None:
+    run = "cost-spent"
+    first = Job(env_for(run, "work-1", POGONA_EPOCHS="4"))
+    first.wait_for(_is("checkpoint uploaded", checkpoint_phase="full", epoch=1))
+    assert first.signal_and_wait(signal.SIGTERM)[0] == 143
+    # The retry's budget (3.6 s) is already spent by attempt 1: not one more epoch may run.
+    second = run_cli(["run"], env_for(run, "work-2", POGONA_EPOCHS="4", POGONA_MAX_HOURS="0.001"))
+    assert second.code == 0, second.stderr[-3000:]
+    assert not [e for e in _events(second.stderr) if e.get("event") == "epoch" and e.get("phase") == "full"]
+
+    prefix = f"runs/{run}/"
+    manifest = _json(s3_client, prefix + "manifest.json")
+    attempts = manifest["accounting"]["attempts"]
+    done = attempts[0]["epochs"]["full"]
+    assert manifest["status"] == "partial" and [a["outcome"] for a in attempts] == ["interrupted", "partial"]
+    assert manifest["failure"].startswith(f"Stopped by its budget after epoch {done} of 4: the earlier attempts")
+    assert [int(r["epoch"]) for r in _rows(s3_client, prefix + "results.csv")] == list(range(1, done + 1))
+    body = _get(s3_client, prefix + "weights/best.pt")
+    assert hashlib.sha256(body).hexdigest() == manifest["artifacts"]["weights/best.pt"]["sha256"]
+    assert manifest["metrics"]["map50"] == float(_rows(s3_client, prefix + "results.csv")[-1]["metrics/mAP50(B)"])
+
+
 def test_gate_failure_and_a_failed_run_each_send_one_message(
     env_for: Callable[..., dict[str, str]], s3_client: Any, hook: Receiver
 ) -> None:
