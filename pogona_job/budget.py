@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pogona_job import pointers
+from pogona_job import PROCESS_START, pointers
 from pogona_job.cloud import Instance
 from pogona_job.config import Settings
 from pogona_job.errors import ConfigError, JobError
@@ -93,7 +93,7 @@ class Tracker:
     device: str
     scheduler_attempt: int
     timings: dict[str, float]  # the job's per-phase seconds (RunRecord.timings), live
-    started: float = field(default_factory=time.monotonic)
+    started: float = PROCESS_START  # the machine is paid from the process start, imports included
     started_at: str = field(default_factory=_now)
     prior: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str | None = None

@@ -178,6 +178,7 @@ def test_an_attempt_that_vanished_counts_as_a_preemption_and_its_lost_epochs_are
         device="0",
         scheduler_attempt=3,
         timings={"full": 5.0},
+        started=time.monotonic(),  # not the test session's start
     )
     tracker.prior = [  # kill -9: its last periodic entry still says "running"
         {
