@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dest", type=Path)
     demo.add_argument("--images", type=int, default=120)
     demo.add_argument("--size", type=int, default=160)
+    runs = sub.add_parser("runs", help="the runs under POGONA_OUTPUT_URI").add_subparsers(dest="action")
+    watch = runs.add_parser("watch", help="follow a live run's progress.json (rich on a TTY, JSON lines otherwise)")
+    watch.add_argument("run_id", nargs="?", help="the run to follow")
+    watch.add_argument("--latest", action="store_true", help="follow the run that wrote progress most recently")
+    watch.add_argument("--once", action="store_true", help="print the current state once and exit")
     return parser
 
 
@@ -57,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         if command == "config":
             print(json.dumps(effective_config(settings), indent=2, default=str))
             return 0
+        if command == "runs":  # `runs` and `runs show` come with the ship branch
+            from pogona_job.livestatus import watch_command
+
+            if args.action != "watch":
+                raise ConfigError("Usage: pogona-job runs watch ID|--latest")
+            return watch_command(args, settings)
         return _dataset(args, settings)
     except JobError as err:
         if settings is not None and settings.debug:  # the traceback, but the documented exit code all the same

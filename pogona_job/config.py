@@ -134,6 +134,33 @@ class Settings(BaseSettings):
         description="a run's lease expires this long after its holder's last heartbeat",
     )
 
+    # --- budget, cost, live status, notifications ----------------------------------------
+    max_hours: float | None = Field(
+        None,
+        gt=0,
+        description="budget: wall-clock hours across all attempts of the run; at the budget training stops at an "
+        "epoch boundary and best-so-far is published as `partial`",
+    )
+    max_cost: float | None = Field(
+        None, gt=0, description="budget in US$ (needs POGONA_HOURLY_COST): stops like POGONA_MAX_HOURS"
+    )
+    hourly_cost: float | None = Field(
+        None, ge=0, description="price of the machine in US$/hour (set by the infra template) for cost estimates"
+    )
+    instance_type: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$",
+        description="instance type shown in the accounting; default detected (ECS/EC2 metadata), else `unknown`",
+    )
+    progress_interval_s: float = Field(
+        30.0, ge=0.2, le=3600, description="write `<run>/progress.json` at most this often while the run trains"
+    )
+    notify: str | None = Field(
+        None,
+        description="apprise URLs (space- or comma-separated) told once per terminal state: succeeded, failed, "
+        "partial, gate failure, interrupted after the second preemption",
+    )
+
     # --- logging, storage ---------------------------------------------------------------
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="`json` (one object a line), `console`, or `auto` (console on a TTY)"
@@ -264,6 +291,11 @@ def mask_url(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def notify_urls(value: str | None) -> list[str]:
+    """POGONA_NOTIFY's apprise URLs, separated by spaces or commas."""
+    return [u for u in re.split(r"[\s,]+", value or "") if u]
+
+
 def mask(value: str | None) -> str:
     if not value:
         return "(unset)"
@@ -275,6 +307,8 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {
         env_name(k): (str(v) if isinstance(v, Path) else v) for k, v in settings.model_dump().items()
     }
+    if settings.notify:  # webhook URLs carry their tokens: keep only the schemes
+        out[env_name("notify")] = " ".join(u.split("://")[0] + "://****" for u in notify_urls(settings.notify))
     out["aws"] = {
         "AWS_ENDPOINT_URL_S3": mask_url(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")),
         "AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),

@@ -33,6 +33,7 @@ from pogona_job.report import RunRecord, render
 from pogona_job.storage import S3Path
 
 log = get_logger()
+FINAL = ("succeeded", "partial")  # manifests that nothing rewrites
 PLOTS = ("results.png", "BoxPR_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg")
 
 
@@ -124,7 +125,8 @@ class Job:
     sums: dict[str, storage.Artifact]
     checkpoints: Any = None  # CheckpointSync once training starts
     lease: Any = None  # set only once acquired: a job without it writes nothing under the run
-    succeeded: bool = False  # the succeeded manifest is published: nothing may rewrite it
+    final: bool = False  # a succeeded (or partial) manifest is published: nothing may rewrite it
+    live: Any = None  # livestatus.LiveStatus: progress.json, accounting, budget (once the lease is held)
     extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
 
     @property
@@ -141,6 +143,8 @@ class Job:
     def phase(self, name: str) -> Iterator[None]:
         self.check()
         bind(phase=name)
+        if self.live is not None:
+            self.live.set_phase(name)
         log.info("phase started")
         start = time.monotonic()
         try:
@@ -174,6 +178,8 @@ def run(settings: Settings) -> int:
         if job is not None:
             if job.checkpoints is not None:
                 job.checkpoints.close()
+            if job.live is not None:
+                job.live.close(job.record.status, job.record.exit_code)
             if job.lease is not None:
                 job.lease.release()
             job.stop.uninstall()
@@ -226,10 +232,14 @@ def _execute(job: Job) -> None:
         storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from")
         storage.check_bucket(job.client, job.out, "checking the output prefix")
         previous = storage.get_json(job.client, job.out / "manifest.json")
-        if previous and previous.get("status") == "succeeded":
-            log.info("run already succeeded; nothing redone", manifest=(job.out / "manifest.json").uri)
-            _complete_succeeded(job, previous)  # a kill after the manifest left these undone
-            print(f"Run {job.run_id} already succeeded: {job.out.uri}/ (nothing redone).", file=sys.stderr)
+        if previous and previous.get("status") in FINAL:  # partial: its budget is spent
+            log.info(
+                "run already finished; nothing redone",
+                status=previous["status"],
+                manifest=(job.out / "manifest.json").uri,
+            )
+            _complete_finished(job, previous)  # a kill after the manifest left these undone
+            print(f"Run {job.run_id} already {previous['status']}: {job.out.uri}/ (nothing redone).", file=sys.stderr)
             raise _AlreadyDone
         lease = Lease(
             job.client, job.out / "lease.json", s.lease_ttl_s, attempt=job.attempt, scheduler_job=scheduler_job()
@@ -246,6 +256,9 @@ def _execute(job: Job) -> None:
         workers, workers_reason = training.resolve_workers(s.workers, device)
         rec.settings_used.update(device=device, workers=workers, workers_reason=workers_reason)
         log.info("resources", device=device, workers=workers_reason)
+        from pogona_job import livestatus
+
+        job.live = livestatus.start(job, device)
         model_source = _model_source(job)
         job.checkpoints = CheckpointSync(
             job.client,
@@ -323,9 +336,18 @@ def _execute(job: Job) -> None:
         if not rec.verdict.passed:
             raise SanityFailed(rec.verdict.failure_sentence())
         storage.put_json(job.client, job.out / "checkpoint" / "gate.json", rec.verdict.as_dict())
+    job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
 
     with job.phase("full"):
-        rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
+        from pogona_job.budget import BudgetSpent
+
+        try:
+            rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
+        except BudgetSpent:  # a retry found the budget spent: the checkpoint's best-so-far becomes partial
+            partial = training.partial_phase("full", job.runs / "full", device)
+            if partial is None:
+                raise
+            rec.full = partial
         _flush_checkpoints(job)  # the final set lands now, never after the clean-up below
 
     with job.phase("evaluate"), job.stop.interruptible():
@@ -344,11 +366,15 @@ def _execute(job: Job) -> None:
         _push_outputs(job, rec.full.save_dir, staged.split_files)
         rec.timings["push"] = round(time.monotonic() - pushed, 2)  # the manifest must carry its own phase
         job.check()  # before the manifest: an interrupted push is redone on restart, never half-published
-        rec.status, rec.finished_at = "succeeded", _now()
+        rec.status, rec.finished_at = job.live.tracker.final_status(), _now()
+        rec.failure = job.live.tracker.stop_reason  # partial: why it stopped early
         _publish(job)
         job.checkpoints.close()  # nothing in flight can land after the clean-up
         storage.delete_prefix(job.client, job.out / "checkpoint")  # only kept while the run is in progress
-    log.info("run succeeded", outputs=job.out.uri, **_final_numbers(rec))
+    log.info(f"run {rec.status}", outputs=job.out.uri, **_final_numbers(rec))
+    from pogona_job import notify
+
+    notify.send(job)
 
 
 def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str, workers: int, epochs: int) -> Any:
@@ -397,6 +423,7 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
                 "save_dir": str(save_dir),
                 "state": {"attempt": job.attempt},
             },
+            callbacks=job.live.callbacks(phase, epochs),
         )
     finally:
         gc.collect()  # the phase's model and loaders are garbage now: free them before the next phase
@@ -453,6 +480,8 @@ def _publish(job: Job) -> None:
     rec = job.record
     if job.lease is not None:  # prove we still hold the run right before writing its outputs
         job.lease.confirm()
+    if job.live is not None:
+        rec.accounting = job.live.tracker.summary(rec.status)
     config_path = job.work / "config.json"
     config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
     rec.artifacts = sorted({*job.sums, "config.json", "report.md"})
@@ -463,13 +492,13 @@ def _publish(job: Job) -> None:
     written = pointers.update(
         job.client,
         job.out / "manifest.json",
-        lambda current: None if (current or {}).get("status") == "succeeded" else manifest,
+        lambda current: None if (current or {}).get("status") in FINAL else manifest,
     )
     if written is None:
-        log.warning("the run's manifest already says succeeded; left as it is")
+        log.warning("the run's manifest is already final; left as it is")
         return
+    job.final = rec.status in FINAL
     if rec.status == "succeeded":
-        job.succeeded = True
         advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
 
 
@@ -493,9 +522,10 @@ def advance_latest(client: Any, output: S3Path, manifest: dict[str, Any]) -> Non
     pointers.update(client, output / "latest.json", decide)
 
 
-def _complete_succeeded(job: Job, manifest: dict[str, Any]) -> None:
-    """A retry of a succeeded run finishes what a kill after its manifest left undone."""
-    advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
+def _complete_finished(job: Job, manifest: dict[str, Any]) -> None:
+    """A retry of a finished run finishes what a kill after its manifest left undone (partial: never latest)."""
+    if manifest.get("status") == "succeeded":
+        advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
     storage.delete_prefix(job.client, job.out / "checkpoint")
     lease = pointers.read(job.client, job.out / "lease.json")  # a dead attempt's, killed after the manifest
     if lease.etag is not None:
@@ -543,6 +573,7 @@ def _manifest(job: Job) -> dict[str, Any]:
             "uploaded": job.checkpoints.uploaded if job.checkpoints else [],
             "skipped_superseded": job.checkpoints.skipped if job.checkpoints else [],
         },
+        "accounting": rec.accounting,
         "artifacts": {key: {"sha256": a.sha256, "size": a.size} for key, a in sorted(job.sums.items())},
     }
 
@@ -564,8 +595,11 @@ def _finish_failed(job: Job | None, err: JobError) -> int:
         log.error("run failed", exit_code=err.exit_code, reason=err.sentence, failed_phase=rec.failed_phase)
         # 2/4: nothing, or nowhere, to write. Without the lease (refused, or lost to another job) the
         # run is not ours; after the succeeded manifest, nothing may rewrite it.
-        if err.exit_code not in (2, 4) and job.lease is not None and not job.lease.lost and not job.succeeded:
+        if err.exit_code not in (2, 4) and job.lease is not None and not job.lease.lost and not job.final:
             _publish_failure(job)
+        from pogona_job import notify
+
+        notify.send(job)
     _write_failure_file(err.sentence)
     print(err.sentence, file=sys.stderr)
     return err.exit_code
@@ -600,7 +634,7 @@ def _publish_failure(job: Job) -> None:
         elif rec.full is None and rec.verdict is not None and rec.verdict.passed:
             rec.full = partial_phase("full", job.runs / "full", device)
         _publish(job)
-        if rec.exit_code not in (75, 143) and not job.succeeded:  # not retryable: nobody will resume
+        if rec.exit_code not in (75, 143) and not job.final:  # not retryable: nobody will resume
             storage.delete_prefix(job.client, job.out / "checkpoint")
         log.info("failure report pushed", report=(job.out / "report.md").uri)
     except JobError as exc:

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pogona_job.budget import report_lines
 from pogona_job.gate import LOSSES, ParityResult, Verdict, train_total
 from pogona_job.training import METRICS, PhaseResult
 
@@ -42,6 +43,7 @@ class RunRecord:
     per_modality: dict[str, dict[str, float]] = field(default_factory=dict)
     lagging: list[str] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
+    accounting: dict[str, Any] = field(default_factory=dict)  # budget.Tracker.summary(): time, cost, attempts
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -180,6 +182,8 @@ def render(record: RunRecord) -> str:
     ]
     if record.failure:
         out += ["", f"> **What went wrong:** {record.failure}"]
+    if record.accounting:
+        out += ["", f"**Cost and time:** {record.accounting['summary']}"]
     out += [
         "",
         "## Project Overview",
@@ -295,6 +299,7 @@ def render(record: RunRecord) -> str:
             )
         out.append("")
     out += ["## Recommendations", "", *[f"{i}. {r}" for i, r in enumerate(_recommendations(record), 1)], ""]
+    out += report_lines(record.accounting)
     if record.timings:
         out += ["## Timings", "", "| Phase | Seconds |", "|---|---|"]
         out += [f"| {k} | {v:.1f} |" for k, v in record.timings.items()]

@@ -253,6 +253,7 @@ def on_fit_epoch_end(trainer: Any) -> None:
         epochs=trainer.epochs,
         seconds=round(float(trainer.epoch_time or 0.0), 2),
         **values,
+        **getattr(trainer, "pogona_epoch_fields", {}),  # images/s, ETA, dataloader share (livestatus)
     )
     hooks: Hooks = trainer.pogona
     if hooks.on_epoch:

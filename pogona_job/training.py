@@ -218,8 +218,12 @@ def train_phase(
     resume: bool = False,
     extra: Mapping[str, Any] | None = None,
     ddp_checkpoint: Mapping[str, Any] | None = None,
+    callbacks: Mapping[str, Callable[[Any], None]] | None = None,
 ) -> PhaseResult:
-    """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch."""
+    """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch.
+    `callbacks` (livestatus: meter, budget) run before the job's own, so the epoch event carries their fields.
+    Under DDP they do not reach ultralytics' worker processes (only the trainer class's own hooks do), so
+    progress and budget are single-process features for now."""
     from pogona_job.trainer import Hooks
 
     start = time.monotonic()
@@ -228,6 +232,8 @@ def train_phase(
     hardware = describe_hardware(device)
     # Our callbacks live on the trainer class (pogona_job/trainer.py), so multi-GPU workers run them too.
     hooks = Hooks(watchdog, on_epoch=on_epoch, checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None)
+    for event, callback in (callbacks or {}).items():  # registered on the model: they run before the trainer's
+        model.add_callback(event, callback)
     if resume:
         # Only a whitelist of args may change on resume; `data` must be given (the stored path is gone
         # in a new container) and save_dir keeps results.csv appending in place (field notes).

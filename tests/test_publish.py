@@ -48,7 +48,7 @@ def test_a_succeeded_manifest_is_never_rewritten(job: jobmod.Job, s3_client: Any
 def test_a_failure_after_the_succeeded_manifest_publishes_nothing(
     job: jobmod.Job, s3_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job.succeeded = True
+    job.final = True
     job.lease = type("HeldLease", (), {"lost": None})()
     published: list[str] = []
     monkeypatch.setattr(jobmod, "_publish_failure", lambda j: published.append("failure"))

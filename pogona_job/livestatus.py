@@ -1,0 +1,314 @@
+"""Live progress: `<run>/progress.json` written from a background thread, the epoch meter that
+feeds it (images/s, epoch seconds, ETA, the dataloader's share of step time), and
+`pogona-job runs watch` that follows it from any machine.
+
+Training never waits on the bucket: callbacks only update an in-memory dict; one daemon thread
+writes it at most every POGONA_PROGRESS_INTERVAL_S (and the attempt's accounting with it). The
+file only exists while an attempt runs: it is removed when the attempt ends, after the manifest,
+so a heartbeat that stops moving while the file stays means the job died ("stalled").
+
+Dataloader share: ultralytics 8.4 exposes no dataloader timing, so the meter times the wait for
+the next batch - from one `on_train_batch_end` (or the epoch start) to the next
+`on_train_batch_start` - against the whole step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from pogona_job import storage
+from pogona_job.budget import Tracker
+from pogona_job.errors import JobError
+from pogona_job.logs import get_logger
+from pogona_job.storage import S3Path
+
+log = get_logger()
+PROGRESS = "progress.json"
+STALL_INTERVALS = 3  # a heartbeat older than this many intervals: the run is stalled
+METRIC_KEYS = {
+    "precision": "metrics/precision(B)",
+    "recall": "metrics/recall(B)",
+    "map50": "metrics/mAP50(B)",
+    "map50_95": "metrics/mAP50-95(B)",
+}
+Callback = Callable[[Any], None]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+class LiveStatus:
+    """progress.json + the accounting heartbeat for one attempt."""
+
+    def __init__(self, client: Any, run: S3Path, tracker: Tracker, run_id: str, interval_s: float) -> None:
+        self.client, self.run, self.tracker, self.interval_s = client, run, tracker, interval_s
+        self.state: dict[str, Any] = {
+            "run_id": run_id,
+            "attempt": len(tracker.prior) + 1,
+            "phase": "config",
+            "epoch": 0,
+            "epochs": None,
+            "batch": 0,
+            "batches": None,
+            "metrics": {},
+            "eta_s": None,
+            "interval_s": interval_s,
+        }
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="live-status", daemon=True)
+
+    # --- the writer ------------------------------------------------------------------------
+    def start(self) -> LiveStatus:
+        self._thread.start()
+        return self
+
+    def set(self, **values: Any) -> None:
+        with self._lock:
+            self.state.update(values)
+
+    def set_phase(self, phase: str) -> None:
+        self.set(phase=phase)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        with self._lock:
+            state = dict(self.state)
+        state.update(
+            heartbeat=_iso(now),
+            heartbeat_ts=round(now, 3),
+            elapsed_s=round(self.tracker.elapsed(), 1),
+            budget_used_s=round(self.tracker.used_s(), 1),
+            budget_limit_s=self.tracker.limit_s,
+        )
+        projection = self.tracker.projection or {}
+        if projection.get("warning"):
+            state["budget_warning"] = projection["warning"]
+        return state
+
+    def write(self) -> None:
+        try:
+            storage.put_json(self.client, self.run / PROGRESS, self.snapshot())
+        except JobError as exc:  # live status is a courtesy: never a reason to fail training
+            log.warning("could not write progress.json", reason=exc.sentence)
+        self.tracker.flush("running")
+
+    def _loop(self) -> None:
+        while True:
+            self.write()
+            if self._stop.wait(self.interval_s):
+                return
+
+    def close(self, status: str, exit_code: int | None) -> None:
+        """End of the attempt: stop the writer; keep the accounting only for an attempt that will resume."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            if exit_code in (75, 143):
+                self.tracker.flush(status)
+            else:  # terminal: the manifest holds the accounting; nothing of the attempt lingers
+                self.client.delete_object(Bucket=self.run.bucket, Key=self.tracker.path.key)
+            self.client.delete_object(Bucket=self.run.bucket, Key=(self.run / PROGRESS).key)
+        except Exception as exc:  # the bucket may be the reason the job is ending
+            log.warning("could not tidy the live status", reason=str(exc)[:200])
+
+    # --- the epoch meter -------------------------------------------------------------------
+    def callbacks(self, phase: str, epochs: int) -> dict[str, Callback]:
+        """The ultralytics callbacks of this module (register them before the job's own, so the
+        epoch's log event carries `trainer.pogona_epoch_fields`)."""
+        t: dict[str, float] = {"epoch_start": 0.0, "last": 0.0, "wait": 0.0, "step": 0.0}
+        self.set(phase=phase, epochs=epochs, epoch=0, batch=0, eta_s=None)
+
+        def on_train_start(trainer: Any) -> None:
+            start = int(getattr(trainer, "start_epoch", 0))
+            self.tracker.training_started(phase, start)
+            self.set(epoch=start, batches=len(trainer.train_loader))
+            self.tracker.refuse_if_spent(phase, start, epochs)  # raises BudgetSpent: the job publishes partial
+
+        def on_train_epoch_start(trainer: Any) -> None:
+            now = time.monotonic()
+            t.update(epoch_start=now, last=now, wait=0.0, step=0.0)
+            self.set(batch=0)
+
+        def on_train_batch_start(trainer: Any) -> None:
+            t["wait"] += time.monotonic() - t["last"]
+
+        def on_train_batch_end(trainer: Any) -> None:
+            now = time.monotonic()
+            t["step"] += now - t["last"]
+            t["last"] = now
+            with self._lock:
+                self.state["batch"] += 1
+                done_epochs, batch, batches = self.state["epoch"], self.state["batch"], self.state["batches"]
+            self.set(eta_s=self._eta(phase, epochs, done_epochs, batch, batches, now - t["epoch_start"]))
+
+        def on_fit_epoch_end(trainer: Any) -> None:
+            metrics = dict(trainer.metrics)
+            if trainer.epoch >= trainer.epochs or not any(k.startswith("val/") for k in metrics):
+                return  # the extra call after final validation
+            now = time.monotonic()
+            epoch = int(trainer.epoch) + 1
+            epoch_s = now - t["epoch_start"]
+            train_s = max(t["last"] - t["epoch_start"], 1e-9)
+            images = len(trainer.train_loader.dataset)
+            share = t["wait"] / t["step"] if t["step"] > 0 else None
+            self.tracker.epoch_done(phase, epoch, epoch_s, share)
+            eta = self._eta(phase, epochs, epoch, 0, None, 0.0)
+            fields = {
+                "images_per_s": round(images / train_s, 2),
+                "epoch_seconds": round(epoch_s, 2),
+                "eta_s": round(eta, 1) if eta is not None else None,
+                "dataloader_share": round(share, 3) if share is not None else None,
+            }
+            trainer.pogona_epoch_fields = fields
+            values = {name: round(float(metrics[key]), 5) for name, key in METRIC_KEYS.items() if key in metrics}
+            self.set(epoch=epoch, batch=0, metrics=values, **fields)
+            if self.tracker.should_stop(phase, epoch, epochs, epoch_s):
+                trainer.stop = True
+
+        return {
+            "on_train_start": on_train_start,
+            "on_train_epoch_start": on_train_epoch_start,
+            "on_train_batch_start": on_train_batch_start,
+            "on_train_batch_end": on_train_batch_end,
+            "on_fit_epoch_end": on_fit_epoch_end,
+        }
+
+    def _eta(
+        self, phase: str, epochs: int, done: int, batch: int, batches: int | None, in_epoch_s: float
+    ) -> float | None:
+        """Seconds left in this phase: the mean epoch so far, or the batch rate in the first epoch."""
+        seen = self.tracker.epoch_seconds.get(phase) or []
+        if seen:
+            per_epoch = sum(seen) / len(seen)
+        elif batch and batches:
+            per_epoch = in_epoch_s / batch * batches
+        else:
+            return None
+        return max(0.0, (epochs - done) * per_epoch - in_epoch_s)
+
+
+def start(job: Any, device: str) -> LiveStatus:
+    """After the lease is taken: detect the instance, read the earlier attempts, start the writer."""
+    from pogona_job import cloud
+
+    s = job.settings
+    instance = cloud.instance(override=s.instance_type)
+    tracker = Tracker(job.client, job.out, s, instance, device, job.attempt, job.record.timings)
+    tracker.load()
+    log.info("instance", type=instance.type, lifecycle=instance.lifecycle, source=instance.source)
+    return LiveStatus(job.client, job.out, tracker, job.run_id, s.progress_interval_s).start()
+
+
+# --- runs watch --------------------------------------------------------------------------------
+
+
+def _read(client: Any, path: S3Path) -> tuple[dict[str, Any] | None, float | None]:
+    from pogona_job import pointers
+
+    found = pointers.read(client, path)
+    return found.value, found.last_modified
+
+
+def latest_live_run(client: Any, output: S3Path) -> str | None:
+    """The run whose progress.json was written last (latest.json only knows finished runs)."""
+    newest: tuple[float, str] | None = None
+    for obj in storage.list_objects(client, output):
+        if obj.rel.count("/") == 1 and obj.rel.endswith("/" + PROGRESS):
+            _, modified = _read(client, output / obj.rel)
+            if modified is not None and (newest is None or modified > newest[0]):
+                newest = (modified, obj.rel.split("/")[0])
+    return newest[1] if newest else None
+
+
+def status_of(progress: dict[str, Any] | None, manifest: dict[str, Any] | None, now: float) -> dict[str, Any]:
+    """One line of `runs watch`: the live state, "stalled", or the run's final status."""
+    if progress is None:
+        if manifest is not None:
+            return {"state": manifest.get("status", "unknown"), "final": True, "manifest": manifest}
+        return {"state": "waiting", "final": False}
+    age = now - float(progress.get("heartbeat_ts", 0))
+    interval = float(progress.get("interval_s", 30))
+    stalled = age > STALL_INTERVALS * max(interval, 1.0)
+    return {**progress, "state": "stalled" if stalled else "running", "heartbeat_age_s": round(age, 1), "final": False}
+
+
+def watch(client: Any, output: S3Path, run_id: str | None, *, once: bool = False, poll_s: float = 2.0) -> int:
+    """Follow a run: a rich display on a terminal, one JSON object per change otherwise."""
+    tty = sys.stdout.isatty()
+    last: str | None = None
+    display = _RichDisplay() if tty and not once else None
+    try:
+        while True:
+            rid = run_id or latest_live_run(client, output)
+            if rid is None:
+                line: dict[str, Any] = {"state": "waiting", "final": False, "reason": "no live run under the prefix"}
+            else:
+                progress, _ = _read(client, output / rid / PROGRESS)
+                manifest = storage.get_json(client, output / rid / "manifest.json") if progress is None else None
+                line = {"run_id": rid, **status_of(progress, manifest, time.time())}
+            text = json.dumps({k: v for k, v in line.items() if k not in ("manifest", "heartbeat_age_s")}, default=str)
+            if display is not None:
+                display.show(line)
+            elif text != last:
+                print(json.dumps({k: v for k, v in line.items() if k != "manifest"}, default=str), flush=True)
+            last = text
+            if once or line.get("final"):
+                if display is not None:
+                    display.close(line)
+                return 0 if line.get("state") not in ("failed", "stalled") else 1
+            time.sleep(min(poll_s, float(line.get("interval_s") or poll_s)))  # no slower than the writer
+    except KeyboardInterrupt:
+        if display is not None:
+            display.close(None)
+        return 130
+
+
+class _RichDisplay:
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("waiting", total=None)
+
+    def show(self, line: dict[str, Any]) -> None:
+        metrics = " ".join(f"{k} {v:.3f}" for k, v in (line.get("metrics") or {}).items())
+        eta = f" ETA {line['eta_s']:.0f}s" if line.get("eta_s") is not None else ""
+        state = line.get("state", "")
+        colour = "red" if state == "stalled" else "green"
+        label = f"[{colour}]{state}[/] {line.get('run_id', '')} {line.get('phase', '')}"
+        self.bar.update(
+            self.task,
+            description=f"{label} attempt {line.get('attempt', '-')} {metrics}{eta}",
+            completed=line.get("epoch") or 0,
+            total=line.get("epochs"),
+        )
+
+    def close(self, line: dict[str, Any] | None) -> None:
+        self.bar.stop()
+        if line and line.get("final"):
+            manifest = line.get("manifest") or {}
+            summary = (manifest.get("accounting") or {}).get("summary", "")
+            print(f"Run finished: {line.get('state')}. {summary}")
+
+
+def watch_command(args: Any, settings: Any) -> int:
+    """`pogona-job runs watch ID|--latest [--once]`."""
+    from pogona_job.errors import ConfigError
+
+    if settings.output_uri is None:
+        raise ConfigError("POGONA_OUTPUT_URI is required: set it to the s3://bucket/prefix the runs are written under.")
+    if bool(args.run_id) == bool(args.latest):
+        raise ConfigError("runs watch needs a run id or --latest (one of them).")
+    client = storage.make_client(threads=4, max_attempts=settings.s3_max_attempts)
+    return watch(client, S3Path.parse(settings.output_uri), args.run_id, once=args.once)
