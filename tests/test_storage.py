@@ -386,3 +386,23 @@ def test_obstore_is_fed_boto3s_refreshing_credentials() -> None:
     assert first["access_key_id"] == "AK2" and first["token"] == "t2"  # already within the refresh window
     assert first["expires_at"] > datetime.now(UTC)
     assert provider()["access_key_id"] == "AK2"  # not refreshed again while valid
+
+
+def test_a_ca_bundle_obstore_cannot_use_sends_the_bytes_through_botocore_logged_once(
+    client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    from structlog.testing import capture_logs
+
+    _tree(tmp_path / "src", n=4)
+    dest = S3Path(BUCKET, "storage/cafallback")
+    storage.push_tree(client, tmp_path / "src", dest)
+    (tmp_path / "bundle.pem").write_text("not a certificate")  # botocore reads it only for https: http works
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "bundle.pem"))
+    fallback = storage.make_client(threads=4, max_attempts=2)
+    with capture_logs() as logs:
+        assert storage.pull_prefix(fallback, dest, tmp_path / "dst").fetched == 4
+        storage.upload_many(fallback, [(tmp_path / "src" / "labels" / "sub0" / "f0.bin", dest / "again.bin")])
+    assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
+    assert [e["event"] for e in logs].count("storage: obstore unavailable, botocore moves the bytes") == 1
