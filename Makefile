@@ -27,12 +27,13 @@ test: setup tools
 	$(MAKE) --no-print-directory infra-validate
 
 # Mutation testing (mutmut) of gate.py, checkpoint.py, the dataset rules and storage's error mapping, each
-# against only the tests that specify it; prints every survivor. Minutes per module: not part of `make test`.
+# against only the tests that specify it; prints every survivor and records the counts in BENCHMARKS.md
+# (section mutants.py). Minutes per module: not part of `make test`.
 #   make mutants MUTANTS="gate storage"   (default: all four)   MUTANTS_ARGS=--show prints each diff
 MUTANTS ?=
 MUTANTS_ARGS ?=
 mutants: setup
-	$(PY) .ci/mutants.py $(MUTANTS_ARGS) $(MUTANTS)
+	$(PY) .ci/mutants.py --write $(MUTANTS_ARGS) $(MUTANTS)
 
 lint: setup
 	$(VENV)/bin/ruff check pogona_job tests benchmarks

@@ -6,14 +6,16 @@ settings from pyproject.toml, which differ per target). Prints mutmut's final co
 (N/total, 🎉 killed, 🫥 no tests, ⏰ timeout, 🤔 suspicious, 🙁 survived, 🔇 skipped), every surviving mutant
 and a summary line per target; exits 1 when any survives. Not part of `make test`: minutes per module.
 
-    python .ci/mutants.py [--show] [gate|checkpoint|dataset|storage ...]   (default: all)
+    python .ci/mutants.py [--show] [--keep DIR] [--write] [gate|checkpoint|dataset|storage ...]   (default: all)
 
 --show prints each survivor's diff (`mutmut show` takes seconds per mutant); --keep DIR keeps each
-target's scratch tree in DIR/<target> (for `mutmut show NAME` there).
+target's scratch tree in DIR/<target> (for `mutmut show NAME` there); --write records the counts in
+BENCHMARKS.md's `mutants.py` section (`make mutants` does).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -81,7 +83,15 @@ def _config(target: Target, tests: list[str]) -> str:
     )
 
 
-def run_target(name: str, target: Target, show: bool = False, keep: Path | None = None) -> list[str]:
+@dataclass
+class Outcome:
+    paths: tuple[str, ...]
+    tests: list[str]
+    count: str  # mutmut's final count line
+    survivors: list[str]
+
+
+def run_target(name: str, target: Target, show: bool = False, keep: Path | None = None) -> Outcome:
     """Mutate, run, and return the surviving mutants' names (a missing module or test is an error)."""
     with tempfile.TemporaryDirectory(prefix=f"mutants-{name}-") as tmp:
         work = Path(tmp)
@@ -108,7 +118,8 @@ def run_target(name: str, target: Target, show: bool = False, keep: Path | None 
         lines = run.stdout.replace("\r", "\n").splitlines()  # a spinner: keep its last count and the rate
         counts = [line.strip() for line in lines if "🎉" in line]
         rate = [line.strip() for line in lines if "mutations/second" in line]
-        print(" ".join([*counts[-1:], *rate[-1:]]) or run.stderr[-2000:], flush=True)
+        count = " ".join([*counts[-1:], *rate[-1:]])
+        print(count or run.stderr[-2000:], flush=True)
         results = subprocess.run([mutmut, "results"], cwd=work, capture_output=True, text=True, check=False).stdout
         survivors = [line.split(":")[0].strip() for line in results.splitlines() if line.strip().endswith(": survived")]
         for mutant in survivors:
@@ -120,21 +131,40 @@ def run_target(name: str, target: Target, show: bool = False, keep: Path | None 
             print(f"-- survived: {mutant}\n{diff}".rstrip(), flush=True)
         others = [line.strip() for line in results.splitlines() if line.strip() and ": survived" not in line]
         print(f"== {name}: {len(survivors)} survived; not killed for another reason: {others or 'none'}")
-        return survivors
+        return Outcome(paths, tests, count.removeprefix("⠏").strip() or "mutmut failed", survivors)
+
+
+def record(outcomes: dict[str, Outcome], output: Path) -> None:
+    """The BENCHMARKS.md section `mutants.py`: date, commit, and each target's count and survivors."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench import markdown_grid, stamp_line, update_section
+
+    rows = [
+        [name, ", ".join(o.paths), " ".join(o.tests), o.count, str(len(o.survivors)), " ".join(o.survivors) or "-"]
+        for name, o in outcomes.items()
+    ]
+    table = markdown_grid(["target", "mutated", "tests", "mutmut's count", "survived", "survivors"], rows)
+    update_section("mutants.py", f"## Mutation testing (make mutants)\n\n{stamp_line()}\n\n{table}\n", output)
 
 
 def main(argv: list[str]) -> int:
-    show = "--show" in argv
-    keep = Path(argv[argv.index("--keep") + 1]).resolve() if "--keep" in argv else None
-    names = [a for a in argv if a != "--show" and not a.startswith("--keep") and Path(a).resolve() != keep]
-    names = names or list(TARGETS)
-    unknown = [n for n in names if n not in TARGETS]
+    parser = argparse.ArgumentParser(description="mutation testing of the modules the tests must pin down")
+    parser.add_argument("targets", nargs="*", help=f"some of {list(TARGETS)}; default all")
+    parser.add_argument("--show", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each target's scratch tree in KEEP/<target>")
+    parser.add_argument("--write", action="store_true", help="record the counts in --output's mutants.py section")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.targets if n not in TARGETS]
     if unknown:
-        print(f"unknown target(s) {unknown}; choose from {list(TARGETS)}", file=sys.stderr)
-        return 2
-    survived = {name: run_target(name, TARGETS[name], show, keep) for name in names}
-    print("\nmutants surviving: " + ", ".join(f"{n} {len(s)}" for n, s in survived.items()))
-    return 1 if any(survived.values()) else 0
+        parser.error(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
+    keep = args.keep.resolve() if args.keep else None
+    outcomes = {name: run_target(name, TARGETS[name], args.show, keep) for name in args.targets or TARGETS}
+    print("\nmutants surviving: " + ", ".join(f"{n} {len(o.survivors)}" for n, o in outcomes.items()))
+    if args.write:
+        record(outcomes, args.output)
+        print(f"Wrote {args.output}")
+    return 1 if any(o.survivors for o in outcomes.values()) else 0
 
 
 if __name__ == "__main__":
