@@ -20,7 +20,7 @@ from pogona_job import storage
 from pogona_job.errors import ConfigError, StorageDenied, TransientFailure
 from pogona_job.locals3 import LocalS3
 from pogona_job.storage import S3Path
-from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, run_cli
+from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, run_cli
 
 
 @pytest.fixture()
@@ -46,19 +46,20 @@ def test_multipart_upload_survives_503_500_resets_and_slow_parts(
     s3: LocalS3, s3_client: Any, proxy_factory: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(storage, "_MULTIPART_THRESHOLD", 5 << 20)
+    prefix = f"faults/{tmp_path.name}"  # this test's own: other tests' uploads never count here
     proxy = proxy_factory("503:0.15,500:0.1,reset:0.1,slow:0.05", match="^(PUT|POST) ", slow_s=1)
     client = _client(s3, proxy.endpoint, monkeypatch)
     files = []
     for i in range(3):
         path = tmp_path / f"big{i}.bin"
         path.write_bytes(hashlib.sha256(str(i).encode()).digest() * (12 << 15))  # 12 MiB: 1 part + 16 MiB chunks
-        files.append((path, S3Path(BUCKET, f"faults/big{i}.bin")))
+        files.append((path, S3Path(BUCKET, f"{prefix}/big{i}.bin")))
     artifacts = storage.upload_many(client, files)
     for (path, dest), artifact in zip(files, artifacts, strict=True):
         body = s3_client.get_object(Bucket=BUCKET, Key=dest.key)["Body"].read()
         assert body == path.read_bytes() and artifact.sha256 == hashlib.sha256(body).hexdigest()
     assert proxy.faults(), "the proxy injected nothing: the test would prove nothing"
-    assert not s3_client.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+    assert not s3_client.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads")
     print(f"multipart through faults: {len(proxy.faults())} faults injected, 3 of 3 uploads intact")
 
 
@@ -66,20 +67,21 @@ def test_persistent_503_is_transient_exit_75_and_leaves_no_multipart_upload(
     s3: LocalS3, s3_client: Any, proxy_factory: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(storage, "_MULTIPART_THRESHOLD", 5 << 20)
+    prefix = f"faults/{tmp_path.name}"
     proxy = proxy_factory("503:1.0", match=r"^PUT .*partNumber=2")
     client = _client(s3, proxy.endpoint, monkeypatch, attempts=3)
     path = tmp_path / "big.bin"
     path.write_bytes(b"x" * (40 << 20))
     with pytest.raises(TransientFailure) as err:
-        storage.upload_many(client, [(path, S3Path(BUCKET, "faults/never.bin"))])
+        storage.upload_many(client, [(path, S3Path(BUCKET, f"{prefix}/never.bin"))])
     assert err.value.exit_code == 75
-    assert not s3_client.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+    assert not s3_client.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads")
     print(f"persistent 503 on part 2: {len(proxy.faults())} faults injected, upload aborted, exit 75")
-    assert "faults/never.bin" not in {o["Key"] for o in s3_client.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    assert not s3_client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/never.bin").get("KeyCount")
 
 
-def _artifact_set(s3_client: Any, run: str) -> set[str]:
-    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=f"runs/{run}/manifest.json")["Body"].read())
+def _artifact_set(s3_client: Any, env: dict[str, str], run: str) -> set[str]:
+    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=out_key(env, run, "manifest.json"))["Body"].read())
     assert manifest["status"] == "succeeded"
     return set(manifest["artifacts"])
 
@@ -101,7 +103,7 @@ def test_job_completes_through_a_flaky_store_with_the_same_artifacts(
     assert flaky.code == 0, flaky.stderr[-3000:]
     clean = run_cli(["run"], {**env, "POGONA_RUN_ID": "clean", "AWS_ENDPOINT_URL_S3": s3.endpoint})
     assert clean.code == 0, clean.stderr[-3000:]
-    assert _artifact_set(s3_client, "faulty") == _artifact_set(s3_client, "clean")
+    assert _artifact_set(s3_client, env, "faulty") == _artifact_set(s3_client, env, "clean")
     injected = proxy.faults()
     retries = [line for line in flaky.stderr.splitlines() if '"storage retry"' in line]
     assert len(injected) >= 5 and retries, (len(injected), len(retries))
@@ -112,7 +114,7 @@ def test_job_completes_through_a_flaky_store_with_the_same_artifacts(
 def test_job_exits_75_when_the_store_keeps_refusing_writes(
     s3: LocalS3, demo_uri: str, proxy_factory: Any, tmp_path: Path
 ) -> None:
-    proxy = proxy_factory("503:1.0", match=r"^PUT .*/runs/stuck/")
+    proxy = proxy_factory("503:1.0", match=r"^PUT .*/stuck/")
     env = job_env(
         s3,
         tmp_path,
