@@ -156,7 +156,6 @@ def test_debug_tracebacks_never_show_local_variables(capsys: pytest.CaptureFixtu
     """POGONA_DEBUG logs tracebacks; a frame's locals (a key, a client) must never be in them."""
     import structlog
 
-
     saved = structlog.get_config()
     try:
         _check_no_locals(capsys)
