@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="the whole job (default)")
     sub.add_parser("config", help="print the effective configuration, secrets masked")
+    runs = sub.add_parser("runs", help="list the runs under POGONA_OUTPUT_URI (champion marked)")
+    runs.add_argument("action", nargs="?", choices=["show"], help="`show ID`: one run's manifest, readable")
+    runs.add_argument("run_id", nargs="?")
     ds = sub.add_parser("dataset", help="dataset tools").add_subparsers(dest="action", required=True)
     ds.add_parser("pull", help="download POGONA_DATASET_URI into DEST").add_argument("dest", type=Path)
     ds.add_parser("push", help="validate SRC, then upload it to POGONA_DATASET_URI").add_argument("src", type=Path)
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "config":
             print(json.dumps(effective_config(settings), indent=2, default=str))
             return 0
+        if command == "runs":
+            return _runs(args, settings)
         return _dataset(args, settings)
     except JobError as err:
         if settings is not None and settings.debug:
@@ -114,3 +119,21 @@ def _validate(folder: Path, settings: Settings) -> int:
         return 0
     print(f"{summary}: {len(inventory.problems)} problems:\n{format_problems(inventory.problems)}", file=sys.stderr)
     return 3
+
+
+def _runs(args: argparse.Namespace, settings: Settings) -> int:
+    from pogona_job import runs, storage
+
+    if settings.output_uri is None:
+        raise ConfigError("POGONA_OUTPUT_URI is required: set it to the s3://bucket/prefix of the runs.")
+    client = storage.make_client(threads=settings.s3_threads, max_attempts=settings.s3_max_attempts)
+    out = storage.S3Path.parse(settings.output_uri)
+    if args.action != "show":
+        print(runs.table(client, out))
+        return 0
+    text = runs.show(client, out, args.run_id or "") if args.run_id else None
+    if text is None:
+        print(f"No manifest for run {args.run_id!r} under {out.uri}: `pogona-job runs` lists them.", file=sys.stderr)
+        return 2
+    print(text)
+    return 0

@@ -41,6 +41,9 @@ class RunRecord:
     watchdog: dict[str, Any] = field(default_factory=dict)
     per_modality: dict[str, dict[str, float]] = field(default_factory=dict)
     lagging: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # evaluate.summarise() per split (val, test)
+    export: dict[str, Any] = field(default_factory=dict)  # export.verify()
+    promotion: dict[str, Any] = field(default_factory=dict)  # promotion.decide()
     artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
 
 
@@ -280,7 +283,12 @@ def render(record: RunRecord) -> str:
             a, b = s.get(METRICS[key], 0.0), f.get(METRICS[key], 0.0)
             out.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
         out.append("")
-    if record.per_modality:
+    if record.evaluation:
+        from pogona_job import evaluate, export, promotion
+
+        out += evaluate.report_lines(record.evaluation, record.lagging) + export.report_lines(record.export)
+        out += promotion.report_lines(record.promotion)
+    elif record.per_modality:
         out += [
             "### Per-modality validation (best.pt)",
             "",
