@@ -156,7 +156,7 @@ def assess(job: Job, staged: StagedDataset, runs: dict[str, SplitRun], device: s
     champion = pointers.read(job.client, champion_path(s.output_uri or "")).value
     comparison = None
     if champion is not None and s.promote == "auto":
-        weights = _champion_weights(job, champion)
+        weights = _champion_weights(job, champion) if champion.get("classes") == rec.classes else None
         if weights is not None:
             theirs = evaluate.evaluate(
                 weights,
@@ -222,7 +222,7 @@ def pointer_for(job: Job) -> dict[str, Any]:
 
 def promote(job: Job) -> bool:
     """After the manifest: move champion.json to this run, only if it still names the champion we compared
-    with (compare-and-swap). Records the outcome in <run>/promotion.json. Returns whether this run won."""
+    with (compare-and-swap). Returns whether this run won."""
     rec = job.record
     if rec.status != "succeeded" or rec.promotion.get("decision") != "promote":
         return False
@@ -239,17 +239,11 @@ def promote(job: Job) -> bool:
             return None
         return new
 
-    written = pointers.update(job.client, champion_path(job.settings.output_uri or ""), swap)
-    won = written is not None
-    outcome = {
-        "promoted": won,
-        "champion": job.run_id if won else (lost[0] if lost else job.run_id),
-        "reason": rec.promotion["reason"]
-        if won or not lost
-        else f"Not promoted after all: {lost[0]} became champion while this run was being compared with {against}.",
-    }
-    storage.put_json(job.client, job.out / "promotion.json", outcome)
-    log.info("champion", **outcome)
+    won = pointers.update(job.client, champion_path(job.settings.output_uri or ""), swap) is not None
+    if won:
+        log.info("champion moved", champion=job.run_id, previous=against)
+    elif lost:  # the manifest keeps the decision made against `against`; champion.json is the authority
+        log.warning("not promoted after all: another run became champion first", champion=lost[0], compared=against)
     return won
 
 
