@@ -12,7 +12,6 @@ import pytest
 
 from pogona_job import evaluate, export
 from pogona_job.config import Settings
-from pogona_job.dataset import StagedDataset
 from tests.conftest import BUCKET, run_cli
 from tests.ship_models import stage, trained_model
 
