@@ -89,3 +89,26 @@ def test_more_images_give_a_narrower_interval() -> None:
 def test_values_print_with_their_interval() -> None:
     assert uncertainty.with_interval(0.8649, (0.8213, 0.9004)) == "0.865 (0.82-0.90)"
     assert uncertainty.with_interval(0.5, None) == "0.500"
+
+
+def test_weighted_scoring_of_a_resample_equals_scoring_its_concatenated_images() -> None:
+    """The fast path (one sort, images weighted by how often they were drawn) against ap_per_class itself."""
+    per = _synthetic(25, seed=12)
+    draws = uncertainty.resamples(len(per), count=40, seed=2)
+    weights = np.stack([np.bincount(row, minlength=len(per)) for row in draws]).astype(float)
+    fast = uncertainty.weighted_maps(per, weights)
+    for row, idx in zip(fast, draws, strict=True):
+        slow = uncertainty.score(per, idx)
+        assert row[0] == pytest.approx(slow["map50"], abs=1e-12)
+        assert row[1] == pytest.approx(slow["map50_95"], abs=1e-12)
+
+
+def test_two_classes_average_over_the_classes_a_resample_has_labels_for() -> None:
+    per = _synthetic(12, seed=13)
+    per.target_cls[0] = np.array([1.0])  # the only label of class 1, and one prediction of it
+    per.pred_cls[0] = np.array([1.0] * len(per.pred_cls[0]))
+    per.names = {0: "head", 1: "tail"}
+    draws = uncertainty.resamples(len(per), count=60, seed=1)
+    weights = np.stack([np.bincount(row, minlength=len(per)) for row in draws]).astype(float)
+    for row, idx in zip(uncertainty.weighted_maps(per, weights), draws, strict=True):
+        assert row[0] == pytest.approx(uncertainty.score(per, idx)["map50"], abs=1e-12)
