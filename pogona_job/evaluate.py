@@ -236,25 +236,33 @@ def assess(job: Job, best: Path, staged: StagedDataset, device: str) -> dict[str
     return runs
 
 
-def report_lines(evaluation: dict[str, Any], lagging: list[str]) -> list[str]:
-    """Val and test side by side, per modality and per class; each mAP with its 95% interval."""
+def report_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Val and test side by side (overall and per modality), then the per-class tables; mAPs with 95% intervals."""
     if not evaluation:
         return []
     ci = uncertainty.with_interval
+    splits = list(evaluation)
+    scopes = ["overall", *sorted({m for ev in evaluation.values() for m in ev["per_modality"]})]
     out = [
-        "### Evaluation of best.pt (95% bootstrap intervals over images)",
+        f"### {' and '.join(splits).capitalize()} splits (best.pt, 95% bootstrap intervals over images)",
         "",
-        "| Split | Scope | Images | Precision | Recall | mAP@0.5 | mAP@0.5-0.95 | Flag |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Scope | " + " | ".join(f"{s} images | {s} mAP@0.5 | {s} mAP@0.5-0.95" for s in splits) + " |",
+        "|---" * (1 + 3 * len(splits)) + "|",
     ]
-    for split, ev in evaluation.items():
-        rows = [("overall", ev["overall"] | {"images": ev["images"]}), *ev["per_modality"].items()]
-        for scope, m in rows:
-            flag = "⚠️ lags" if split == "val" and scope in lagging else ""
-            out.append(
-                f"| {split} | {scope} | {int(m['images'])} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                f"{ci(m['map50'], m['ci'].get('map50'))} | {ci(m['map50_95'], m['ci'].get('map50_95'))} | {flag} |"
-            )
+    for scope in scopes:
+        cells = []
+        for split in splits:
+            ev = evaluation[split]
+            m = ev["overall"] | {"images": ev["images"]} if scope == "overall" else ev["per_modality"].get(scope)
+            if m is None:
+                cells += ["0", "-", "-"]
+                continue
+            cells += [
+                str(int(m["images"])),
+                ci(m["map50"], m["ci"].get("map50")),
+                ci(m["map50_95"], m["ci"].get("map50_95")),
+            ]
+        out.append(f"| {scope} | " + " | ".join(cells) + " |")
     out += ["", "Per-modality rows cover only images whose modality is known.", ""]
     for split, ev in evaluation.items():
         if ev.get("per_class"):

@@ -202,3 +202,21 @@ def test_a_modality_lags_when_its_map50_is_more_than_the_margin_below_the_best()
     assert lagging_modalities(results, margin=0.1) == ["visible"]
     assert lagging_modalities(results, margin=0.2) == []
     assert lagging_modalities({}, margin=0.1) == []
+
+
+def test_the_report_shows_test_beside_val_with_intervals_and_a_per_class_table() -> None:
+    def figures(map50: float, modalities: dict[str, float]) -> dict[str, Any]:
+        row = {"precision": 0.9, "recall": 0.8, "map50": map50, "map50_95": 0.5, "ci": {"map50": [0.8, 0.9]}}
+        return {
+            "images": 40,
+            "overall": row,
+            "per_modality": {m: row | {"images": 20.0, "map50": v} for m, v in modalities.items()},
+            "per_class": {"a": row | {"images": 30.0, "instances": 45.0}, "b": row | {"images": 9.0, "instances": 9.0}},
+        }
+
+    lines = evaluate.report_lines({"val": figures(0.8649, {"thermal": 0.7}), "test": figures(0.5, {"visible": 0.6})})
+    text = "\n".join(lines)
+    assert "| Scope | val images | val mAP@0.5 | val mAP@0.5-0.95 | test images | test mAP@0.5 |" in text
+    assert "| overall | 40 | 0.865 (0.80-0.90) | 0.500 | 40 | 0.500 (0.80-0.90) | 0.500 |" in text
+    assert "| thermal | 20 | 0.700 (0.80-0.90) | 0.500 | 0 | - | - |" in text
+    assert "**Per class (test):**" in text and "| b | 9 | 9 | 0.900 | 0.800 | 0.500 | 0.500 |" in text
