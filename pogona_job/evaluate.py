@@ -158,6 +158,8 @@ def summarise(run: SplitRun, *, resamples: int = uncertainty.RESAMPLES, seed: in
         "overall": overall | {"ci": uncertainty.bootstrap(run.per, count=resamples, seed=seed)},
         "per_modality": {},
         "ultralytics": run.ultralytics,
+        # The per-image route must reproduce ultralytics' own figures for the same pass.
+        "matches_ultralytics": all(abs(overall[k] - v) < 1e-6 for k, v in run.ultralytics.items()),
     }
     for modality, per in run.by_modality().items():
         out["per_modality"][modality] = (

@@ -78,6 +78,7 @@ def test_overall_figures_from_per_image_results_equal_ultralytics_own(
     for key, name in KEYS.items():
         assert ours[key] == pytest.approx(official[name], abs=1e-9), key
     assert len(runs["val"].per) == sum(staged.counts["val"].values())
+    assert evaluate.summarise(runs["val"], resamples=0)["matches_ultralytics"] is True
 
 
 @pytest.mark.slow
