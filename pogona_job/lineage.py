@@ -71,7 +71,9 @@ def git_commit() -> str:
 
 
 def versions() -> dict[str, str]:
-    found: dict[str, str] = {}
+    import ultralytics  # its distribution may be ultralytics-opencv-headless: name the code by its module
+
+    found: dict[str, str] = {"ultralytics": str(ultralytics.__version__)}
     for name in PACKAGES:
         try:
             found[name] = metadata.version(name)
