@@ -246,7 +246,7 @@ def report_lines(evaluation: dict[str, Any]) -> list[str]:
     splits = list(evaluation)
     scopes = ["overall", *sorted({m for ev in evaluation.values() for m in ev["per_modality"]})]
     out = [
-        f"### {' and '.join(splits).capitalize()} splits (best.pt, 95% bootstrap intervals over images)",
+        f"### Evaluation of best.pt on {' and '.join(splits)} (95% bootstrap intervals over images)",
         "",
         "| Scope | " + " | ".join(f"{s} images | {s} mAP@0.5 | {s} mAP@0.5-0.95" for s in splits) + " |",
         "|---" * (1 + 3 * len(splits)) + "|",
