@@ -38,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dest", type=Path)
     demo.add_argument("--images", type=int, default=120)
     demo.add_argument("--size", type=int, default=160)
-    runs = sub.add_parser("runs", help="the runs under POGONA_OUTPUT_URI").add_subparsers(dest="action")
-    watch = runs.add_parser("watch", help="follow a live run's progress.json (rich on a TTY, JSON lines otherwise)")
+    runs = sub.add_parser("runs", help="list the runs under POGONA_OUTPUT_URI (champion marked)")
+    runs_sub = runs.add_subparsers(dest="action")
+    runs_sub.add_parser("show", help="one run's manifest, readable").add_argument("run_id")
+    watch = runs_sub.add_parser("watch", help="follow a live run's progress.json (rich on a TTY, JSON lines otherwise)")
     watch.add_argument("run_id", nargs="?", help="the run to follow")
     watch.add_argument("--latest", action="store_true", help="follow the run that wrote progress most recently")
     watch.add_argument("--once", action="store_true", help="print the current state once and exit")
@@ -62,12 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "config":
             print(json.dumps(effective_config(settings), indent=2, default=str))
             return 0
-        if command == "runs":  # `runs` and `runs show` come with the ship branch
-            from pogona_job.livestatus import watch_command
-
-            if args.action != "watch":
-                raise ConfigError("Usage: pogona-job runs watch ID|--latest")
-            return watch_command(args, settings)
+        if command == "runs":
+            return _runs(args, settings)
         return _dataset(args, settings)
     except JobError as err:
         if settings is not None and settings.debug:  # the traceback, but the documented exit code all the same
@@ -163,3 +161,25 @@ def _validate(folder: Path, settings: Settings) -> int:
         return 0
     print(f"{summary}: {len(inventory.problems)} problems:\n{format_problems(inventory.problems)}", file=sys.stderr)
     return 3
+
+
+def _runs(args: argparse.Namespace, settings: Settings) -> int:
+    from pogona_job import runs, storage
+
+    if args.action == "watch":
+        from pogona_job.livestatus import watch_command
+
+        return watch_command(args, settings)
+    if settings.output_uri is None:
+        raise ConfigError("POGONA_OUTPUT_URI is required: set it to the s3://bucket/prefix of the runs.")
+    client = storage.make_client(threads=settings.s3_threads, max_attempts=settings.s3_max_attempts)
+    out = storage.S3Path.parse(settings.output_uri)
+    if args.action != "show":
+        print(runs.table(client, out))
+        return 0
+    text = runs.show(client, out, args.run_id)
+    if text is None:
+        print(f"No manifest for run {args.run_id!r} under {out.uri}: `pogona-job runs` lists them.", file=sys.stderr)
+        return 2
+    print(text)
+    return 0

@@ -108,6 +108,23 @@ class Settings(BaseSettings):
         0.1, ge=0, le=1, description="report: flag a modality whose mAP@0.5 trails the best one by more than this"
     )
 
+    # --- export and promotion -----------------------------------------------------------
+    export_formats: str = Field(
+        "onnx", description="exported and verified formats, comma-separated (`onnx`); empty turns export off"
+    )
+    export_tolerance: float = Field(
+        0.01, ge=0, le=1, description="largest mAP@0.5 difference from best.pt for an export to count as verified"
+    )
+    promotion_margin: float = Field(
+        0.01, ge=0, le=1, description="champion: a modality may trail the champion's mAP@0.5 by at most this"
+    )
+    promote: Literal["auto", "never", "always"] = Field(
+        "auto", description="champion: `auto` (the rules), `never`, or `always` (recorded as forced)"
+    )
+    promote_lenient: bool = Field(
+        False, description="champion: allow promoting a run whose dataset lost images to lenient validation"
+    )
+
     # --- preemption ---------------------------------------------------------------------
     checkpoint_every_epochs: int = Field(
         1, ge=1, description="upload last.pt, results and gate state to `<run>/checkpoint/` every N epochs"
@@ -176,6 +193,17 @@ class Settings(BaseSettings):
         if not _DEVICE.match(value):
             raise ValueError("must be auto, cpu, mps, cuda, a GPU index like 0, or a list like 0,1")
         return value
+
+    @field_validator("export_formats")
+    @classmethod
+    def _export_formats(cls, value: str) -> str:
+        from pogona_job.export import parse_formats
+
+        return ",".join(parse_formats(value))
+
+    @property
+    def exports(self) -> list[str]:
+        return [f for f in self.export_formats.split(",") if f]
 
     @field_validator("class_names")
     @classmethod

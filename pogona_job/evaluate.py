@@ -1,18 +1,33 @@
-"""Per-modality evaluation: does the model see lizards as well in thermal as in visible light?
+"""Evaluation of trained weights: one validation pass per split, every figure derived from it.
 
-One overall mAP can hide a modality the model barely learned (the smaller or harder one).
-We validate the weights once per modality on that modality's share of the val split.
+One overall mAP can hide a modality the model barely learned (the smaller or harder one), and a
+difference of 0.01 mAP on 40 images is noise. So each split (val, and test when the user kept one)
+is validated ONCE, keeping ultralytics' per-image matching results; the overall, per-modality and
+per-class metrics and their bootstrap intervals are all computed from those (uncertainty.py). The
+same function evaluates the exported ONNX model and the champion's weights on the same images.
+
+Per-modality metrics cover only images whose modality is known ("unknown" is left out).
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import yaml
 
+from pogona_job import uncertainty
 from pogona_job.dataset import StagedDataset
+from pogona_job.uncertainty import PerImage
 
-_METRIC_KEYS = {
+if TYPE_CHECKING:
+    from pogona_job.job import Job
+
+SPLITS = ("val", "test")
+_ULTRALYTICS_KEYS = {
     "precision": "metrics/precision(B)",
     "recall": "metrics/recall(B)",
     "map50": "metrics/mAP50(B)",
@@ -20,29 +35,163 @@ _METRIC_KEYS = {
 }
 
 
+@dataclass
+class SplitRun:
+    """One model's validation pass over one split: per-image results, the modality of each image, and
+    ultralytics' own summary of the same pass (a cross-check: uncertainty.score(per) must equal it)."""
+
+    split: str
+    per: PerImage
+    modality: dict[str, str]  # image file -> modality
+    ultralytics: dict[str, float]
+
+    def by_modality(self) -> dict[str, PerImage]:
+        groups: dict[str, list[int]] = {}
+        for i, f in enumerate(self.per.files):
+            m = self.modality.get(f, "unknown")
+            if m != "unknown":
+                groups.setdefault(m, []).append(i)
+        return {m: self.per.subset(idx) for m, idx in sorted(groups.items())}
+
+
+def validate(
+    weights: Path, data_yaml: Path, *, imgsz: int, batch: int, device: str, work_dir: Path, name: str
+) -> tuple[PerImage, dict[str, float]]:
+    """Run `YOLO.val()` once, keeping each image's matching results (tp, conf, classes) as it goes."""
+    from ultralytics import YOLO
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    rows: list[tuple[str, Any, Any, Any, Any]] = []
+
+    class Recording(DetectionValidator):  # type: ignore[misc]
+        def update_metrics(self, preds: list[dict[str, Any]], batch: dict[str, Any]) -> None:
+            before = len(self.metrics.stats["tp"])
+            super().update_metrics(preds, batch)
+            s = self.metrics.stats  # one entry per image, appended in batch order
+            for j in range(len(preds)):
+                k = before + j
+                rows.append(
+                    (
+                        os.path.realpath(batch["im_file"][j]),
+                        s["tp"][k],
+                        s["conf"][k],
+                        s["pred_cls"][k],
+                        s["target_cls"][k],
+                    )
+                )
+
+    metrics = YOLO(str(weights), task="detect").val(
+        validator=Recording,
+        data=str(data_yaml),
+        imgsz=imgsz,
+        batch=batch,
+        device=device,
+        plots=False,
+        verbose=False,
+        project=str(work_dir),
+        name=name,
+        exist_ok=True,
+    )
+    rows.sort(key=lambda r: r[0])
+    names = {int(k): str(v) for k, v in yaml.safe_load(data_yaml.read_text(encoding="utf-8"))["names"].items()}
+    per = PerImage(
+        [r[0] for r in rows],
+        [np.asarray(r[1], bool) for r in rows],
+        [np.asarray(r[2], float) for r in rows],
+        [np.asarray(r[3], float) for r in rows],
+        [np.asarray(r[4], float) for r in rows],
+        names,
+    )
+    official = {k: float(metrics.results_dict[v]) for k, v in _ULTRALYTICS_KEYS.items()}
+    return per, official
+
+
+def split_images(staged: StagedDataset, split: str) -> dict[str, str]:
+    """{absolute staged image path: modality} for one split."""
+    return {
+        os.path.realpath(staged.root / staged.staged[rel]): staged.modality_of.get(rel, "unknown")
+        for rel in sorted(staged.staged)
+        if staged.split_of(rel) == split
+    }
+
+
+def run_split(
+    weights: Path,
+    staged: StagedDataset,
+    split: str,
+    *,
+    imgsz: int,
+    batch: int,
+    device: str,
+    work_dir: Path,
+    tag: str = "pt",
+) -> SplitRun | None:
+    """Validate `weights` on one split of the staged dataset (None when the split has no images)."""
+    images = split_images(staged, split)
+    if not images:
+        return None
+    data_yaml = write_listing_yaml(staged.data_yaml, sorted(images), work_dir, f"{split}-{tag}")
+    per, official = validate(
+        weights, data_yaml, imgsz=imgsz, batch=batch, device=device, work_dir=work_dir, name=f"{split}-{tag}"
+    )
+    return SplitRun(split, per, images, official)
+
+
+def write_listing_yaml(source_yaml: Path, images: list[str], work_dir: Path, name: str) -> Path:
+    """A data.yaml whose val (and test) is a list file of these images; labels found by /images/ -> /labels/."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    listing = work_dir / f"{name}.txt"
+    listing.write_text("".join(f"{p}\n" for p in images), encoding="utf-8")
+    names = yaml.safe_load(source_yaml.read_text(encoding="utf-8"))["names"]
+    # `train` is required by ultralytics' dataset check even for val; point it at the same list.
+    data = {"path": str(source_yaml.parent), "train": str(listing), "val": str(listing), "names": names}
+    path = work_dir / f"data-{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def summarise(run: SplitRun, *, resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """The figures the report and the manifest show for one split, each mAP with its 95% interval."""
+    overall = uncertainty.score(run.per)
+    out: dict[str, Any] = {
+        "images": len(run.per),
+        "overall": overall | {"ci": uncertainty.bootstrap(run.per, count=resamples, seed=seed)},
+        "per_modality": {},
+        "ultralytics": run.ultralytics,
+        # The per-image route must reproduce ultralytics' own figures for the same pass.
+        "matches_ultralytics": all(abs(overall[k] - v) < 1e-6 for k, v in run.ultralytics.items()),
+    }
+    for modality, per in run.by_modality().items():
+        out["per_modality"][modality] = (
+            {"images": float(len(per))}
+            | uncertainty.score(per)
+            | {"ci": uncertainty.bootstrap(per, count=resamples, seed=seed)}
+        )
+    if len(run.per.names) > 1:
+        out["per_class"] = uncertainty.per_class(run.per)
+    return out
+
+
+def evaluate(
+    weights: Path, staged: StagedDataset, *, imgsz: int, batch: int, device: str, work_dir: Path, tag: str = "pt"
+) -> dict[str, SplitRun]:
+    """One validation pass per split that has images: {"val": ..., "test": ...}."""
+    runs: dict[str, SplitRun] = {}
+    for split in SPLITS:
+        run = run_split(weights, staged, split, imgsz=imgsz, batch=batch, device=device, work_dir=work_dir, tag=tag)
+        if run is not None:
+            runs[split] = run
+    return runs
+
+
 def evaluate_per_modality(
     weights: Path, staged: StagedDataset, *, imgsz: int, batch: int, device: str, work_dir: Path
 ) -> dict[str, dict[str, float]]:
-    """{modality: {"images", "precision", "recall", "map50", "map50_95"}} on the staged val split."""
-    from ultralytics import YOLO  # heavy import, only when evaluating
-
-    results: dict[str, dict[str, float]] = {}
-    for modality, images in sorted(val_images_by_modality(staged).items()):
-        data_yaml = _write_modality_yaml(staged, modality, images, work_dir)
-        metrics = YOLO(str(weights)).val(
-            data=str(data_yaml),
-            imgsz=imgsz,
-            batch=batch,
-            device=device,
-            plots=False,
-            verbose=False,
-            project=str(work_dir),
-            name=f"val-{modality}",
-            exist_ok=True,
-        )
-        values = metrics.results_dict
-        results[modality] = {"images": float(len(images))} | {k: float(values[v]) for k, v in _METRIC_KEYS.items()}
-    return results
+    """{modality: {"images", "precision", "recall", "map50", "map50_95"}} on the val split (known modalities)."""
+    run = run_split(weights, staged, "val", imgsz=imgsz, batch=batch, device=device, work_dir=work_dir)
+    if run is None:
+        return {}
+    return {m: {"images": float(len(per))} | uncertainty.score(per) for m, per in run.by_modality().items()}
 
 
 def val_images_by_modality(staged: StagedDataset) -> dict[str, list[Path]]:
@@ -54,22 +203,81 @@ def val_images_by_modality(staged: StagedDataset) -> dict[str, list[Path]]:
     return groups
 
 
-def _write_modality_yaml(staged: StagedDataset, modality: str, images: list[Path], work_dir: Path) -> Path:
-    # A list file of absolute image paths: ultralytics derives each label path from /images/ -> /labels/.
-    work_dir.mkdir(parents=True, exist_ok=True)
-    listing = work_dir / f"val-{modality}.txt"
-    listing.write_text("".join(f"{p}\n" for p in images), encoding="utf-8")
-    names = yaml.safe_load(staged.data_yaml.read_text(encoding="utf-8"))["names"]
-    # `train` is required by ultralytics' dataset check even for val; point it at the same list.
-    data = {"path": str(staged.root), "train": str(listing), "val": str(listing), "names": names}
-    path = work_dir / f"data-{modality}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def lagging_modalities(results: dict[str, dict[str, float]], margin: float) -> list[str]:
+def lagging_modalities(results: dict[str, dict[str, Any]], margin: float) -> list[str]:
     """Modalities whose mAP@0.5 is more than `margin` below the best modality's."""
     if not results:
         return []
     best = max(r["map50"] for r in results.values())
     return sorted(m for m, r in results.items() if r["map50"] < best - margin)
+
+
+def assess(job: Job, best: Path, staged: StagedDataset, device: str) -> dict[str, SplitRun]:
+    """The evaluate phase: best.pt on val and test, the figures into the record, then the export check."""
+    from pogona_job import export
+    from pogona_job.logs import get_logger
+
+    s, rec = job.settings, job.record
+    batch = max(s.batch, 1)
+    runs = evaluate(best, staged, imgsz=s.imgsz, batch=batch, device=device, work_dir=job.runs / "eval")
+    rec.evaluation = {split: summarise(run, seed=s.seed) for split, run in runs.items()}
+    rec.per_modality = rec.evaluation.get("val", {}).get("per_modality", {})
+    rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)
+    for split, figures in rec.evaluation.items():
+        get_logger().info("evaluation", split=split, images=figures["images"], **figures["overall"])
+    rec.export = export.export_and_verify(
+        best,
+        staged,
+        runs,
+        formats=s.exports,
+        imgsz=s.imgsz,
+        batch=batch,
+        device=device,
+        work_dir=job.runs / "export",
+        tolerance=s.export_tolerance,
+    )
+    return runs
+
+
+def report_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Val and test side by side (overall and per modality), then the per-class tables; mAPs with 95% intervals."""
+    if not evaluation:
+        return []
+    ci = uncertainty.with_interval
+    splits = list(evaluation)
+    scopes = ["overall", *sorted({m for ev in evaluation.values() for m in ev["per_modality"]})]
+    out = [
+        f"### Evaluation of best.pt on {' and '.join(splits)} (95% bootstrap intervals over images)",
+        "",
+        "| Scope | " + " | ".join(f"{s} images | {s} mAP@0.5 | {s} mAP@0.5-0.95" for s in splits) + " |",
+        "|---" * (1 + 3 * len(splits)) + "|",
+    ]
+    for scope in scopes:
+        cells = []
+        for split in splits:
+            ev = evaluation[split]
+            m = ev["overall"] | {"images": ev["images"]} if scope == "overall" else ev["per_modality"].get(scope)
+            if m is None:
+                cells += ["0", "-", "-"]
+                continue
+            cells += [
+                str(int(m["images"])),
+                ci(m["map50"], m["ci"].get("map50")),
+                ci(m["map50_95"], m["ci"].get("map50_95")),
+            ]
+        out.append(f"| {scope} | " + " | ".join(cells) + " |")
+    out += ["", "Per-modality rows cover only images whose modality is known.", ""]
+    for split, ev in evaluation.items():
+        if ev.get("per_class"):
+            out += [
+                f"**Per class ({split}):**",
+                "",
+                "| Class | Images | Instances | Precision | Recall | mAP@0.5 | mAP@0.5-0.95 |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {name} | {int(c['images'])} | {int(c['instances'])} | {c['precision']:.3f} | {c['recall']:.3f} | "
+                f"{c['map50']:.3f} | {c['map50_95']:.3f} |"
+                for name, c in ev["per_class"].items()
+            ]
+            out.append("")
+    return out

@@ -351,15 +351,11 @@ def _execute(job: Job) -> None:
         _flush_checkpoints(job)  # the final set lands now, never after the clean-up below
 
     with job.phase("evaluate"), job.stop.interruptible():
-        from pogona_job.evaluate import evaluate_per_modality, lagging_modalities
+        from pogona_job import evaluate, promotion
 
         best = rec.full.save_dir / "weights" / "best.pt"
-        rec.per_modality = evaluate_per_modality(
-            best, staged, imgsz=s.imgsz, batch=max(s.batch, 1), device=device, work_dir=job.runs / "eval"
-        )
-        rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)
-        for modality, metrics in rec.per_modality.items():
-            log.info("modality metrics", modality=modality, **metrics)
+        runs = evaluate.assess(job, best, staged, device)  # val/test metrics, intervals, ONNX export check
+        rec.promotion = promotion.assess(job, staged, runs, device)
 
     with job.phase("push"):
         pushed = time.monotonic()
@@ -461,6 +457,7 @@ def _push_outputs(job: Job, save_dir: Path, split_files: list[Path]) -> None:
         (save_dir / "results.csv", "results.csv"),
         (save_dir / "weights" / "best.pt", "weights/best.pt"),
         (save_dir / "weights" / "last.pt", "weights/last.pt"),
+        (save_dir / "weights" / "best.onnx", "weights/best.onnx"),  # when exported (export.py)
         *[(f, f"dataset/{f.name}") for f in split_files],
     ]
     for name in PLOTS:
@@ -500,6 +497,9 @@ def _publish(job: Job) -> None:
     job.final = rec.status in FINAL
     if rec.status == "succeeded":
         advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
+        from pogona_job import promotion
+
+        promotion.promote(job)  # champion.json: compare-and-swap, after the manifest and latest.json
 
 
 def advance_latest(client: Any, output: S3Path, manifest: dict[str, Any]) -> None:
@@ -559,6 +559,10 @@ def _manifest(job: Job) -> dict[str, Any]:
         "parity": rec.parity.__dict__ if rec.parity else None,
         "watchdog": rec.watchdog,
         "per_modality": rec.per_modality,
+        "evaluation": rec.evaluation,  # val and test: overall, per modality, per class, 95% intervals
+        "export": rec.export,
+        "promotion": rec.promotion,
+        "lineage": _lineage(job),
         "dataset": rec.dataset,
         "model": rec.model,
         "versions": {
@@ -576,6 +580,19 @@ def _manifest(job: Job) -> dict[str, Any]:
         "accounting": rec.accounting,
         "artifacts": {key: {"sha256": a.sha256, "size": a.size} for key, a in sorted(job.sums.items())},
     }
+
+
+def _lineage(job: Job) -> dict[str, Any]:
+    from pogona_job import lineage
+
+    splits = {k.removeprefix("dataset/"): a.sha256 for k, a in job.sums.items() if k.startswith("dataset/")}
+    return lineage.collect(
+        config=job.record.config,
+        seed=job.settings.seed,
+        dataset=job.record.dataset,
+        split_sha256=splits,
+        champion=job.record.promotion.get("compared_against"),
+    )
 
 
 def _final(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -40,8 +40,11 @@ class RunRecord:
     parity: ParityResult | None = None
     parity_note: str = ""
     watchdog: dict[str, Any] = field(default_factory=dict)
-    per_modality: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_modality: dict[str, dict[str, Any]] = field(default_factory=dict)
     lagging: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # evaluate.summarise() per split (val, test)
+    export: dict[str, Any] = field(default_factory=dict)  # export.verify()
+    promotion: dict[str, Any] = field(default_factory=dict)  # promotion.decide()
     artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
     accounting: dict[str, Any] = field(default_factory=dict)  # budget.Tracker.summary(): time, cost, attempts
 
@@ -285,6 +288,8 @@ def render(record: RunRecord) -> str:
             out.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
         out.append("")
     if record.per_modality:
+        from pogona_job.uncertainty import with_interval
+
         out += [
             "### Per-modality validation (best.pt)",
             "",
@@ -293,11 +298,18 @@ def render(record: RunRecord) -> str:
         ]
         for modality, m in record.per_modality.items():
             flag = "⚠️ lags" if modality in record.lagging else ""
+            ci = m.get("ci", {})
             out.append(
                 f"| {modality} | {int(m.get('images', 0))} | {_num(m.get('precision'))} | {_num(m.get('recall'))} | "
-                f"{_num(m.get('map50'))} | {_num(m.get('map50_95'))} | {flag} |"
+                f"{with_interval(m['map50'], ci.get('map50'))} | {with_interval(m['map50_95'], ci.get('map50_95'))} | "
+                f"{flag} |"
             )
         out.append("")
+    if record.evaluation:
+        from pogona_job import evaluate, export, promotion
+
+        out += evaluate.report_lines(record.evaluation) + export.report_lines(record.export)
+        out += promotion.report_lines(record.promotion)
     out += ["## Recommendations", "", *[f"{i}. {r}" for i, r in enumerate(_recommendations(record), 1)], ""]
     out += report_lines(record.accounting)
     if record.timings:

@@ -1,0 +1,106 @@
+"""Lineage: what the manifest records so that a model can be reproduced or audited.
+
+The container image (digest, version, git commit baked in by the Dockerfile), the job's git commit
+when run from a checkout, package versions, seed and effective configuration, the dataset
+fingerprint and the sha256 of the split lists, and the champion the run was compared against.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = (
+    "pogona-train",
+    "torch",
+    "torchvision",
+    "ultralytics",
+    "ultralytics-opencv-headless",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "onnxslim",
+    "boto3",
+    "pydantic",
+    "pydantic-settings",
+    "pillow",
+    "opencv-python-headless",
+)
+
+
+def image_digest() -> str:
+    """IMAGE_DIGEST when the launcher passes it, else ECS task metadata's ImageID when available, else unknown."""
+    digest = os.environ.get("IMAGE_DIGEST")
+    if digest:
+        return digest
+    try:
+        from pogona_job import cloud  # type: ignore[attr-defined]  # the cost helper's module, when merged
+
+        found = cloud.image_digest()
+        if found:
+            return str(found)
+    except Exception:  # lineage is best effort: no such module yet, no metadata endpoint
+        pass
+    return "unknown"
+
+
+def git_commit() -> str:
+    """IMAGE_VCS_REF baked into the image, else `git rev-parse HEAD` of the checkout this code runs from."""
+    ref = os.environ.get("IMAGE_VCS_REF")
+    if ref:
+        return ref
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    import ultralytics  # its distribution may be ultralytics-opencv-headless: name the code by its module
+
+    found: dict[str, str] = {"ultralytics": str(ultralytics.__version__)}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def collect(
+    *,
+    config: dict[str, Any],
+    seed: int,
+    dataset: dict[str, Any],
+    split_sha256: dict[str, str],
+    champion: str | None,
+) -> dict[str, Any]:
+    return {
+        "image": {
+            "digest": image_digest(),
+            "version": os.environ.get("IMAGE_VERSION", "unknown"),
+            "vcs_ref": os.environ.get("IMAGE_VCS_REF", "unknown"),
+            "build_date": os.environ.get("IMAGE_BUILD_DATE", "unknown"),
+        },
+        "git_commit": git_commit(),
+        "packages": versions(),
+        "seed": seed,
+        "config": config,
+        "dataset": {"uri": dataset.get("uri"), "fingerprint": dataset.get("fingerprint"), "splits": split_sha256},
+        "compared_against_champion": champion,
+    }

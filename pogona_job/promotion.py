@@ -1,0 +1,278 @@
+"""Champion/challenger: `champion.json` names the model to deploy, and only a better-or-equal run moves it.
+
+`latest.json` keeps meaning "newest successful run". A new run becomes champion only when:
+1. it succeeded and its export verified (no export at all is not a failure: best.pt is the model);
+2. on ONE evaluation set - this run's val (and test) split, both models evaluated in this process
+   with the same settings - no modality's mAP@0.5 is worse than the champion's by more than
+   POGONA_PROMOTION_MARGIN and the overall mAP@0.5-0.95 is not worse; and the paired bootstrap says
+   so with 95% confidence (the lower bound of each difference is above -margin). When the point
+   estimate passes but the interval reaches past the margin, the sets are too small to tell and the
+   champion stays;
+3. its dataset passed validation without dropped images (or POGONA_PROMOTE_LENIENT allows it).
+The first run becomes champion. POGONA_PROMOTE=never|always overrides; `always` is recorded as forced.
+
+`champion.json` moves with a compare-and-swap on the one the decision was made against: of two runs
+finishing together, one wins, the other re-reads, finds a champion it was not compared with, and stays.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pogona_job import pointers, storage, uncertainty
+from pogona_job.logs import get_logger
+from pogona_job.storage import S3Path
+
+if TYPE_CHECKING:
+    from pogona_job.dataset import StagedDataset
+    from pogona_job.evaluate import SplitRun
+    from pogona_job.job import Job
+
+log = get_logger()
+CHAMPION = "champion.json"
+
+
+def champion_path(output_uri: str) -> S3Path:
+    return S3Path.parse(output_uri) / CHAMPION
+
+
+def compare(
+    challenger: dict[str, SplitRun], champion: dict[str, SplitRun], *, margin: float, resamples: int = 1000
+) -> dict[str, Any]:
+    """Paired comparison on the same images: per split, overall and per modality, with 95% intervals.
+
+    Each check is "ok", "regressed" (point estimate past the limit) or "unsure" (point ok, interval past it)."""
+    checks: list[dict[str, Any]] = []
+    splits: dict[str, Any] = {}
+    for split, new in challenger.items():
+        old = champion[split]
+        overall = uncertainty.paired_deltas(new.per, old.per, count=resamples)
+        modalities = {
+            m: uncertainty.paired_deltas(per, old.per.aligned(per.files), keys=("map50",), count=resamples)
+            for m, per in new.by_modality().items()
+        }
+        splits[split] = {"images": len(new.per), "overall": overall, "per_modality": modalities}
+        for m, d in modalities.items():
+            checks.append(_check(split, m, "map50", d["map50"], limit=-margin, tolerance=margin))
+        checks.append(_check(split, "overall", "map50_95", overall["map50_95"], limit=0.0, tolerance=margin))
+    return {"margin": margin, "splits": splits, "checks": checks}
+
+
+def _check(
+    split: str, scope: str, metric: str, d: dict[str, float], *, limit: float, tolerance: float
+) -> dict[str, Any]:
+    """Point delta must be >= limit; the paired interval's lower bound must be >= -tolerance."""
+    if d["delta"] < limit - 1e-12:
+        verdict = "regressed"
+    elif d["low"] < -tolerance - 1e-12:
+        verdict = "unsure"
+    else:
+        verdict = "ok"
+    return {"split": split, "scope": scope, "metric": metric, **d, "verdict": verdict}
+
+
+_LABEL = {"map50": "mAP@0.5", "map50_95": "mAP@0.5-0.95"}
+
+
+def decide(
+    *,
+    mode: str,
+    succeeded: bool,
+    export: dict[str, Any],
+    dropped: int,
+    allow_lenient: bool,
+    champion: dict[str, Any] | None,
+    comparison: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The decision and its reason in one sentence (pure: every input is a recorded fact)."""
+    against = champion.get("run_id") if champion else None
+
+    def out(promote: bool, reason: str, forced: bool = False) -> dict[str, Any]:
+        return {
+            "decision": "promote" if promote else "keep",
+            "forced": forced,
+            "reason": reason,
+            "compared_against": against,
+            "mode": mode,
+            "comparison": comparison,
+        }
+
+    if mode == "never":
+        return out(False, "Not promoted: POGONA_PROMOTE=never.")
+    if mode == "always":
+        return out(True, "Promoted by force (POGONA_PROMOTE=always), whatever the comparison says.", forced=True)
+    if not succeeded:
+        return out(False, "Not promoted: the run did not succeed.")
+    if export and not export.get("verified"):
+        return out(
+            False,
+            f"Not promoted: the ONNX export differs from best.pt by {export.get('max_abs_delta_map50', 0):.3f} "
+            f"mAP@0.5, more than the tolerance {export.get('tolerance', 0):.3f}.",
+        )
+    if dropped and not allow_lenient:
+        return out(
+            False,
+            f"Not promoted: the dataset lost {dropped} images to lenient validation "
+            "(set POGONA_PROMOTE_LENIENT=true to allow it).",
+        )
+    if champion is None:
+        return out(True, "Promoted: the first successful run becomes champion.")
+    if comparison is None:
+        return out(False, f"Not promoted: the champion {against} could not be evaluated on this run's data.")
+    checks = comparison["checks"]
+    regressed = [c for c in checks if c["verdict"] == "regressed"]
+    if regressed:
+        worst = min(regressed, key=lambda c: c["delta"])
+        return out(
+            False,
+            f"Not promoted: {worst['scope']} {_LABEL[worst['metric']]} on {worst['split']} is "
+            f"{-worst['delta']:.3f} below the champion {against} ({worst['delta']:+.3f}, 95% interval "
+            f"{worst['low']:+.3f} to {worst['high']:+.3f}; margin {comparison['margin']:.3f}).",
+        )
+    unsure = [c for c in checks if c["verdict"] == "unsure"]
+    if unsure:
+        c = min(unsure, key=lambda c: c["low"])
+        n = comparison["splits"][c["split"]]["images"]
+        return out(
+            False,
+            f"Not promoted: too few images to tell ({n} in {c['split']}): {c['scope']} {_LABEL[c['metric']]} "
+            f"differs by {c['delta']:+.3f} but its 95% interval {c['low']:+.3f} to {c['high']:+.3f} reaches "
+            f"below -{comparison['margin']:.3f}; the champion {against} stays.",
+        )
+    return out(
+        True,
+        f"Promoted: not worse than the champion {against} with 95% confidence on every modality "
+        f"(lowest bound {min(c['low'] for c in checks):+.3f}, margin {comparison['margin']:.3f}).",
+    )
+
+
+def assess(job: Job, staged: StagedDataset, runs: dict[str, SplitRun], device: str) -> dict[str, Any]:
+    """Evaluate the current champion's best.pt on this run's splits (same process, same settings) and decide."""
+    from pogona_job import evaluate
+
+    s, rec = job.settings, job.record
+    champion = pointers.read(job.client, champion_path(s.output_uri or "")).value
+    comparison = None
+    if champion is not None and s.promote == "auto":
+        weights = _champion_weights(job, champion) if champion.get("classes") == rec.classes else None
+        if weights is not None:
+            theirs = evaluate.evaluate(
+                weights,
+                staged,
+                imgsz=s.imgsz,
+                batch=max(s.batch, 1),
+                device=device,
+                work_dir=job.runs / "eval-champion",
+                tag="champion",
+            )
+            if set(theirs) == set(runs):
+                comparison = compare(runs, theirs, margin=s.promotion_margin)
+    decision = decide(
+        mode=s.promote,
+        succeeded=True,  # assessed at the end of a run whose training and evaluation finished
+        export=rec.export,
+        dropped=len(rec.dataset.get("dropped") or []),
+        allow_lenient=s.promote_lenient,
+        champion=champion,
+        comparison=comparison,
+    )
+    log.info("promotion decision", decision=decision["decision"], reason=decision["reason"])
+    return decision
+
+
+def _champion_weights(job: Job, champion: dict[str, Any]) -> Path | None:
+    uri = champion.get("weights")
+    if not uri:
+        return None
+    src = S3Path.parse(uri)
+    dest = job.work / "champion" / str(champion.get("run_id", "champion")) / "best.pt"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if storage.head(job.client, src) is None:
+            log.warning("champion weights missing", uri=uri)
+            return None
+        with storage.errors_for(src.bucket, f"downloading the champion's weights {uri}"):
+            job.client.download_file(src.bucket, src.key, str(dest))
+    return dest
+
+
+def pointer_for(job: Job) -> dict[str, Any]:
+    """What champion.json says: where the deployable model is, its checksums and its scores."""
+    rec = job.record
+    val = rec.evaluation.get("val", {}).get("overall", {})
+    art = job.sums
+    return {
+        "run_id": job.run_id,
+        "manifest": (job.out / "manifest.json").uri,
+        "weights": (job.out / "weights/best.pt").uri,
+        "weights_sha256": art["weights/best.pt"].sha256 if "weights/best.pt" in art else None,
+        "onnx": (job.out / "weights/best.onnx").uri if "weights/best.onnx" in art else None,
+        "onnx_sha256": art["weights/best.onnx"].sha256 if "weights/best.onnx" in art else None,
+        "metrics": {k: val.get(k) for k in ("map50", "map50_95")} | {"ci": val.get("ci", {})},
+        "classes": rec.classes,
+        "imgsz": job.settings.imgsz,
+        "forced": bool(rec.promotion.get("forced")),
+        "reason": rec.promotion.get("reason"),
+        "previous": rec.promotion.get("compared_against"),
+        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def promote(job: Job) -> bool:
+    """After the manifest: move champion.json to this run, only if it still names the champion we compared
+    with (compare-and-swap). Returns whether this run won."""
+    rec = job.record
+    if rec.status != "succeeded" or rec.promotion.get("decision") != "promote":
+        return False
+    against = rec.promotion.get("compared_against")
+    new = pointer_for(job)
+    lost: list[str] = []
+
+    def swap(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        holder = current.get("run_id") if current else None
+        if holder == job.run_id:
+            return None  # a retry after the swap already happened
+        if holder != against and not rec.promotion.get("forced"):
+            lost.append(str(holder))
+            return None
+        return new
+
+    won = pointers.update(job.client, champion_path(job.settings.output_uri or ""), swap) is not None
+    if won:
+        log.info("champion moved", champion=job.run_id, previous=against)
+    elif lost:  # the manifest keeps the decision made against `against`; champion.json is the authority
+        log.warning("not promoted after all: another run became champion first", champion=lost[0], compared=against)
+    return won
+
+
+def report_lines(promotion: dict[str, Any]) -> list[str]:
+    if not promotion:
+        return []
+    verdict = "PROMOTED" if promotion["decision"] == "promote" else "NOT PROMOTED"
+    if promotion.get("forced"):
+        verdict += " (forced)"
+    out = ["## Promotion", "", f"**{verdict}**. {promotion['reason']}", ""]
+    comparison = promotion.get("comparison")
+    if comparison:
+        out += [
+            f"Champion `{promotion.get('compared_against')}` and this run, both evaluated here on this run's "
+            "images; Δ = this run - champion, with the paired-bootstrap 95% interval.",
+            "",
+            "| Split | Scope | Metric | Champion | This run | Δ (95% interval) | Check |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in comparison["checks"]:
+            out.append(
+                f"| {c['split']} | {c['scope']} | {_LABEL[c['metric']]} | {c['champion']:.3f} | "
+                f"{c['challenger']:.3f} | {c['delta']:+.3f} ({c['low']:+.3f} to {c['high']:+.3f}) | {c['verdict']} |"
+            )
+        for split, s in comparison["splits"].items():
+            d = s["overall"]["map50"]
+            out.append(
+                f"| {split} | overall | mAP@0.5 | {d['champion']:.3f} | {d['challenger']:.3f} | "
+                f"{d['delta']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f}) | (info) |"
+            )
+        out.append("")
+    return out
