@@ -12,7 +12,7 @@ import yaml
 from pogona_job.dataset import Problem, format_problems, stage_dataset
 from pogona_job.demo import write_demo
 from pogona_job.errors import DatasetError
-from tests.fixtures.files import BOX, CLASSES, flat_dataset, image, inspect, text
+from tests.fixtures.files import BOX, CLASSES, flat_dataset, image, inspect, pre_split_dataset, text
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,22 @@ def test_format_problems_lists_fatal_first_and_truncates() -> None:
         "  [coords] labels/1.txt line 1: bad",
         "  ... and 23 more",
     ]
+
+
+def test_the_report_says_how_the_data_was_read_split_and_labelled(tmp_path: Path) -> None:
+    from pogona_job.report import RunRecord, render
+
+    root = pre_split_dataset(tmp_path / "ds", {"train": 4, "val": 2})
+    shutil.copy(root / "images" / "train" / "train0.jpg", root / "images" / "val" / "copy.jpg")  # a near-duplicate
+    staged = stage_dataset(inspect(root), tmp_path / "s", CLASSES)
+    record = RunRecord("r1", 1, "s3://b/runs/r1", {}, "yolo11n.yaml", staged.class_names)
+    record.dataset = {"images": staged.images, "counts": staged.counts, **staged.summary()}
+    report = render(record)
+    assert (
+        "Read as **Ultralytics (images/train/val)**; class names from POGONA_CLASS_NAMES; split from the export"
+        in report
+    )
+    assert "| visible | 0 | 0 | 7 | 0 |" in report
+    assert "Modality is mostly inferred from pixels (7 of 7 images)" in report
+    assert "**Warning:** Near-duplicates across the split: 1 pairs; 33.3% of val/test images" in report
+    assert "(e.g. `images/train/train0.jpg` ~ `images/val/copy.jpg`)" in report

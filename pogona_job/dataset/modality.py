@@ -119,7 +119,8 @@ def pixel_modality(image: Image.Image) -> str:
 def decide(e: Evidence) -> str:
     if e.grey:
         return "thermal"
-    palette = e.coloured >= 0.3 and e.curve <= 0.2 and e.chroma >= 0.75
+    # A palette: colours on one thin curve whose hue moves with brightness (the thinner, the surer).
+    palette = e.coloured >= 0.3 and ((e.curve <= 0.2 and e.chroma >= 0.75) or (e.curve <= 0.04 and e.chroma >= 0.4))
     photo = (e.chroma <= 0.5 and e.curve >= 0.05) or e.curve >= 0.3  # a perfect 1-D line may be a tinted palette
     if palette and not photo:
         return "thermal"
