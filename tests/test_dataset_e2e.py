@@ -1,8 +1,9 @@
 """Each tool's export, uploaded as it is, trains through `pogona-job run` against SeaweedFS.
 
-Training is tiny (conftest's TINY: a from-scratch nano model, 128 px, 3 sanity epochs; then 1): these runs check what
-the data becomes (splits, names, layout, the manifest), not what the model learns, so the
-sanity gate's loss-drop floor is 0 here.
+Training is tiny (conftest's TINY: a from-scratch nano model, 128 px; 4 sanity epochs, then 1):
+these runs check what the data becomes (splits, names, layout, the manifest), not what the model learns, so the
+sanity gate's loss-drop floor is 0 here, and a fourth sanity epoch gives the loss of a
+from-scratch model on 20-40 images room to come back down from its warm-up rise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests.conftest import BUCKET, job_env, run_cli
 from tests.fixtures import exports
 
 pytestmark = pytest.mark.slow
-FAST = {"POGONA_EPOCHS": "1", "POGONA_GATE_MIN_LOSS_DROP": "0"}
+FAST = {"POGONA_SANITY_EPOCHS": "4", "POGONA_EPOCHS": "1", "POGONA_GATE_MIN_LOSS_DROP": "0"}
 
 
 def _body(client: Any, key: str) -> bytes:
@@ -56,7 +57,7 @@ def _cvat_with_a_corrupt_image(dest: Path) -> dict[str, str | None]:
 
 
 def _flat(dest: Path) -> dict[str, str | None]:
-    return dict.fromkeys(exports.flat_with_groups(dest))
+    return dict.fromkeys(exports.flat_with_groups(dest, singles=28))
 
 
 RUNS: list[tuple[str, Callable[[Path], dict[str, str | None]], dict[str, str], str, str, list[str], str]] = [
