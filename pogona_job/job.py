@@ -241,7 +241,12 @@ def _execute(job: Job) -> None:
         rec.dataset.update(problems=len(inventory.problems), junk_ignored=inventory.junk_ignored)
         try:
             staged = dataset.stage_dataset(
-                inventory, staged_root, policy=s.validation_policy, val_fraction=s.val_fraction, seed=s.seed
+                inventory,
+                staged_root,
+                policy=s.validation_policy,
+                val_fraction=s.val_fraction,
+                seed=s.seed,
+                leakage_warn=s.leakage_warn,
             )
         finally:
             if (staged_root / "problems.txt").exists():
