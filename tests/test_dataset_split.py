@@ -208,3 +208,27 @@ def test_a_photo_counter_is_not_a_recording_when_the_pictures_differ() -> None:
     assert len(set(group_keys(rels, "sequence", {}, alike).values())) == 1
     different = {rels[0]: 0, rels[1]: (1 << 64) - 1, rels[2]: 0}
     assert len(set(group_keys(rels, "sequence", {}, different).values())) == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "ok"),
+    [
+        ("group_rules", "csv;re:^(site\\d+)/", True),
+        ("group_rules", "csv;frames", False),
+        ("group_rules", "re:no-group", False),
+        ("group_rules", "re:(unclosed", False),
+        ("modality_rules", "thermal=**/flir/**,**/IR_*;visible=**/rgb/**", True),
+        ("modality_rules", "sonar=**/x", False),
+        ("modality_rules", "thermal", False),
+    ],
+)
+def test_the_group_and_modality_rule_variables_are_checked_at_start(field: str, value: str, ok: bool) -> None:
+    from pydantic import ValidationError
+
+    from pogona_job.config import Settings
+
+    if ok:
+        assert getattr(Settings(**{field: value}), field) == value
+    else:
+        with pytest.raises(ValidationError):
+            Settings(**{field: value})
