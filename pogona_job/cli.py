@@ -145,17 +145,20 @@ def _stop_on_sigterm() -> Callable[[], None]:
 
 
 def _validate(folder: Path, settings: Settings) -> int:
-    from pogona_job.dataset import format_problems, inspect_dataset
+    from pogona_job.dataset import Options, format_problems, inspect_dataset
 
     if not folder.is_dir():
         print(f"{folder} is not a folder.", file=sys.stderr)
         return 3
-    inventory = inspect_dataset(folder, settings.classes)
+    inventory = inspect_dataset(folder, settings.configured_classes, Options.from_settings(settings))
     n = len(inventory.items)
     summary = (
-        f"{folder}: {n} images ({inventory.backgrounds} background), {inventory.junk_ignored} junk files ignored, "
-        f"layout {inventory.layout}"
+        f"{folder}: {inventory.layout_label}; {n} images ({inventory.backgrounds} background), "
+        f"{inventory.companions} companion files, {inventory.junk_ignored} junk files ignored; "
+        f"classes {inventory.class_names} from {inventory.names_source}"
     )
+    if inventory.notes:
+        print(f"{len(inventory.notes)} notes (not problems):\n{format_problems(inventory.notes)}")
     if not inventory.problems:
         print(f"{summary}: OK.")
         return 0

@@ -88,6 +88,22 @@ class Settings(BaseSettings):
     validation_policy: Literal["strict", "lenient"] = Field(
         "strict", description="`strict`: any dataset problem stops the job; `lenient`: drop bad items"
     )
+    modality_rules: str = Field(
+        "",
+        description="declared modalities, before any name pattern or pixel inference: globs per modality, "
+        "e.g. `thermal=**/flir/**,**/IR_*;visible=**/rgb/**`",
+    )
+    group_rules: str = Field(
+        "csv;roboflow;sequence;folder",
+        description="how the job groups images before making a split (a group never crosses it), tried in "
+        "order: `csv`, `roboflow`, `sequence`, `folder`, `none`, `re:<regex with a capture group>` "
+        "(dataset/README.md)",
+    )
+    max_image_pixels: int = Field(100_000_000, ge=1, description="an image with more pixels is a dataset problem")
+    max_label_lines: int = Field(10_000, ge=1, description="a label file with more lines is a dataset problem")
+    leakage_warn: float = Field(
+        0.05, ge=0, le=1, description="warn when more than this share of val/test images has a near-duplicate in train"
+    )
 
     # --- sanity gate --------------------------------------------------------------------
     gate_min_loss_drop: float = Field(
@@ -205,6 +221,30 @@ class Settings(BaseSettings):
     def exports(self) -> list[str]:
         return [f for f in self.export_formats.split(",") if f]
 
+    @field_validator("modality_rules")
+    @classmethod
+    def _modality_rules(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(";"))):
+            modality, sep, globs = part.partition("=")
+            if not sep or modality.strip().lower() not in ("thermal", "visible") or not globs.strip(" ,"):
+                raise ValueError(f"{part!r}: write thermal=glob[,glob...];visible=glob[,glob...]")
+        return value
+
+    @field_validator("group_rules")
+    @classmethod
+    def _group_rules(cls, value: str) -> str:
+        for rule in filter(None, (r.strip() for r in value.split(";"))):
+            if rule.startswith("re:"):
+                try:
+                    groups = re.compile(rule[3:]).groups
+                except re.error as exc:
+                    raise ValueError(f"{rule!r}: {exc}") from None
+                if groups < 1:
+                    raise ValueError(f"{rule!r}: the regex needs a capture group (the group key)")
+            elif rule not in ("csv", "roboflow", "sequence", "folder", "none"):
+                raise ValueError(f"{rule!r}: use csv, roboflow, sequence, folder, none or re:<regex>, separated by ;")
+        return value
+
     @field_validator("class_names")
     @classmethod
     def _class_names(cls, value: str) -> str:
@@ -217,6 +257,11 @@ class Settings(BaseSettings):
     @property
     def classes(self) -> list[str]:
         return self.class_names.split(",")
+
+    @property
+    def configured_classes(self) -> list[str] | None:
+        """POGONA_CLASS_NAMES when the user set it; None lets the dataset's export name the classes."""
+        return self.classes if "class_names" in self.model_fields_set else None
 
     @property
     def from_scratch(self) -> bool:

@@ -281,24 +281,28 @@ def _execute(job: Job) -> None:
         rec.dataset.update(uri=s.dataset_uri, fingerprint=result.fingerprint, files=result.files, bytes=result.bytes)
 
     with job.phase("stage"), job.stop.interruptible():
-        inventory = dataset.inspect_dataset(local, s.classes)
+        inventory = dataset.inspect_dataset(local, s.configured_classes, dataset.Options.from_settings(s))
         staged_root = job.work / "staged"
         rec.dataset.update(problems=len(inventory.problems), junk_ignored=inventory.junk_ignored)
         try:
             staged = dataset.stage_dataset(
-                inventory, staged_root, s.classes, policy=s.validation_policy, val_fraction=s.val_fraction, seed=s.seed
+                inventory,
+                staged_root,
+                policy=s.validation_policy,
+                val_fraction=s.val_fraction,
+                seed=s.seed,
+                leakage_warn=s.leakage_warn,
             )
         finally:
             if (staged_root / "problems.txt").exists():
                 _upload(job, [(staged_root / "problems.txt", "dataset/problems.txt")])
+        rec.classes = staged.class_names  # POGONA_CLASS_NAMES, else the export's own
         rec.dataset.update(
-            layout=inventory.layout,
-            images=staged.images,
-            boxes=staged.boxes,
-            backgrounds=staged.backgrounds,
-            counts=staged.counts,
-            dropped=staged.dropped,
+            images=staged.images, boxes=staged.boxes, backgrounds=staged.backgrounds, counts=staged.counts
         )
+        rec.dataset.update(staged.summary())  # layout, names/split/modality sources, leakage, dropped
+        if staged.leakage["warn"]:
+            log.warning("near-duplicates across the split", **staged.leakage)
         log.info("dataset staged", images=staged.images, boxes=staged.boxes, counts=staged.counts)
         plan = training.resource_plan(s, device, staged.images)
         job.extra_args = plan.args

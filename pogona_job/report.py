@@ -172,6 +172,41 @@ def _recommendations(record: RunRecord) -> list[str]:
     return recs
 
 
+def _dataset_provenance(ds: dict[str, Any]) -> list[str]:
+    """How the data was read: layout, where names and split came from, modality sources, leakage."""
+    if not ds.get("layout_label"):
+        return []
+    out = [
+        "",
+        f"Read as **{ds['layout_label']}**; class names from {ds.get('names_source')}; "
+        f"split {'from the export' if ds.get('split_source') == 'export' else 'made by the job (by group)'}.",
+    ]
+    sources: dict[str, dict[str, int]] = ds.get("modality_sources", {})
+    if sources:
+        kinds = ["declared", "pattern", "inferred", "unknown"]
+        out += ["", "| Modality | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        out += [f"| {m} | " + " | ".join(str(per.get(k, 0)) for k in kinds) + " |" for m, per in sources.items()]
+        total = sum(sum(per.values()) for per in sources.values())
+        guessed = sum(per.get("inferred", 0) + per.get("unknown", 0) for per in sources.values())
+        if total and guessed > total / 2:
+            out += [
+                "",
+                f"Modality is mostly inferred from pixels ({guessed} of {total} images): per-modality numbers "
+                "are estimates; declare it with POGONA_MODALITY_RULES or a groups.csv `modality` column.",
+            ]
+    leak = ds.get("leakage") or {}
+    if leak:
+        line = (
+            f"Near-duplicates across the split: {leak.get('pairs', 0)} pairs; "
+            f"{leak.get('share', 0):.1%} of val/test images have one in another split"
+        )
+        examples = leak.get("examples") or []
+        if examples:
+            line += " (e.g. " + "; ".join(f"`{a}` ~ `{b}`" for a, b, _ in examples[:3]) + ")"
+        out += ["", ("**Warning:** " if leak.get("warn") else "") + line + "."]
+    return out
+
+
 def render(record: RunRecord) -> str:
     ds = record.dataset
     sanity_rows = record.sanity.rows if record.sanity else []
@@ -203,6 +238,7 @@ def render(record: RunRecord) -> str:
         for split, per in counts.items():
             cells = " | ".join(str(per.get(m, 0)) for m in modalities)
             out.append(f"| {split} | {cells} | {sum(per.values())} |")
+    out += _dataset_provenance(ds)
     if ds.get("dropped"):
         out += [
             "",

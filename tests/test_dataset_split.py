@@ -1,0 +1,234 @@
+"""The split: the user's when there is one, else ours by group; near-duplicates across it measured."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pogona_job.dataset import Options, inspect_dataset, stage_dataset
+from pogona_job.dataset.split import check_rules, group_keys, source_name
+from pogona_job.demo import write_demo
+from pogona_job.errors import DatasetError
+from tests.fixtures import exports
+from tests.fixtures.files import CLASSES, flat_dataset, inspect
+
+# --- groups -------------------------------------------------------------------------------------
+
+
+def test_roboflow_siblings_share_their_source_name() -> None:
+    stem = "IMG 0001 copy_jpg.rf.3f2a9c1e0b7d4a6f8e5c2b1a0d9e8f7c"
+    assert source_name(stem) == "IMG 0001 copy"
+    assert source_name("plain name") == "plain name"
+
+
+def test_group_rules_in_their_documented_order() -> None:
+    rels = [
+        "a/IMG 1_jpg.rf.00000000000000000000000000000000.jpg",
+        "a/IMG 1_jpg.rf.11111111111111111111111111111111.jpg",
+        "a/clip_0001.jpg",
+        "a/clip_0002.jpg",
+        "a/clip_0003.jpg",
+        "a/clip_0900.jpg",  # far from the others: another take
+        "rec_3/x.jpg",
+        "rec_3/y.jpg",
+        "2024-05-01_1230/p.jpg",
+        "2024-05-01_1230/q.jpg",
+        "photos/x.jpg",
+        "photos/y.jpg",
+    ]
+    keys = group_keys(rels, "csv;roboflow;sequence;folder", {"photos/y.jpg": "mine", "photos/x.jpg": "mine"})
+    same = defaultdict(set)
+    for rel, key in keys.items():
+        same[key].add(rel)
+    groups = sorted(sorted(g) for g in same.values())
+    assert groups == sorted(
+        [
+            sorted(rels[0:2]),
+            ["a/clip_0001.jpg", "a/clip_0002.jpg", "a/clip_0003.jpg"],
+            ["a/clip_0900.jpg"],
+            ["rec_3/x.jpg", "rec_3/y.jpg"],
+            ["2024-05-01_1230/p.jpg", "2024-05-01_1230/q.jpg"],
+            ["photos/x.jpg", "photos/y.jpg"],
+        ]
+    )
+    alone = group_keys(rels, "none", {})
+    assert len(set(alone.values())) == len(rels)
+    custom = group_keys(["s1/a.jpg", "s1/b.jpg", "s2/c.jpg"], r"re:^(s\d)/", {})
+    assert custom["s1/a.jpg"] == custom["s1/b.jpg"] != custom["s2/c.jpg"]
+
+
+def test_bad_group_rules_are_refused() -> None:
+    for bad in ("csv;frames", "re:no-group"):
+        with pytest.raises(ValueError, match=r"use csv|capture group"):
+            check_rules(bad)
+
+
+def test_a_long_sequence_is_cut_into_blocks_so_that_it_can_be_split() -> None:
+    rels = [f"v/frame_{i:04d}.jpg" for i in range(100)]
+    keys = group_keys(rels, "sequence", {})
+    assert len(set(keys.values())) == 10
+    assert all(keys[rels[i]] == keys[rels[i + 1]] for i in range(9))  # a block is consecutive frames
+
+
+# --- our split ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("grouped")
+    return root, exports.flat_with_groups(root)
+
+
+def _split_of_each_group(staged_splits: dict[str, str], truth: dict[str, str]) -> dict[str, set[str]]:
+    seen: dict[str, set[str]] = defaultdict(set)
+    for rel, group in truth.items():
+        seen[group].add(staged_splits[rel])
+    return seen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_no_group_crosses_our_split_and_nothing_leaks(
+    tmp_path: Path, grouped: tuple[Path, dict[str, str]], seed: int
+) -> None:
+    root, truth = grouped
+    staged = stage_dataset(inspect(root), tmp_path / "s", CLASSES, seed=seed, val_fraction=0.3)
+    splits = {rel: staged.split_of(rel) for rel in staged.staged}
+    assert set(splits) == set(truth) and set(splits.values()) == {"train", "val"}
+    assert all(len(s) == 1 for s in _split_of_each_group(splits, truth).values())
+    assert staged.split_source == "made by the job"
+    assert staged.leakage["pairs"] == 0 and staged.leakage["warn"] is False
+
+
+def test_the_same_images_split_one_by_one_leak(tmp_path: Path, grouped: tuple[Path, dict[str, str]]) -> None:
+    """The control: without groups, neighbouring frames and siblings land on both sides, and are counted."""
+    root, truth = grouped
+    leaks = []
+    for seed in range(4):
+        inv = inspect_dataset(root, CLASSES, Options(group_rules="none"))
+        staged = stage_dataset(inv, tmp_path / f"s{seed}", CLASSES, seed=seed, val_fraction=0.3)
+        splits = {rel: staged.split_of(rel) for rel in staged.staged}
+        crossing = sum(len(s) > 1 for s in _split_of_each_group(splits, truth).values())
+        leaks.append((crossing, staged.leakage["pairs"]))
+    assert all(pairs > 0 for crossing, pairs in leaks if crossing)
+    assert any(crossing for crossing, _ in leaks)
+
+
+def test_the_split_is_reproducible_for_a_seed_and_changes_with_it(tmp_path: Path) -> None:
+    write_demo(tmp_path / "demo", n_images=60, size=64, seed=1)
+    inv = inspect(tmp_path / "demo")
+
+    def lists(seed: int, name: str) -> dict[str, str]:
+        staged = stage_dataset(inv, tmp_path / name, CLASSES, seed=seed)
+        return {p.name: p.read_text() for p in staged.split_files}
+
+    first, again, other = lists(42, "a"), lists(42, "b"), lists(43, "c")
+    assert first == again and first != other and set(first) == {"train.txt", "val.txt"}
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.2, 0.35])
+def test_the_split_is_stratified_by_modality_within_one_group(tmp_path: Path, val_fraction: float) -> None:
+    write_demo(tmp_path / "demo", n_images=60, size=64, seed=1)
+    inv = inspect(tmp_path / "demo")
+    staged = stage_dataset(inv, tmp_path / "s", CLASSES, val_fraction=val_fraction)
+    sizes: dict[str, int] = defaultdict(int)
+    for it in inv.items:
+        sizes[it.group] += 1
+    largest = max(sizes.values())
+    for modality, total in staged.counts["train"].items():
+        total += staged.counts["val"][modality]
+        assert abs(staged.counts["val"][modality] - val_fraction * total) <= largest
+
+
+def test_too_few_groups_to_split_is_one_clear_sentence(tmp_path: Path) -> None:
+    root = flat_dataset(tmp_path / "ds", n=4)
+    (root / "groups.csv").write_text("".join(f"images/img{i}.jpg,one\n" for i in range(4)))
+    with pytest.raises(DatasetError, match="too few groups") as err:
+        stage_dataset(inspect(root), tmp_path / "s", CLASSES)
+    assert err.value.exit_code == 3
+
+
+# --- the user's split ---------------------------------------------------------------------------
+
+
+def test_the_export_split_is_kept_and_test_images_are_never_trained_on(tmp_path: Path) -> None:
+    truth = exports.roboflow(tmp_path / "rf", {"train": 8, "valid": 3, "test": 3})
+    inv = inspect(tmp_path / "rf")
+    assert inv.layout_label == "Roboflow export (train/valid/test)" and inv.problems == []
+    staged = stage_dataset(inv, tmp_path / "s", CLASSES, test_fraction=0.5)  # ignored: the export decides
+    assert staged.split_source == "export"
+    listed = {s: set((staged.root / f"{s}.txt").read_text().splitlines()) for s in ("train", "val", "test")}
+    assert listed["val"] == {rel for rel, s in truth.items() if s == "val"}
+    assert listed["test"] == {rel for rel, s in truth.items() if s == "test"}
+    assert not listed["test"] & (listed["train"] | listed["val"])
+    data = (staged.root / "data.yaml").read_text()
+    assert "val: images/val\ntest: images/test\n" in data
+
+
+def test_an_export_with_train_and_test_only_keeps_test_and_makes_val_from_train(tmp_path: Path) -> None:
+    truth = exports.roboflow(tmp_path / "rf", {"train": 8, "test": 3}, siblings=1)
+    staged = stage_dataset(inspect(tmp_path / "rf"), tmp_path / "s", CLASSES)
+    assert staged.split_source == "made by the job"
+    splits = {rel: staged.split_of(rel) for rel in truth}
+    assert {rel for rel, s in splits.items() if s == "test"} == {rel for rel, s in truth.items() if s == "test"}
+    assert {s for rel, s in splits.items() if truth[rel] == "train"} == {"train", "val"}
+
+
+def test_near_duplicates_across_a_user_split_are_counted_with_examples(tmp_path: Path) -> None:
+    root = tmp_path / "ul"
+    exports.ultralytics(root, {"train": 10, "val": 4})
+    planted = []
+    for i in (0, 3, 7):  # re-encoded, slightly resized copies of train images placed in val
+        src = root / "images" / "train" / f"train_{i:04d}.jpg"
+        with Image.open(src) as im:
+            copy = im.resize((im.width - 4, im.height - 4))
+            buf = io.BytesIO()
+            copy.save(buf, "JPEG", quality=70)
+        dst = root / "images" / "val" / f"copy_{i}.jpg"
+        dst.write_bytes(buf.getvalue())
+        label = root / "labels" / "train" / f"train_{i:04d}.txt"
+        if label.exists():
+            shutil.copy(label, root / "labels" / "val" / f"copy_{i}.txt")
+        planted.append((f"images/train/train_{i:04d}.jpg", f"images/val/copy_{i}.jpg"))
+    staged = stage_dataset(inspect(root), tmp_path / "s", CLASSES)
+    leak = staged.leakage
+    assert leak["pairs"] == 3 and leak["held_out_images_with_a_near_duplicate"] == 3
+    assert sorted((a, b) for a, b, _ in leak["examples"]) == sorted(planted)
+    assert leak["share"] == round(3 / 7, 4) and leak["warn"] is True
+    assert staged.summary()["leakage"] == leak
+
+
+def test_a_photo_counter_is_not_a_recording_when_the_pictures_differ() -> None:
+    rels = ["IMG_0001.jpg", "IMG_0002.jpg", "IMG_0003.jpg"]
+    alike = {rels[0]: 0b1011, rels[1]: 0b1010, rels[2]: 0b1110}
+    assert len(set(group_keys(rels, "sequence", {}, alike).values())) == 1
+    different = {rels[0]: 0, rels[1]: (1 << 64) - 1, rels[2]: 0}
+    assert len(set(group_keys(rels, "sequence", {}, different).values())) == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "ok"),
+    [
+        ("group_rules", "csv;re:^(site\\d+)/", True),
+        ("group_rules", "csv;frames", False),
+        ("group_rules", "re:no-group", False),
+        ("group_rules", "re:(unclosed", False),
+        ("modality_rules", "thermal=**/flir/**,**/IR_*;visible=**/rgb/**", True),
+        ("modality_rules", "sonar=**/x", False),
+        ("modality_rules", "thermal", False),
+    ],
+)
+def test_the_group_and_modality_rule_variables_are_checked_at_start(field: str, value: str, ok: bool) -> None:
+    from pydantic import ValidationError
+
+    from pogona_job.config import Settings
+
+    if ok:
+        assert getattr(Settings(**{field: value}), field) == value
+    else:
+        with pytest.raises(ValidationError):
+            Settings(**{field: value})
