@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pogona_job import cloud
+
 PACKAGES = (
     "pogona-train",
     "torch",
@@ -29,22 +31,6 @@ PACKAGES = (
     "pillow",
     "opencv-python-headless",
 )
-
-
-def image_digest() -> str:
-    """IMAGE_DIGEST when the launcher passes it, else ECS task metadata's ImageID when available, else unknown."""
-    digest = os.environ.get("IMAGE_DIGEST")
-    if digest:
-        return digest
-    try:
-        from pogona_job import cloud  # type: ignore[attr-defined]  # the cost helper's module, when merged
-
-        found = cloud.image_digest()
-        if found:
-            return str(found)
-    except Exception:  # lineage is best effort: no such module yet, no metadata endpoint
-        pass
-    return "unknown"
 
 
 def git_commit() -> str:
@@ -92,7 +78,7 @@ def collect(
 ) -> dict[str, Any]:
     return {
         "image": {
-            "digest": image_digest(),
+            "digest": cloud.image_digest(),
             "version": os.environ.get("IMAGE_VERSION", "unknown"),
             "vcs_ref": os.environ.get("IMAGE_VCS_REF", "unknown"),
             "build_date": os.environ.get("IMAGE_BUILD_DATE", "unknown"),
