@@ -503,7 +503,7 @@ def _publish(job: Job) -> None:
         advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
         from pogona_job import promotion
 
-        promotion.promote(job)  # champion.json: compare-and-swap, after the manifest and latest.json
+        promotion.promote(job.client, job.settings.output_uri or "", manifest, job.settings.imgsz)
 
 
 def advance_latest(client: Any, output: S3Path, manifest: dict[str, Any]) -> None:
@@ -529,7 +529,10 @@ def advance_latest(client: Any, output: S3Path, manifest: dict[str, Any]) -> Non
 def _complete_finished(job: Job, manifest: dict[str, Any]) -> None:
     """A retry of a finished run finishes what a kill after its manifest left undone (partial: never latest)."""
     if manifest.get("status") == "succeeded":
+        from pogona_job import promotion
+
         advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
+        promotion.promote(job.client, job.settings.output_uri or "", manifest, job.settings.imgsz)
     storage.delete_prefix(job.client, job.out / "checkpoint")
     lease = pointers.read(job.client, job.out / "lease.json")  # a dead attempt's, killed after the manifest
     if lease.etag is not None:
@@ -566,6 +569,7 @@ def _manifest(job: Job) -> dict[str, Any]:
         "evaluation": rec.evaluation,  # val and test: overall, per modality, per class, 95% intervals
         "export": rec.export,
         "promotion": rec.promotion,
+        "classes": rec.classes,
         "lineage": _lineage(job),
         "dataset": rec.dataset,
         "model": rec.model,

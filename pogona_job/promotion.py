@@ -198,50 +198,52 @@ def _champion_weights(job: Job, champion: dict[str, Any]) -> Path | None:
     return dest
 
 
-def pointer_for(job: Job) -> dict[str, Any]:
+def pointer_for(manifest: dict[str, Any], out: S3Path, imgsz: int) -> dict[str, Any]:
     """What champion.json says: where the deployable model is, its checksums and its scores."""
-    rec = job.record
-    val = rec.evaluation.get("val", {}).get("overall", {})
-    art = job.sums
+    promotion = manifest.get("promotion") or {}
+    val = (manifest.get("evaluation") or {}).get("val", {}).get("overall", {})
+    art = manifest.get("artifacts") or {}
+    onnx = "weights/best.onnx" in art
     return {
-        "run_id": job.run_id,
-        "manifest": (job.out / "manifest.json").uri,
-        "weights": (job.out / "weights/best.pt").uri,
-        "weights_sha256": art["weights/best.pt"].sha256 if "weights/best.pt" in art else None,
-        "onnx": (job.out / "weights/best.onnx").uri if "weights/best.onnx" in art else None,
-        "onnx_sha256": art["weights/best.onnx"].sha256 if "weights/best.onnx" in art else None,
+        "run_id": manifest["run_id"],
+        "manifest": (out / "manifest.json").uri,
+        "weights": (out / "weights/best.pt").uri,
+        "weights_sha256": art.get("weights/best.pt", {}).get("sha256"),
+        "onnx": (out / "weights/best.onnx").uri if onnx else None,
+        "onnx_sha256": art["weights/best.onnx"]["sha256"] if onnx else None,
         "metrics": {k: val.get(k) for k in ("map50", "map50_95")} | {"ci": val.get("ci", {})},
-        "classes": rec.classes,
-        "imgsz": job.settings.imgsz,
-        "forced": bool(rec.promotion.get("forced")),
-        "reason": rec.promotion.get("reason"),
-        "previous": rec.promotion.get("compared_against"),
+        "classes": manifest.get("classes"),
+        "imgsz": imgsz,
+        "forced": bool(promotion.get("forced")),
+        "reason": promotion.get("reason"),
+        "previous": promotion.get("compared_against"),
         "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def promote(job: Job) -> bool:
+def promote(client: Any, output_uri: str, manifest: dict[str, Any], imgsz: int) -> bool:
     """After the manifest: move champion.json to this run, only if it still names the champion we compared
-    with (compare-and-swap). Returns whether this run won."""
-    rec = job.record
-    if rec.status != "succeeded" or rec.promotion.get("decision") != "promote":
+    with (compare-and-swap). Reads only the manifest, so a retry after a kill between the manifest and the
+    swap finishes it. Returns whether this run won."""
+    promotion = manifest.get("promotion") or {}
+    if manifest.get("status") != "succeeded" or promotion.get("decision") != "promote":
         return False
-    against = rec.promotion.get("compared_against")
-    new = pointer_for(job)
+    run_id, against = str(manifest["run_id"]), promotion.get("compared_against")
+    new = pointer_for(manifest, S3Path.parse(output_uri) / run_id, imgsz)
     lost: list[str] = []
 
     def swap(current: dict[str, Any] | None) -> dict[str, Any] | None:
         holder = current.get("run_id") if current else None
-        if holder == job.run_id:
+        if holder == run_id:
             return None  # a retry after the swap already happened
-        if holder != against and not rec.promotion.get("forced"):
+        if holder != against and not promotion.get("forced"):
             lost.append(str(holder))
             return None
         return new
 
-    won = pointers.update(job.client, champion_path(job.settings.output_uri or ""), swap) is not None
+    won = pointers.update(client, champion_path(output_uri), swap) is not None
     if won:
-        log.info("champion moved", champion=job.run_id, previous=against)
+        log.info("champion moved", champion=run_id, previous=against)
     elif lost:  # the manifest keeps the decision made against `against`; champion.json is the authority
         log.warning("not promoted after all: another run became champion first", champion=lost[0], compared=against)
     return won

@@ -50,6 +50,7 @@ CRASH_POINTS = [
     ("the results artifact", r"^PUT .*/[0-9a-f]{8}/results\.csv", 1),
     ("the manifest", r"^PUT .*/manifest\.json", 1),
     ("latest.json", r"^PUT .*/latest\.json", 1),
+    ("champion.json", r"^PUT .*/champion\.json", 1),
     ("the checkpoint clean-up", r"^POST .*\?delete", 1),
 ]
 
@@ -183,12 +184,12 @@ def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
         assert paused, f"leg {attempt} never reached {name} (exit {leg.proc.returncode}):\n{leg.tail()}"
         seen.append(paused)
         manifest = _objects(s3_client, prefix).get("manifest.json")
-        if name in ("latest.json", "the checkpoint clean-up"):
+        if name in ("latest.json", "champion.json", "the checkpoint clean-up"):
             assert json.loads(_body(s3_client, prefix + "manifest.json"))["status"] == "succeeded"
         else:
             assert manifest is None, f"a killed attempt published a manifest at {name}"
         if attempt > 1:  # every restart came from the bucket, never from a local file
-            came_back = {"checkpoint restored", "run already succeeded; nothing redone"}
+            came_back = {"checkpoint restored", "run already finished; nothing redone"}
             assert any(e.get("event") in came_back for e in leg.events()), leg.tail()
 
     final = Leg(env(len(CRASH_POINTS) + 1, s3.endpoint), tmp_path / "final.log")
@@ -209,5 +210,9 @@ def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
     assert re.search(rf"\({EPOCHS} epochs\)", full), full[:600]
     latest = json.loads(_body(s3_client, f"{output}/latest.json"))
     assert latest["run_id"] == run
+    champion = json.loads(_body(s3_client, f"{output}/champion.json"))  # the first run of the prefix
+    assert (
+        champion["run_id"] == run and champion["weights_sha256"] == manifest["artifacts"]["weights/best.pt"]["sha256"]
+    )
     left = set(_objects(s3_client, prefix))
     assert not {k for k in left if k.startswith("checkpoint/") or k == "lease.json"}, sorted(left)

@@ -7,7 +7,6 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -133,22 +132,16 @@ def test_compare_flags_the_modality_that_got_worse_and_not_the_other() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_job(client: Any, output_uri: str, run_id: str, against: str | None) -> Any:
-    out = storage.S3Path.parse(output_uri) / run_id
-    record = SimpleNamespace(
-        status="succeeded",
-        promotion={"decision": "promote", "compared_against": against, "forced": False, "reason": "test"},
-        evaluation={},
-        classes=["pogona_head"],
-    )
-    return SimpleNamespace(
-        client=client,
-        run_id=run_id,
-        out=out,
-        sums={},
-        record=record,
-        settings=SimpleNamespace(output_uri=output_uri, imgsz=128),
-    )
+def _manifest(run_id: str, against: str | None) -> dict[str, Any]:
+    """The parts of a succeeded manifest that promotion reads."""
+    return {
+        "run_id": run_id,
+        "status": "succeeded",
+        "promotion": {"decision": "promote", "compared_against": against, "forced": False, "reason": "test"},
+        "evaluation": {},
+        "classes": ["pogona_head"],
+        "artifacts": {},
+    }
 
 
 def _race(s3: LocalS3, output_uri: str, runs: list[str], against: str | None) -> dict[str, bool]:
@@ -163,9 +156,9 @@ def _race(s3: LocalS3, output_uri: str, runs: list[str], against: str | None) ->
             aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
             region_name="us-east-1",
         )
-        job = _fake_job(client, output_uri, run_id, against)
+        manifest = _manifest(run_id, against)
         barrier.wait()
-        won[run_id] = promotion.promote(job)
+        won[run_id] = promotion.promote(client, output_uri, manifest, 128)
 
     threads = [threading.Thread(target=go, args=(r,)) for r in runs]
     for t in threads:
