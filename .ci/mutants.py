@@ -47,9 +47,9 @@ TARGETS = {
     "storage": Target(
         ("pogona_job/storage.py",),
         ("tests/test_storage.py", "tests/test_faults.py"),
-        # mutmut leaves decorated functions alone (errors_for is a @contextmanager): the mapping must live in an
-        # undecorated function whose name contains "err" for its mutants to exist; none found fails loudly.
-        ("pogona_job.storage.x_*err*",),
+        # mutmut leaves decorated functions alone (errors_for is a @contextmanager), so the mapping lives in
+        # these undecorated functions; a target that yields no mutant fails loudly.
+        ("pogona_job.storage.x__refusal*", "pogona_job.storage.x__untrusted*", "pogona_job.storage.x__obstore_error*"),
     ),
 }
 

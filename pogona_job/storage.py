@@ -236,15 +236,6 @@ def put_json(client: S3Client, path: S3Path, obj: Any) -> None:
     put_bytes(client, path, json.dumps(obj, indent=2, sort_keys=True).encode(), content_type="application/json")
 
 
-def advance_pointer(client: S3Client, path: S3Path, pointer: dict[str, Any]) -> bool:
-    """Write `latest.json` unless it already points at a run that finished later: never backwards."""
-    current = get_json(client, path)
-    if current is not None and str(current.get("finished_at", "")) > str(pointer["finished_at"]):
-        return False
-    put_json(client, path, pointer)
-    return True
-
-
 def head(client: S3Client, path: S3Path) -> dict[str, Any] | None:
     with errors_for(path.bucket, f"checking {path.key}"):
         try:

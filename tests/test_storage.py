@@ -119,15 +119,6 @@ def test_upload_records_size_and_sha256(client, tmp_path: Path) -> None:  # type
     assert artifact.size == len(body) and artifact.sha256 == hashlib.sha256(body).hexdigest()
 
 
-def test_latest_pointer_never_moves_backwards(client) -> None:  # type: ignore[no-untyped-def]
-    latest = S3Path(BUCKET, "storage/latest.json")
-    assert storage.advance_pointer(client, latest, {"run_id": "b", "finished_at": "2026-11-25T10:00:00+00:00"})
-    assert not storage.advance_pointer(client, latest, {"run_id": "a", "finished_at": "2026-11-25T09:00:00+00:00"})
-    assert storage.get_json(client, latest) == {"run_id": "b", "finished_at": "2026-11-25T10:00:00+00:00"}
-    assert storage.advance_pointer(client, latest, {"run_id": "c", "finished_at": "2026-11-25T11:00:00+00:00"})
-    assert (storage.get_json(client, latest) or {})["run_id"] == "c"
-
-
 def test_pull_prunes_only_files_it_fetched_itself(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _tree(tmp_path / "src", n=6)
     dest = S3Path(BUCKET, "storage/mirror")
