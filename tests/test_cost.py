@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pogona_job.locals3 import LocalS3, free_port
-from tests.conftest import BUCKET, ROOT, job_env, run_cli
+from tests.conftest import BUCKET, ROOT, job_env, out_key, run_cli
 from tests.loopback import Receiver, receiver
 from tests.test_preemption import STARTED, Job, _is
 
@@ -122,7 +122,7 @@ def test_watch_follows_a_live_run_and_a_dead_notify_endpoint_does_not_fail_it(
     assert {"eta_s", "elapsed_s", "attempt", "heartbeat", "batch", "metrics"} <= set(live[-1])
     assert watcher.lines[-1]["state"] == "succeeded" and watcher.lines[-1]["final"] is True
 
-    prefix = f"runs/{run}/"
+    prefix = out_key(env, run) + "/"
     assert not {prefix + "progress.json", prefix + "checkpoint/accounting.json"} & _keys(s3_client, prefix)
     manifest = _json(s3_client, prefix + "manifest.json")
     acc = manifest["accounting"]
@@ -164,10 +164,10 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
     env_for: Callable[..., dict[str, str]], s3_client: Any, hook: Receiver
 ) -> None:
     run = "cost-partial"
-    latest_before = _maybe_json(s3_client, "runs/latest.json")
-    champion_before = _maybe_json(s3_client, "runs/champion.json")
     # 3.6 s: less than the pull and sanity epochs take, so the first full epoch meets the budget.
     env = env_for(run, POGONA_EPOCHS="3", POGONA_MAX_HOURS="0.001", POGONA_NOTIFY=hook.url)
+    latest_before = _maybe_json(s3_client, out_key(env, "latest.json"))
+    champion_before = _maybe_json(s3_client, out_key(env, "champion.json"))
     result = run_cli(["run"], env)
     assert result.code == 0, result.stderr[-3000:]
 
@@ -179,7 +179,7 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
     assert warning["epochs_that_fit"] == 0 and warning["budget"] == "POGONA_MAX_HOURS=0.001"
     assert names.index(("phase started", "full")) > verdict_done + 1
 
-    prefix = f"runs/{run}/"
+    prefix = out_key(env, run) + "/"
     manifest = _json(s3_client, prefix + "manifest.json")
     assert manifest["status"] == "partial" and manifest["exit_code"] == 0
     assert manifest["failure"].startswith("Stopped by its budget after epoch 1 of 3")
@@ -195,8 +195,8 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
     print(f"partial: {manifest['failure']} / {manifest['accounting']['summary']}")
     assert "**Status: PARTIAL**" in report and manifest["failure"] in report
     assert "Projection after the sanity epochs" in report
-    assert _maybe_json(s3_client, "runs/latest.json") == latest_before  # never latest...
-    assert _maybe_json(s3_client, "runs/champion.json") == champion_before  # ...never champion
+    assert _maybe_json(s3_client, out_key(env, "latest.json")) == latest_before  # never latest...
+    assert _maybe_json(s3_client, out_key(env, "champion.json")) == champion_before  # ...never champion
     assert (latest_before or {}).get("run_id") != run
 
     assert len(hook.messages) == 1
@@ -219,17 +219,19 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     # Attempt 1 uploads no full-training checkpoint (interval 1 h), so its full epochs are recomputed.
     first = Job(env_for(run, "work-1", POGONA_CHECKPOINT_MIN_INTERVAL_S="3600", **common))
     first.wait_for(_is("epoch", phase="full", epoch=2))
-    assert first.signal_and_wait(signal.SIGTERM)[0] == 143
+    assert first.signal_and_wait(signal.SIGTERM) == 143
     assert hook.messages == []  # one preemption is churn, not news
     second = Job(env_for(run, "work-2", **common))  # a fresh machine: nothing local survives
     second.wait_for(_is("epoch", phase="full", epoch=1))
-    assert second.signal_and_wait(signal.SIGTERM)[0] == 143
+    assert second.signal_and_wait(signal.SIGTERM) == 143
     assert [m["title"] for m in hook.messages] == [f"pogona-train run {run}: interrupted, will resume"]
     assert "Preempted 2 times" in hook.messages[0]["message"]
-    third = run_cli(["run"], env_for(run, "work-3", **common))
+    third_env = env_for(run, "work-3", **common)
+    third = run_cli(["run"], third_env)
     assert third.code == 0, third.stderr[-3000:]
 
-    manifest = _json(s3_client, f"runs/{run}/manifest.json")
+    prefix = out_key(third_env, run) + "/"  # all three attempts share the test's output prefix
+    manifest = _json(s3_client, prefix + "manifest.json")
     acc = manifest["accounting"]
     attempts = acc["attempts"]
     assert [a["outcome"] for a in attempts] == ["interrupted", "interrupted", "succeeded"]
@@ -244,11 +246,11 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     assert acc["budget"]["used_s"] == pytest.approx(total, abs=0.2) and total > attempts[2]["wall_s"]
     assert acc["estimated_cost_usd"] == pytest.approx(total / 3600, abs=1e-3)
     assert f"2 preemptions, {done_first} epochs recomputed" in acc["summary"]
-    report = _get(s3_client, f"runs/{run}/report.md").decode()
+    report = _get(s3_client, prefix + "report.md").decode()
     print(f"preempted twice: {acc['summary']}; attempts {[a['wall_s'] for a in attempts]} s")
     Path("/tmp/cost-preempted-report.md").write_text(report)
     assert "| Preempted attempt | Epochs recomputed after it |" in report and acc["summary"] in report
-    assert [e for e in _rows(s3_client, f"runs/{run}/results.csv")] and len(hook.messages) == 2
+    assert [e for e in _rows(s3_client, prefix + "results.csv")] and len(hook.messages) == 2
     assert hook.messages[1]["title"] == f"pogona-train run {run}: succeeded"
 
 
@@ -258,13 +260,14 @@ def test_a_retry_that_finds_the_budget_spent_trains_no_further_and_publishes_par
     run = "cost-spent"
     first = Job(env_for(run, "work-1", POGONA_EPOCHS="4"))
     first.wait_for(_is("checkpoint uploaded", checkpoint_phase="full", epoch=1))
-    assert first.signal_and_wait(signal.SIGTERM)[0] == 143
+    assert first.signal_and_wait(signal.SIGTERM) == 143
     # The retry's budget (3.6 s) is already spent by attempt 1: not one more epoch may run.
-    second = run_cli(["run"], env_for(run, "work-2", POGONA_EPOCHS="4", POGONA_MAX_HOURS="0.001"))
+    second_env = env_for(run, "work-2", POGONA_EPOCHS="4", POGONA_MAX_HOURS="0.001")
+    second = run_cli(["run"], second_env)
     assert second.code == 0, second.stderr[-3000:]
     assert not [e for e in _events(second.stderr) if e.get("event") == "epoch" and e.get("phase") == "full"]
 
-    prefix = f"runs/{run}/"
+    prefix = out_key(second_env, run) + "/"
     manifest = _json(s3_client, prefix + "manifest.json")
     attempts = manifest["accounting"]["attempts"]
     done = attempts[0]["epochs"]["full"]
@@ -279,9 +282,8 @@ def test_a_retry_that_finds_the_budget_spent_trains_no_further_and_publishes_par
 def test_gate_failure_and_a_failed_run_each_send_one_message(
     env_for: Callable[..., dict[str, str]], s3_client: Any, hook: Receiver
 ) -> None:
-    gate = run_cli(
-        ["run"], env_for("cost-gate", POGONA_SANITY_EPOCHS="2", POGONA_GATE_MIN_MAP50="1", POGONA_NOTIFY=hook.url)
-    )
+    gate_env = env_for("cost-gate", POGONA_SANITY_EPOCHS="2", POGONA_GATE_MIN_MAP50="1", POGONA_NOTIFY=hook.url)
+    gate = run_cli(["run"], gate_env)
     assert gate.code == 5, gate.stderr[-2000:]
     assert len(hook.messages) == 1
     msg = hook.messages[0]
@@ -291,8 +293,8 @@ def test_gate_failure_and_a_failed_run_each_send_one_message(
     assert lines[1] == "Exit code: 5, phase: verdict"
     assert any(line.startswith("Signature: mAP@0.5 after the sanity epochs: observed ") for line in lines)
     assert lines[-2:] == [
-        f"Report: s3://{BUCKET}/runs/cost-gate/report.md",
-        f"Manifest: s3://{BUCKET}/runs/cost-gate/manifest.json",
+        f"Report: s3://{BUCKET}/{out_key(gate_env, 'cost-gate', 'report.md')}",
+        f"Manifest: s3://{BUCKET}/{out_key(gate_env, 'cost-gate', 'manifest.json')}",
     ]
 
     empty = env_for("cost-failed", POGONA_NOTIFY=hook.url)

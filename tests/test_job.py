@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from pogona_job.locals3 import SECRET_KEY, LocalS3
-from tests.conftest import BUCKET, Result, job_env, run_cli
+from tests.conftest import BUCKET, Result, job_env, out_key, run_cli
 
 RUN = "e2e-healthy"
-PREFIX = f"runs/{RUN}/"
 
 
 def _objects(client: Any, prefix: str) -> dict[str, dict[str, Any]]:
@@ -30,32 +29,44 @@ def _body(client: Any, key: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def healthy(s3: LocalS3, demo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Result:
-    env = job_env(s3, tmp_path_factory.mktemp("healthy"), POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=RUN)
-    return run_cli(["run"], env)
+def healthy_env(s3: LocalS3, demo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return job_env(s3, tmp_path_factory.mktemp("healthy"), POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=RUN)
 
 
-def test_healthy_run_exits_0_and_writes_the_contract_layout(healthy: Result, s3_client: Any) -> None:
+@pytest.fixture(scope="module")
+def healthy(healthy_env: dict[str, str]) -> Result:
+    return run_cli(["run"], healthy_env)
+
+
+@pytest.fixture(scope="module")
+def prefix(healthy_env: dict[str, str]) -> str:
+    """The healthy run's folder in the bucket, under that job's own output prefix."""
+    return out_key(healthy_env, RUN) + "/"
+
+
+def test_healthy_run_exits_0_and_writes_the_contract_layout(
+    healthy: Result, healthy_env: dict[str, str], prefix: str, s3_client: Any
+) -> None:
     assert healthy.code == 0, healthy.stderr[-3000:]
-    keys = set(_objects(s3_client, PREFIX))
+    keys = set(_objects(s3_client, prefix))
     expected = {"manifest.json", "report.md", "results.csv", "sanity/results.csv", "weights/best.pt", "weights/last.pt"}
     expected |= {"config.json", "plots/results.png", "plots/BoxPR_curve.png", "plots/confusion_matrix.png"}
     expected |= {"plots/val_batch0_pred.png", "dataset/train.txt", "dataset/val.txt"}
-    assert {PREFIX + k for k in expected} <= keys
-    latest = json.loads(_body(s3_client, "runs/latest.json"))
+    assert {prefix + k for k in expected} <= keys
+    latest = json.loads(_body(s3_client, out_key(healthy_env, "latest.json")))
     assert latest["run_id"] == RUN
 
 
-def test_manifest_lists_every_artifact_with_matching_checksums(healthy: Result, s3_client: Any) -> None:
-    manifest = json.loads(_body(s3_client, PREFIX + "manifest.json"))
+def test_manifest_lists_every_artifact_with_matching_checksums(healthy: Result, prefix: str, s3_client: Any) -> None:
+    manifest = json.loads(_body(s3_client, prefix + "manifest.json"))
     assert manifest["status"] == "succeeded" and manifest["run_id"] == RUN
     assert {"torch", "ultralytics", "cuda"} <= set(manifest["versions"])
     assert manifest["dataset"]["fingerprint"] and manifest["device"]["device"] == "cpu"
     assert {"pull", "sanity", "full", "push"} <= set(manifest["timings_s"])
     listed = set(manifest["artifacts"])
-    assert listed == {k.removeprefix(PREFIX) for k in _objects(s3_client, PREFIX)} - {"manifest.json"}
+    assert listed == {k.removeprefix(prefix) for k in _objects(s3_client, prefix)} - {"manifest.json"}
     for key, meta in manifest["artifacts"].items():
-        body = _body(s3_client, PREFIX + key)
+        body = _body(s3_client, prefix + key)
         assert (len(body), hashlib.sha256(body).hexdigest()) == (meta["size"], meta["sha256"]), key
 
 
@@ -63,14 +74,14 @@ def _results(s3_client: Any, key: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(_body(s3_client, key).decode())))
 
 
-def test_results_csv_has_one_row_per_epoch(healthy: Result, s3_client: Any) -> None:
-    assert [int(r["epoch"]) for r in _results(s3_client, PREFIX + "results.csv")] == [1, 2]
-    assert [int(r["epoch"]) for r in _results(s3_client, PREFIX + "sanity/results.csv")] == [1, 2, 3]
+def test_results_csv_has_one_row_per_epoch(healthy: Result, prefix: str, s3_client: Any) -> None:
+    assert [int(r["epoch"]) for r in _results(s3_client, prefix + "results.csv")] == [1, 2]
+    assert [int(r["epoch"]) for r in _results(s3_client, prefix + "sanity/results.csv")] == [1, 2, 3]
 
 
-def test_report_final_numbers_equal_results_csv_last_row(healthy: Result, s3_client: Any) -> None:
-    report = _body(s3_client, PREFIX + "report.md").decode()
-    last = {k.strip(): float(v) for k, v in _results(s3_client, PREFIX + "results.csv")[-1].items()}
+def test_report_final_numbers_equal_results_csv_last_row(healthy: Result, prefix: str, s3_client: Any) -> None:
+    report = _body(s3_client, prefix + "report.md").decode()
+    last = {k.strip(): float(v) for k, v in _results(s3_client, prefix + "results.csv")[-1].items()}
     full = report[report.index("### Full training") :]
     for label, key in (
         ("mAP@0.5", "metrics/mAP50(B)"),
@@ -98,29 +109,33 @@ def test_report_final_numbers_equal_results_csv_last_row(healthy: Result, s3_cli
     assert "![results.png](plots/results.png)" in report
 
 
-def test_healthy_run_passes_every_sanity_criterion_and_reports_the_table(healthy: Result, s3_client: Any) -> None:
-    report = _body(s3_client, PREFIX + "report.md").decode()
+def test_healthy_run_passes_every_sanity_criterion_and_reports_the_table(
+    healthy: Result, prefix: str, s3_client: Any
+) -> None:
+    report = _body(s3_client, prefix + "report.md").decode()
     table = report[report.index("| Criterion |") :].split("\n\n")[0]
     assert table.count("✅ pass") == 4 and "❌" not in table, table
-    manifest = json.loads(_body(s3_client, PREFIX + "manifest.json"))
+    manifest = json.loads(_body(s3_client, prefix + "manifest.json"))
     assert manifest["verdict"]["passed"] and len(manifest["verdict"]["criteria"]) == 4
     assert re.search(r"^\| Sanity \| cpu \| decreasing .* ✅ WORKING \|$", report, re.M), report
 
 
 def test_best_pt_loads_and_predicts_on_a_demo_image(
-    healthy: Result, s3_client: Any, demo_dir: Path, tmp_path: Path
+    healthy: Result, prefix: str, s3_client: Any, demo_dir: Path, tmp_path: Path
 ) -> None:
     from ultralytics import YOLO
 
     weights = tmp_path / "best.pt"
-    weights.write_bytes(_body(s3_client, PREFIX + "weights/best.pt"))
+    weights.write_bytes(_body(s3_client, prefix + "weights/best.pt"))
     image = sorted((demo_dir / "images").glob("*.jpg"))[0]
     (prediction,) = YOLO(str(weights)).predict(str(image), imgsz=128, device="cpu", verbose=False)
     assert prediction.names == {0: "pogona_head"} and prediction.boxes is not None
 
 
-def test_no_object_and_no_log_line_contains_the_secret(healthy: Result, s3_client: Any) -> None:
-    for key in _objects(s3_client, "runs/"):
+def test_no_object_and_no_log_line_contains_the_secret(
+    healthy: Result, healthy_env: dict[str, str], s3_client: Any
+) -> None:
+    for key in _objects(s3_client, out_key(healthy_env) + "/"):  # everything the job wrote
         assert SECRET_KEY.encode() not in _body(s3_client, key), key
     assert SECRET_KEY not in healthy.stdout + healthy.stderr
 
@@ -143,13 +158,16 @@ def test_json_logs_carry_run_id_and_phase_and_one_event_per_epoch(healthy: Resul
 
 
 def test_a_finished_run_started_again_exits_0_and_rewrites_nothing(
-    healthy: Result, s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path
+    healthy: Result, healthy_env: dict[str, str], s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path
 ) -> None:
-    before = {k: (o["ETag"], o["LastModified"]) for k, o in _objects(s3_client, "runs/").items()}
-    again = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=RUN))
+    output = healthy_env["POGONA_OUTPUT_URI"]  # the same bucket prefix: it must find the healthy run there
+    everything = out_key(healthy_env) + "/"
+    before = {k: (o["ETag"], o["LastModified"]) for k, o in _objects(s3_client, everything).items()}
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=RUN, POGONA_OUTPUT_URI=output)
+    again = run_cli(["run"], env)
     assert again.code == 0, again.stderr[-2000:]
     assert "already succeeded" in again.stderr
-    assert {k: (o["ETag"], o["LastModified"]) for k, o in _objects(s3_client, "runs/").items()} == before
+    assert {k: (o["ETag"], o["LastModified"]) for k, o in _objects(s3_client, everything).items()} == before
 
 
 def test_empty_labels_are_caught_before_any_training_with_exit_3(
@@ -168,9 +186,9 @@ def test_empty_labels_are_caught_before_any_training_with_exit_3(
     assert "Traceback" not in result.stderr
     phases = {json.loads(line).get("phase") for line in result.stderr.splitlines() if line.startswith("{")}
     assert not phases & {"sanity", "full"}
-    manifest = json.loads(_body(s3_client, "runs/e2e-zeros/manifest.json"))
+    manifest = json.loads(_body(s3_client, out_key(env, "e2e-zeros", "manifest.json")))
     assert manifest["status"] == "failed" and manifest["exit_code"] == 3
-    assert "runs/e2e-zeros/dataset/problems.txt" in _objects(s3_client, "runs/e2e-zeros/")
+    assert out_key(env, "e2e-zeros", "dataset/problems.txt") in _objects(s3_client, out_key(env, "e2e-zeros") + "/")
 
 
 def test_wrong_credentials_exit_4_naming_the_bucket(s3: LocalS3, demo_uri: str, tmp_path: Path) -> None:
@@ -187,14 +205,14 @@ def test_mps_without_the_allow_flag_exits_2_with_the_reason(s3: LocalS3, demo_ur
     assert "POGONA_DEVICE=mps is refused" in result.stderr and "POGONA_ALLOW_MPS=true" in result.stderr
 
 
-def test_per_modality_metrics_are_in_the_report_and_the_manifest(healthy: Result, s3_client: Any) -> None:
-    manifest = json.loads(_body(s3_client, PREFIX + "manifest.json"))
+def test_per_modality_metrics_are_in_the_report_and_the_manifest(healthy: Result, prefix: str, s3_client: Any) -> None:
+    manifest = json.loads(_body(s3_client, prefix + "manifest.json"))
     assert set(manifest["per_modality"]) == {"thermal", "visible"}
     for metrics in manifest["per_modality"].values():
         assert {"images", "precision", "recall", "map50", "map50_95"} <= set(metrics)
     counts = manifest["dataset"]["counts"]
     assert {m for split in counts.values() for m in split} == {"thermal", "visible"}
-    report = _body(s3_client, PREFIX + "report.md").decode()
+    report = _body(s3_client, prefix + "report.md").decode()
     assert "### Per-modality validation (best.pt)" in report
     assert re.search(r"^\| thermal \| \d+ \|", report, re.M) and re.search(r"^\| visible \| \d+ \|", report, re.M)
 
@@ -213,7 +231,7 @@ def test_the_image_entrypoint_runs_the_job_outside_a_container(
         ["sh", str(ROOT / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    manifest = json.loads(_body(s3_client, "runs/via-entrypoint/manifest.json"))
+    manifest = json.loads(_body(s3_client, out_key(env, "via-entrypoint", "manifest.json")))
     assert manifest["status"] == "succeeded"
 
 

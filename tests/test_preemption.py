@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from pogona_job.locals3 import LocalS3
-from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, run_cli
+from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, output_uri, run_cli
 
 EPOCHS, SANITY = 4, 3
 Event = dict[str, Any]
@@ -77,28 +77,30 @@ def _epochs(s3_client: Any, key: str) -> list[int]:
     return [int(row["epoch"]) for row in csv.DictReader(io.StringIO(body))]
 
 
-def _assert_complete(s3_client: Any, run: str) -> dict[str, Any]:
-    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=f"runs/{run}/manifest.json")["Body"].read())
+def _assert_complete(s3_client: Any, env: dict[str, str], run: str) -> dict[str, Any]:
+    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=out_key(env, run, "manifest.json"))["Body"].read())
     assert manifest["status"] == "succeeded"
     assert {"results.csv", "sanity/results.csv", "weights/best.pt"} <= set(
         manifest["artifacts"]
     )  # whoever uploaded them
     for key, meta in manifest["artifacts"].items():
-        body = s3_client.get_object(Bucket=BUCKET, Key=f"runs/{run}/{key}")["Body"].read()
+        body = s3_client.get_object(Bucket=BUCKET, Key=out_key(env, run, key))["Body"].read()
         assert hashlib.sha256(body).hexdigest() == meta["sha256"], key
-    assert _epochs(s3_client, f"runs/{run}/results.csv") == list(range(1, EPOCHS + 1))
-    assert _epochs(s3_client, f"runs/{run}/sanity/results.csv") == list(range(1, SANITY + 1))
+    assert _epochs(s3_client, out_key(env, run, "results.csv")) == list(range(1, EPOCHS + 1))
+    assert _epochs(s3_client, out_key(env, run, "sanity/results.csv")) == list(range(1, SANITY + 1))
     return manifest
 
 
 @pytest.fixture()
 def env_for(s3: LocalS3, demo_uri: str, tmp_path: Path) -> Callable[..., dict[str, str]]:
     machines = iter(range(1000))
+    output = output_uri(tmp_path)  # one bucket prefix per test, shared by all its machines
 
     def make(run: str, **extra: str) -> dict[str, str]:
         """Each call is a new machine: its own empty POGONA_WORK_DIR, so a resume can only come from the bucket."""
         machine = tmp_path / f"machine-{next(machines)}"
-        return job_env(s3, machine, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=run, POGONA_EPOCHS=str(EPOCHS), **extra)
+        values = {"POGONA_DATASET_URI": demo_uri, "POGONA_RUN_ID": run, "POGONA_EPOCHS": str(EPOCHS)}
+        return job_env(s3, machine, **{**values, "POGONA_OUTPUT_URI": output, **extra})
 
     return make
 
@@ -146,18 +148,18 @@ def test_sigterm_in_each_phase_takes_the_graceful_path_and_a_restart_completes(
     assert code == 143, "".join(job.lines[-15:])
     # The graceful path, not the forced os._exit(143): it wrote the interrupted report and kept the checkpoint.
     assert any(e.get("event") == "failure report pushed" for e in _events(job)), "".join(job.lines[-15:])
-    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=f"runs/{run}/manifest.json")["Body"].read())
+    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=out_key(env, run, "manifest.json"))["Body"].read())
     assert manifest["status"] == "interrupted"
     assert manifest["failed_phase"] in LANDS_IN.get(phase, {phase}), manifest["failed_phase"]
-    report = s3_client.get_object(Bucket=BUCKET, Key=f"runs/{run}/report.md")["Body"].read().decode()
+    report = s3_client.get_object(Bucket=BUCKET, Key=out_key(env, run, "report.md"))["Body"].read().decode()
     assert "Status: INTERRUPTED" in report
     trained = {"sanity": "sanity", "full": "full", "evaluate": "full", "push": "full"}.get(phase)
     if trained:
-        assert f"runs/{run}/checkpoint/{trained}/pointer.json" in _keys(s3_client, f"runs/{run}/")
+        assert out_key(env, run, f"checkpoint/{trained}/pointer.json") in _keys(s3_client, out_key(env, run) + "/")
 
     again = run_cli(["run"], env_for(run))
     assert again.code == 0, again.stderr[-3000:]
-    _assert_complete(s3_client, run)
+    _assert_complete(s3_client, env, run)
     if phase == "full":
         assert '"resuming from checkpoint"' in again.stderr
         assert '"sanity gate already passed for this run; not repeated"' in again.stderr
@@ -171,21 +173,23 @@ def test_kill_9_mid_training_resumes_from_the_bucket_on_a_new_machine(
     env_for: Callable[..., dict[str, str]], s3_client: Any
 ) -> None:
     batch = {"AWS_BATCH_JOB_ID": "killed-job"}
-    job = Job(env_for("killed", AWS_BATCH_JOB_ATTEMPT="1", **batch))
+    env = env_for("killed", AWS_BATCH_JOB_ATTEMPT="1", **batch)
+    run = out_key(env, "killed") + "/"
+    job = Job(env)
     job.wait_for(_is("checkpoint uploaded", checkpoint_phase="full", epoch=2))
     os.killpg(job.proc.pid, signal.SIGKILL)
     job.proc.wait(30)
     # The dead holder's lease still stands: an unrelated job with the run id is refused, writing nothing...
-    before = _keys(s3_client, "runs/killed/")
+    before = _keys(s3_client, run)
     busy = run_cli(["run"], env_for("killed"))
     assert busy.code == 75 and "being trained by another job" in busy.stderr
-    assert _keys(s3_client, "runs/killed/") == before
+    assert _keys(s3_client, run) == before
     # ...while the scheduler's next attempt of the same job takes the dead attempt's lease over at once.
     again = run_cli(["run"], env_for("killed", AWS_BATCH_JOB_ATTEMPT="2", **batch))
     assert again.code == 0, again.stderr[-3000:]
     resumed = [json.loads(x) for x in again.stderr.splitlines() if '"resuming from checkpoint"' in x]
     assert resumed and resumed[0]["from_epoch"] == 3, "lost more than one checkpoint interval"
-    _assert_complete(s3_client, "killed")
+    _assert_complete(s3_client, env, "killed")
 
 
 def test_a_job_refused_the_lease_writes_nothing_under_the_run(
@@ -194,15 +198,17 @@ def test_a_job_refused_the_lease_writes_nothing_under_the_run(
     from pogona_job.lease import Lease
     from pogona_job.storage import S3Path
 
-    holder = Lease(s3_client, S3Path(BUCKET, "runs/held/lease.json"), 30)
+    env = env_for("held")
+    holder = Lease(s3_client, S3Path(BUCKET, out_key(env, "held", "lease.json")), 30)
     holder.acquire("held")  # a live holder, renewing from this process
     try:
-        refused = run_cli(["run"], env_for("held"))
-        keys = set(_keys(s3_client, "runs/held/"))
+        refused = run_cli(["run"], env)
+        keys = set(_keys(s3_client, out_key(env, "held") + "/"))
     finally:
         holder.release()
     assert refused.code == 75 and "being trained by another job" in refused.stderr.strip().splitlines()[-1]
-    assert keys == {"runs/held/lease.json"}, keys  # no failed manifest, report or config in a run it does not own
+    # no failed manifest, report or config in a run it does not own
+    assert keys == {out_key(env, "held", "lease.json")}, keys
 
 
 def test_a_holder_whose_lease_is_taken_stops_with_75_and_publishes_nothing(
@@ -211,29 +217,32 @@ def test_a_holder_whose_lease_is_taken_stops_with_75_and_publishes_nothing(
     from pogona_job import pointers
     from pogona_job.storage import S3Path
 
-    job = Job(env_for("stolen", POGONA_LEASE_TTL_S="8"))
+    env = env_for("stolen", POGONA_LEASE_TTL_S="8")
+    run = out_key(env, "stolen") + "/"
+    job = Job(env)
     job.wait_for(_is("training started", phase="sanity"))
-    path = S3Path(BUCKET, "runs/stolen/lease.json")
+    path = S3Path(BUCKET, run + "lease.json")
     current = pointers.read(s3_client, path)
     thief = {"holder": "thief", "run_id": "stolen", "attempt": 9, "ttl_s": 600, "beat": 1}
     assert pointers.write(s3_client, path, thief, expected=current.etag)  # another job took the run over
-    at_theft = _keys(s3_client, "runs/stolen/")
+    at_theft = _keys(s3_client, run)
     assert job.proc.wait(120) == 75, "".join(job.lines[-15:])
     assert "lost the lease" in job.lines[-1]
-    keys = _keys(s3_client, "runs/stolen/")
-    assert not {"runs/stolen/manifest.json", "runs/stolen/report.md", "runs/stolen/config.json"} & set(keys)
+    keys = _keys(s3_client, run)
+    assert not {run + "manifest.json", run + "report.md", run + "config.json"} & set(keys)
     assert set(keys) == set(at_theft)  # no checkpoint, no pointer: nothing at all after the theft
     assert pointers.read(s3_client, path).value == thief  # and it did not delete the new holder's lease
 
 
 def test_two_jobs_with_one_run_id_only_one_publishes(env_for: Callable[..., dict[str, str]], s3_client: Any) -> None:
-    first, second = Job(env_for("twins")), Job(env_for("twins"))
+    env = env_for("twins")
+    first, second = Job(env), Job(env_for("twins"))  # two machines, one output prefix
     codes = sorted([first.proc.wait(300), second.proc.wait(300)])
     assert codes == [0, 75], codes
     loser = first if first.proc.returncode == 75 else second
     assert "being trained by another job" in "".join(loser.lines[-3:])
-    _assert_complete(s3_client, "twins")
-    assert "runs/twins/lease.json" not in _keys(s3_client, "runs/twins/")
+    _assert_complete(s3_client, env, "twins")
+    assert out_key(env, "twins", "lease.json") not in _keys(s3_client, out_key(env, "twins") + "/")
 
 
 STARTED: list[Job] = []
