@@ -126,7 +126,7 @@ class Settings(BaseSettings):
 
     # --- export and promotion -----------------------------------------------------------
     export_formats: str = Field(
-        "onnx", description="exported and verified formats, comma-separated (`onnx`); empty turns export off"
+        "onnx", description="exported and verified formats, comma-separated (`onnx`); empty or `none` turns export off"
     )
     export_tolerance: float = Field(
         0.01, ge=0, le=1, description="largest mAP@0.5 difference from best.pt for an export to count as verified"

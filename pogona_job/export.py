@@ -27,8 +27,10 @@ ELSEWHERE = {"engine": _TENSORRT, "tensorrt": _TENSORRT, "coreml": _COREML, "mlp
 
 
 def parse_formats(value: str) -> list[str]:
-    """POGONA_EXPORT_FORMATS as a list ('' turns export off); a format not built here raises ValueError."""
+    """POGONA_EXPORT_FORMATS as a list ('' or `none` turns export off); a format not built here raises ValueError."""
     formats = [f.strip().lower() for f in value.split(",") if f.strip()]
+    if formats == ["none"]:  # the spelling a template parameter can carry (its empty value means "default")
+        return []
     for f in formats:
         if f in ELSEWHERE:
             raise ValueError(f"{f} is not built by this job. {ELSEWHERE[f]}")

@@ -47,8 +47,17 @@ def _iso(ts: float) -> str:
 class LiveStatus:
     """progress.json + the accounting heartbeat for one attempt."""
 
-    def __init__(self, client: Any, run: S3Path, tracker: Tracker, run_id: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        run: S3Path,
+        tracker: Tracker,
+        run_id: str,
+        interval_s: float,
+        holds_run: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.client, self.run, self.tracker, self.interval_s = client, run, tracker, interval_s
+        self.holds_run = holds_run  # False once the lease is lost: then nothing more is written under the run
         self.state: dict[str, Any] = {
             "run_id": run_id,
             "attempt": len(tracker.prior) + 1,
@@ -94,6 +103,8 @@ class LiveStatus:
         return state
 
     def write(self) -> None:
+        if not self.holds_run():
+            return
         try:
             storage.put_json(self.client, self.run / PROGRESS, self.snapshot())
         except JobError as exc:  # live status is a courtesy: never a reason to fail training
@@ -110,6 +121,8 @@ class LiveStatus:
         """End of the attempt: stop the writer; keep the accounting only for an attempt that will resume."""
         self._stop.set()
         self._thread.join(timeout=10)
+        if not self.holds_run():  # the run is another job's now: leave its objects alone
+            return
         try:
             if exit_code in (75, 143):
                 self.tracker.flush(status)
@@ -204,7 +217,11 @@ def start(job: Any, device: str) -> LiveStatus:
     tracker = Tracker(job.client, job.out, s, instance, device, job.attempt, job.record.timings)
     tracker.load()
     log.info("instance", type=instance.type, lifecycle=instance.lifecycle, source=instance.source)
-    return LiveStatus(job.client, job.out, tracker, job.run_id, s.progress_interval_s).start()
+
+    def holds_run() -> bool:
+        return job.lease is not None and not job.lease.lost
+
+    return LiveStatus(job.client, job.out, tracker, job.run_id, s.progress_interval_s, holds_run).start()
 
 
 # --- runs watch --------------------------------------------------------------------------------

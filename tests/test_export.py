@@ -103,10 +103,11 @@ def test_an_onnx_file_with_perturbed_weights_fails_verification(exported: dict[s
     assert "NOT VERIFIED" in lines and "blocks promotion" in lines
 
 
-def test_formats_default_to_onnx_and_empty_turns_export_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_formats_default_to_onnx_and_empty_or_none_turns_export_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().exports == ["onnx"]
-    monkeypatch.setenv("POGONA_EXPORT_FORMATS", "")
-    assert Settings().exports == []
+    for off in ("", "none", " NONE "):  # `none`: what a template parameter (empty = default) can say
+        monkeypatch.setenv("POGONA_EXPORT_FORMATS", off)
+        assert Settings().exports == []
 
 
 @pytest.mark.parametrize(("fmt", "where"), [("engine", "deployment GPU"), ("coreml", "on a Mac")])
