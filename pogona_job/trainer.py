@@ -130,6 +130,9 @@ class PogonaTrainer(DetectionTrainer):  # type: ignore[misc]
     def train(self) -> Any:
         if not self.ddp:
             return super().train()
+        # ultralytics cloudpickles self.callbacks for its workers: closures over the job (S3 client, locks) stay here.
+        for event, callbacks in self.callbacks.items():
+            self.callbacks[event] = [c for c in callbacks if not getattr(c, "process_local", False)]
         # The launcher: the workers inherit the context; their fate comes back in the state file.
         hooks = self.pogona
         if hooks.state_file is None:
@@ -199,6 +202,12 @@ def _distributed() -> bool:
 
 
 # --- the callbacks (module functions: picklable by reference for the DDP workers) ---------------
+
+
+def process_local(callback: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Mark a callback that holds this process's state (live status, budget): never sent to DDP workers."""
+    callback.process_local = True  # type: ignore[attr-defined]
+    return callback
 
 
 def on_train_start(trainer: Any) -> None:

@@ -22,7 +22,7 @@ from pogona_job.gate import BatchWatchdog
 from pogona_job.logs import get_logger
 
 if TYPE_CHECKING:
-    from pogona_job.trainer import Hooks
+    from pogona_job.trainer import Hooks, process_local
 
 log = get_logger()
 
@@ -232,9 +232,8 @@ def train_phase(
     hardware = describe_hardware(device)
     # Our callbacks live on the trainer class (pogona_job/trainer.py), so multi-GPU workers run them too.
     hooks = Hooks(watchdog, on_epoch=on_epoch, checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None)
-    if "," not in device:  # DDP pickles the model's callbacks into its workers: these closures hold the job
-        for event, callback in (callbacks or {}).items():  # registered on the model: they run before the trainer's
-            model.add_callback(event, callback)
+    for event, callback in (callbacks or {}).items():  # registered on the model: they run before the trainer's
+        model.add_callback(event, process_local(callback))
     if resume:
         # Only a whitelist of args may change on resume; `data` must be given (the stored path is gone
         # in a new container) and save_dir keeps results.csv appending in place (field notes).

@@ -17,7 +17,7 @@ import pytest
 
 from pogona_job import storage
 from pogona_job.locals3 import LocalS3
-from tests.conftest import BUCKET, job_env, run_cli
+from tests.conftest import BUCKET, job_env, out_key, run_cli
 from tests.fixtures import exports
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,7 @@ def test_an_export_uploaded_as_it_is_trains_and_the_manifest_says_how_it_was_rea
     result = run_cli(["run"], env)
     assert result.code == 0, result.stderr[-3000:]
 
-    prefix = f"runs/{run_id}/"
+    prefix = out_key(env, run_id) + "/"
     manifest = json.loads(_body(s3_client, prefix + "manifest.json"))
     ds = manifest["dataset"]
     assert (ds["layout_label"], ds["names_source"], ds["class_names"], ds["split_source"]) == (

@@ -68,7 +68,7 @@ def test_a_retry_of_a_succeeded_run_completes_latest_json_and_the_clean_up(job: 
     pointers.write(s3_client, job.out / "manifest.json", SUCCEEDED, expected=None)
     s3_client.put_object(Bucket=BUCKET, Key=f"{job.out.key}/checkpoint/full/pointer.json", Body=b"{}")
     pointers.write(s3_client, job.out / "lease.json", {"holder": "killed-after-the-manifest"}, expected=None)
-    jobmod._complete_succeeded(job, SUCCEEDED)
+    jobmod._complete_finished(job, SUCCEEDED)
     latest = _read(s3_client, S3Path.parse(job.settings.output_uri or "") / "latest.json")
     assert latest["run_id"] == "r"
     left = s3_client.list_objects_v2(Bucket=BUCKET, Prefix=f"{job.out.key}/").get("Contents", [])
