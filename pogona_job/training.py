@@ -22,7 +22,7 @@ from pogona_job.gate import BatchWatchdog
 from pogona_job.logs import get_logger
 
 if TYPE_CHECKING:
-    from pogona_job.trainer import Hooks, process_local
+    from pogona_job.trainer import Hooks
 
 log = get_logger()
 
@@ -224,7 +224,7 @@ def train_phase(
     `callbacks` (livestatus: meter, budget) run before the job's own, so the epoch event carries their fields.
     Under DDP they do not reach ultralytics' worker processes (only the trainer class's own hooks do), so
     progress and budget are single-process features for now."""
-    from pogona_job.trainer import Hooks
+    from pogona_job.trainer import Hooks, process_local
 
     start = time.monotonic()
     last = save_dir / "weights" / "last.pt"
