@@ -40,9 +40,8 @@ def compose(job: Any) -> Message | None:
         final = rec.full.rows[-1] if rec.full and rec.full.rows else {}
         map50 = final.get("metrics/mAP50(B)")
         lines = [f"mAP@0.5: {map50:.3f}" if map50 is not None else "mAP@0.5: -"]
-        champion = getattr(rec, "champion", None) or getattr(rec, "promotion", None)
         if rec.status == "succeeded":
-            lines.append(f"Champion: {_champion_text(champion)}")
+            lines.append(f"Champion: {_champion_text(rec.promotion)}")
             return Message("succeeded", f"{name}: succeeded", "\n".join([*lines, *cost, *links]), "success")
         reason = (acc.get("budget") or {}).get("stopped") or rec.failure or "stopped by its budget"
         lines += [f"Why: {reason}", "Champion: not considered (a partial run is never champion)"]
@@ -64,12 +63,12 @@ def compose(job: Any) -> Message | None:
     return Message("failed", f"{name}: failed", "\n".join([*lines, *cost, *links]), "failure")
 
 
-def _champion_text(champion: Any) -> str:
-    if champion is None:
+def _champion_text(promotion: dict[str, Any]) -> str:
+    """The promotion decision and its one-sentence reason (promotion.decide)."""
+    if not promotion:
         return "not decided by this run"
-    if isinstance(champion, dict):
-        return str(champion.get("decision") or champion.get("reason") or champion)
-    return str(getattr(champion, "sentence", None) or getattr(champion, "reason", None) or champion)
+    verdict = "promoted" if promotion.get("decision") == "promote" else "not promoted"
+    return f"{verdict}: {promotion['reason']}" if promotion.get("reason") else verdict
 
 
 def _signature(rec: Any) -> list[str]:

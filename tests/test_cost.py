@@ -151,9 +151,11 @@ def test_watch_follows_a_live_run_and_a_dead_notify_endpoint_does_not_fail_it(
     last = _rows(s3_client, prefix + "results.csv")[-1]
     map50 = float(next(v for k, v in last.items() if k.strip() == "metrics/mAP50(B)"))
     assert (msg["type"], msg["title"]) == ("success", f"pogona-train run {run}: succeeded")
+    promotion = json.loads(_get(s3_client, prefix + "manifest.json"))["promotion"]
+    assert promotion["decision"] == "promote"  # the first run of its output prefix
     assert msg["message"].splitlines() == [
         f"mAP@0.5: {map50:.3f}",
-        "Champion: not decided by this run",
+        f"Champion: promoted: {promotion['reason']}",
         f"Cost: {acc['summary']}",
         f"Report: s3://{BUCKET}/{prefix}report.md",
         f"Manifest: s3://{BUCKET}/{prefix}manifest.json",
