@@ -336,6 +336,21 @@ def load_line() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+@contextlib.contextmanager
+def scratch(keep: Path | None, prefix: str) -> Iterator[Path]:
+    """A work folder under .bench/ removed afterwards, or `keep` (created, kept) when given."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    BENCH_DIR.mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=BENCH_DIR))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def stamp_line(load_at_start: str | None = None, state: tuple[str, bool] | None = None) -> str:
     """Date, the commit measured (taken at the start: a commit made meanwhile is not what ran), machine, load."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

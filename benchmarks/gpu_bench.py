@@ -25,16 +25,15 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BENCH_DIR, BENCHMARKS_MD, markdown_grid, stamp_line, update_section
+from bench import BENCH_DIR, BENCHMARKS_MD, markdown_grid, scratch, stamp_line, update_section
 
 COLUMNS = ("model", "imgsz", "batch", "device", "images/s", "dataloader share", "GPU util", "step (ms)")
 
@@ -277,20 +276,6 @@ def render(result: Result, elapsed: float) -> str:
     return "\n\n".join(["## Training throughput (benchmarks/gpu_bench.py)", header, table]) + "\n"
 
 
-@contextlib.contextmanager
-def scratch(keep: Path | None) -> Iterator[Path]:
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        yield keep
-        return
-    BENCH_DIR.mkdir(exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="gpu-", dir=BENCH_DIR))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke: yolo11n.yaml, imgsz 64, few images, 1 epoch")
@@ -311,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     cfg = config_for(args)
-    with scratch(args.work) as work:
+    with scratch(args.work, prefix="gpu-") as work:
         result = train(cfg, work)
     text = render(result, time.monotonic() - start)
     print(text)

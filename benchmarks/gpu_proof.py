@@ -29,7 +29,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -40,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import BENCH_DIR, BENCHMARKS_MD, markdown_grid, stamp_line, update_section
+from bench import BENCH_DIR, BENCHMARKS_MD, markdown_grid, scratch, stamp_line, update_section
 
 BUCKET = "pogona-proof"
 MAX_TRIP_BATCHES = 20
@@ -516,20 +515,6 @@ def prove(cfg: Config, work: Path) -> Proof:
     )
 
 
-@contextmanager
-def scratch(keep: Path | None) -> Iterator[Path]:
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        yield keep
-        return
-    BENCH_DIR.mkdir(exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="proof-", dir=BENCH_DIR))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="every step on the CPU in minutes (tests)")
@@ -548,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("YOLO_OFFLINE", "true")
     cfg = config_for(args)
-    with scratch(args.work) as work:
+    with scratch(args.work, prefix="proof-") as work:
         proof = prove(cfg, work)
     text = proof.render()
     print(text)

@@ -125,7 +125,8 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> Resul
 
 
 class FaultProxy:
-    """mitmproxy (reverse mode) in front of the S3 server, failing a share of requests (tests/fault_addon.py)."""
+    """mitmproxy (reverse mode) in front of the S3 server, failing a share of requests (tests/fault_addon.py),
+    or running another addon of tests/ configured by `env` (record_addon.py, pause_addon.py)."""
 
     def __init__(
         self,
@@ -136,13 +137,15 @@ class FaultProxy:
         seed: int = 1,
         slow_s: float = 2,
         addon: str = "fault_addon.py",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         from pogona_job.locals3 import free_port
 
         self.port = free_port()
         self.log = tmp / f"mitm-{self.port}.log"
-        env = {
+        environ = {
             **os.environ,
+            **(env or {}),
             "FAULTS": faults,
             "FAULTS_MATCH": match,
             "FAULTS_SEED": str(seed),
@@ -168,7 +171,7 @@ class FaultProxy:
             "-s",
             str(ROOT / "tests" / addon),
         ]
-        self.proc = subprocess.Popen(args, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        self.proc = subprocess.Popen(args, env=environ, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         import socket
         import time
 

@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from pogona_job.locals3 import LocalS3, free_port
-from tests.conftest import BUCKET, ROOT, job_env
+from pogona_job.locals3 import LocalS3
+from tests.conftest import BUCKET, ROOT, FaultProxy, job_env
 
 EPOCHS, SANITY = 3, 3
 
@@ -55,47 +54,17 @@ CRASH_POINTS = [
 ]
 
 
-class PauseProxy:
+class PauseProxy(FaultProxy):
     """mitmdump in reverse mode in front of the S3 server, holding the request that matches."""
 
     def __init__(self, upstream: str, tmp: Path, match: str, nth: int) -> None:
-        self.port = free_port()
-        self.log = tmp / f"pause-{self.port}.log"
-        env = {**os.environ, "PAUSE_MATCH": match, "PAUSE_NTH": str(nth)}
-        args = [
-            str(Path(sys.executable).parent / "mitmdump"),
-            *("--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1", "--listen-port", str(self.port)),
-            *("--set", "keep_host_header=true", "--set", f"confdir={tmp / 'mitm-conf'}"),
-            *("--set", "flow_detail=0", "--set", "termlog_verbosity=warn"),
-            *("-s", str(ROOT / "tests" / "pause_addon.py")),
-        ]
-        self.proc = subprocess.Popen(args, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"mitmdump did not start: {self.log.read_text()[-2000:]}")
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(upstream, "", tmp, addon="pause_addon.py", env={"PAUSE_MATCH": match, "PAUSE_NTH": str(nth)})
 
     def paused(self) -> str | None:
         for line in self.log.read_text(errors="replace").splitlines():
             if line.startswith("PAUSED "):
                 return line
         return None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Leg:
