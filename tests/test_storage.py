@@ -397,3 +397,81 @@ def test_a_ca_bundle_obstore_cannot_use_sends_the_bytes_through_botocore_logged_
         storage.upload_many(fallback, [(tmp_path / "src" / "labels" / "sub0" / "f0.bin", dest / "again.bin")])
     assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
     assert [e["event"] for e in logs].count("storage: obstore unavailable, botocore moves the bytes") == 1
+
+
+# The mapping of what S3 answers after retries to the job's exit codes, as a table (the contract's codes).
+REFUSAL_TABLE = [
+    ("NoSuchBucket", "404", 4, "does not exist"),
+    ("PermanentRedirect", "301", 2, "AWS_REGION"),
+    ("TemporaryRedirect", "", 2, "AWS_REGION"),
+    ("AuthorizationHeaderMalformed", "400", 2, "AWS_ENDPOINT_URL_S3"),
+    ("", "301", 2, "the server answered 301 while"),
+    ("", "307", 2, "not served at"),
+    (
+        "AccessDenied",
+        "403",
+        4,
+        "refused access (AccessDenied) while reading the dataset from: check the credentials and that they may "
+        "read and write that bucket and prefix.",
+    ),
+    ("InvalidAccessKeyId", "", 4, "credentials"),
+    ("ExpiredToken", "400", 4, "refused access"),
+    ("", "401", 4, "refused access (401)"),
+    ("", "403", 4, "refused access (403)"),
+    (
+        "SlowDown",
+        "503",
+        75,
+        "kept failing (SlowDown) while reading the dataset from s3://data-bkt after retries: the scheduler should "
+        "retry the job later.",
+    ),
+    ("InternalError", "", 75, "retry the job later"),
+    ("", "500", 75, "kept failing (500)"),
+    ("", "502", 75, "kept failing"),
+    ("", "408", 75, "kept failing (408)"),
+    ("", "429", 75, "kept failing (429)"),
+    ("InvalidObjectState", "400", 6, "Storage error InvalidObjectState"),
+    ("", "400", 6, "Storage error 400"),
+]
+
+
+@pytest.mark.parametrize(("code", "status", "exit_code", "says"), REFUSAL_TABLE)
+def test_each_storage_answer_maps_to_its_documented_exit_code_and_sentence(
+    code: str, status: str, exit_code: int, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    err = storage._refusal("data-bkt", "reading the dataset from", code, status, "the detail")
+    assert err.exit_code == exit_code and says in err.sentence, err.sentence
+    assert "data-bkt" in err.sentence and "reading the dataset from" in err.sentence
+    if exit_code == 2:  # a redirect names where the job looked, so the user can see what to change
+        assert "http://127.0.0.1:9" in err.sentence and "eu-west-1" in err.sentence
+    if exit_code == 6:
+        assert "the detail" in err.sentence
+
+
+def test_obstore_errors_are_read_for_their_s3_code_status_or_certificate() -> None:
+    def read(text: str) -> Any:
+        err = storage._obstore_error(Exception(text), "data-bkt", "pulling")
+        assert "data-bkt" in err.sentence and "pulling" in err.sentence, err.sentence
+        return err
+
+    denied = read("<Code>AccessDenied</Code> status code: 403")
+    assert denied.exit_code == 4 and "(AccessDenied)" in denied.sentence
+    assert "(403)" in read("Client error with status code: 403 Forbidden").sentence  # the status when no code
+    throttled = read("<Code>SlowDown</Code> and no status line")
+    assert throttled.exit_code == 75 and "(SlowDown)" in throttled.sentence
+    assert read("Client error with status code: 301 Moved").exit_code == 2
+    for tls in ("invalid peer certificate: BadSignature", "tls handshake: UnknownIssuer"):
+        err = read(tls)
+        assert err.exit_code == 4 and err.sentence == (
+            "The storage endpoint's TLS certificate is not trusted (while pulling s3://data-bkt): set AWS_CA_BUNDLE "
+            "(or ca_bundle in the AWS config) to the CA that signed it; the job will not connect unverified."
+        )
+    long_text = "<Code>Weird</Code> status code: 400 " + "x" * 300
+    odd = read(long_text)  # an unknown code: its message is the detail, cut at 200 characters
+    assert odd.exit_code == 6 and odd.sentence.endswith(f": {long_text[:200]}.")
+    first_line = "error sending request " + "y" * 300
+    network = read(first_line + "\nconnection refused")
+    assert network.exit_code == 75 and f"({first_line[:200]})" in network.sentence
+    assert "connection refused" not in network.sentence
