@@ -44,8 +44,9 @@ TARGETS = {
     # The validation rules (label lines, boxes, image sizes) and the split rules of the dataset package;
     # test_dataset_e2e (real training) is left out.
     "dataset": Target(
-        ("pogona_job/dataset/validate.py", "pogona_job/dataset/split.py"),
+        ("pogona_job/dataset",),  # the whole package is copied (mutmut runs the tests in its copy) ...
         ("tests/test_dataset_validate.py", "tests/test_dataset_split.py", "tests/test_dataset_stage.py"),
+        ("pogona_job.dataset.validate.*", "pogona_job.dataset.split.*"),  # ... and only these rules are mutated
     ),
     # Only the S3 error -> exit code mapping.
     "storage": Target(
@@ -123,7 +124,9 @@ def run_target(name: str, target: Target, show: bool = False, keep: Path | None 
         counts = [line.strip() for line in lines if "🎉" in line]
         rate = [line.strip() for line in lines if "mutations/second" in line]
         count = " ".join([*counts[-1:], *rate[-1:]])
-        print(count or run.stderr[-2000:], flush=True)
+        if not counts:  # mutmut's clean run failed (e.g. a test that cannot run in its copy): no mutant was checked
+            raise SystemExit(f"{name}: mutmut checked no mutant; its output ends:\n{(run.stdout + run.stderr)[-3000:]}")
+        print(count, flush=True)
         results = subprocess.run([mutmut, "results"], cwd=work, capture_output=True, text=True, check=False).stdout
         survivors = [line.split(":")[0].strip() for line in results.splitlines() if line.strip().endswith(": survived")]
         for mutant in survivors:
