@@ -40,11 +40,11 @@ TARGETS = {
     "gate": Target(("pogona_job/gate.py",), ("tests/test_gate.py",)),
     # The checkpoint sets, pointer and restore; the end-to-end kills (test_crash, test_preemption) run the job in
     # child processes, where mutmut cannot see which mutant they cover, and take minutes: left out.
-    "checkpoint": Target(("pogona_job/checkpoint.py",), ("tests/test_checkpoint.py",)),
+    "checkpoint": Target(("pogona_job",), ("tests/test_checkpoint.py",), ("pogona_job.checkpoint.*",)),
     # The validation rules (label lines, boxes, image sizes) and the split rules of the dataset package;
     # test_dataset_e2e (real training) is left out.
     "dataset": Target(
-        ("pogona_job/dataset",),  # the whole package is copied (mutmut runs the tests in its copy) ...
+        ("pogona_job",),  # the whole package is copied (mutmut runs the tests in its copy) ...
         ("tests/test_dataset_validate.py", "tests/test_dataset_split.py", "tests/test_dataset_stage.py"),
         ("pogona_job.dataset.validate.*", "pogona_job.dataset.split.*"),  # ... and only these rules are mutated
     ),
