@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run-local: setup
-	$(PY) -m pogona_job.rehearsal
+	$(PY) -m pogona_job.tools.rehearsal
 
 # Tests run in random order (pytest-randomly; `-p randomly` fails loudly if it is missing). pytest prints
 # "Using --randomly-seed=N" first: reproduce an order with  make test PYTEST_ARGS="-p randomly --randomly-seed=N".

@@ -37,10 +37,10 @@ class Target:
 
 TARGETS = {
     # The watchdog, parity probe and verdict; test_gate_training (real training) is left out: minutes per mutant.
-    "gate": Target(("pogona_job/gate.py",), ("tests/test_gate.py",)),
+    "gate": Target(("pogona_job/training/gate.py",), ("tests/test_gate.py",)),
     # The checkpoint sets, pointer and restore; the end-to-end kills (test_crash, test_preemption) run the job in
     # child processes, where mutmut cannot see which mutant they cover, and take minutes: left out.
-    "checkpoint": Target(("pogona_job",), ("tests/test_checkpoint.py",), ("pogona_job.checkpoint.*",)),
+    "checkpoint": Target(("pogona_job",), ("tests/test_checkpoint.py",), ("pogona_job.training.checkpoint.*",)),
     # The validation rules (label lines, boxes, image sizes) and the split rules of the dataset package;
     # test_dataset_e2e (real training) is left out.
     "dataset": Target(
@@ -50,11 +50,15 @@ TARGETS = {
     ),
     # Only the S3 error -> exit code mapping.
     "storage": Target(
-        ("pogona_job/storage.py",),
+        ("pogona_job/s3/storage.py",),
         ("tests/test_storage.py",),  # test_faults runs the job in child processes, outside mutmut's copy
         # mutmut leaves decorated functions alone (errors_for is a @contextmanager), so the mapping lives in
         # these undecorated functions; a target that yields no mutant fails loudly.
-        ("pogona_job.storage.x__refusal*", "pogona_job.storage.x__untrusted*", "pogona_job.storage.x__obstore_error*"),
+        (
+            "pogona_job.s3.storage.x__refusal*",
+            "pogona_job.s3.storage.x__untrusted*",
+            "pogona_job.s3.storage.x_obstore_error*",
+        ),
     ),
 }
 

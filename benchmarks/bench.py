@@ -1,6 +1,6 @@
 """`make bench`: the job's storage and run overhead against reference tools, on this machine.
 
-One run starts a real SeaweedFS server on loopback (pogona_job.locals3), seeds it with a dataset
+One run starts a real SeaweedFS server on loopback (pogona_job.tools.locals3), seeds it with a dataset
 shaped like the real one (3,000 JPEGs of 40-90 KB + 3,000 label files, generated once and cached
 under .bench/), and measures, interleaved over several rounds (medians; other processes may be
 running):
@@ -422,7 +422,7 @@ def upload_dataset(bench: Bench, folder: Path, prefix: str) -> None:
         measure([*cmd, f"s3://{BUCKET}/{prefix}/"], bench.env)
         return
     with in_process_env(bench.env):
-        from pogona_job import storage
+        from pogona_job.s3 import storage
 
         storage.push_tree(storage.make_client(), folder, storage.S3Path(BUCKET, prefix))
 
@@ -517,9 +517,9 @@ def bench_warm_pull(bench: Bench, prefix: str, expect: tuple[int, int]) -> tuple
 
 
 def bench_in_process(bench: Bench, prefix: str) -> tuple[list[float], list[float], list[float]]:
-    """storage.pull_prefix's own time (PullResult.seconds), cold, warm and cold without the content checks."""
+    """pull.pull_prefix's own time (PullResult.seconds), cold, warm and cold without the content checks."""
     with in_process_env(bench.env):
-        from pogona_job import storage
+        from pogona_job.s3 import pull, storage
 
         client = storage.make_client()
         src = storage.S3Path(BUCKET, prefix)
@@ -527,9 +527,9 @@ def bench_in_process(bench: Bench, prefix: str) -> tuple[list[float], list[float
         for r in range(bench.args.rounds):
             for verify in (True, False) if r % 2 == 0 else (False, True):
                 dest = bench.fresh("in-process")
-                result = storage.pull_prefix(client, src, dest, verify=verify)
+                result = pull.pull_prefix(client, src, dest, verify=verify)
                 (cold if verify else unchecked).append(result.seconds)
-            result = storage.pull_prefix(client, src, dest)
+            result = pull.pull_prefix(client, src, dest)
             if result.fetched != 0:
                 raise BenchError(f"the warm pull fetched {result.fetched} files")
             warm.append(result.seconds)
@@ -659,7 +659,7 @@ def memory_rows(bench: Bench, full: PullStats, small: PullStats, n_full: int, n_
 PUSH_SCRIPT = """
 import sys
 from pathlib import Path
-from pogona_job import storage
+from pogona_job.s3 import storage
 src, prefix = Path(sys.argv[1]), storage.S3Path.parse(sys.argv[2])
 items = [(p, prefix / p.relative_to(src).as_posix()) for p in sorted(src.rglob("*")) if p.is_file()]
 storage.upload_many(storage.make_client(), items, threads=32)
@@ -724,7 +724,7 @@ class JobRound:
 
 
 def job_settings(run_id: str, work: Path) -> dict[str, str]:
-    from pogona_job.rehearsal import DEMO_SETTINGS
+    from pogona_job.tools.rehearsal import DEMO_SETTINGS
 
     return {
         **DEMO_SETTINGS,
@@ -742,7 +742,7 @@ def run_job(bench: Bench, r: int) -> tuple[Run, dict[str, Any], Path]:
     settings = job_settings(f"bench-{os.getpid()}-{r}", work)
     run = measure([sys.executable, "-m", "pogona_job", "run"], {**bench.env, **settings}, timeout=1800)
     with in_process_env(bench.env):
-        from pogona_job import storage
+        from pogona_job.s3 import storage
 
         client = storage.make_client()
         manifest = storage.get_json(client, storage.S3Path(BUCKET, f"runs/{settings['POGONA_RUN_ID']}/manifest.json"))
@@ -753,8 +753,8 @@ def run_job(bench: Bench, r: int) -> tuple[Run, dict[str, Any], Path]:
 
 def run_bare(bench: Bench, data_yaml: Path, r: int) -> Run:
     """`yolo train` itself, with the job's training arguments, on the job's staged data."""
-    from pogona_job import offline
-    from pogona_job.rehearsal import DEMO_SETTINGS
+    from pogona_job.tools.rehearsal import DEMO_SETTINGS
+    from pogona_job.training import offline
 
     config_dir = BENCH_DIR / "yolo-config"
     with in_process_env({**base_env(), "YOLO_CONFIG_DIR": str(config_dir)}):
@@ -778,7 +778,7 @@ def run_bare(bench: Bench, data_yaml: Path, r: int) -> Run:
 
 
 def bench_job(bench: Bench) -> list[JobRound]:
-    from pogona_job.demo import write_demo
+    from pogona_job.tools.demo import write_demo
 
     demo = BENCH_DIR / "demo-120"
     if not (demo / "labels").exists():
@@ -932,7 +932,7 @@ def render(bench: Bench, started: float, load_at_start: str, state: tuple[str, b
     lines = [
         "## Storage and job overhead (benchmarks/bench.py)",
         "",
-        f"{stamp_line(load_at_start, state)}; {tools}; SeaweedFS on loopback (pogona_job.locals3); "
+        f"{stamp_line(load_at_start, state)}; {tools}; SeaweedFS on loopback (pogona_job.tools.locals3); "
         "rounds interleaved, medians; "
         f"{bench.args.rounds} rounds per storage figure; took {(time.monotonic() - started) / 60:.1f} min.",
         "",
@@ -951,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(exc, file=sys.stderr)
         return 2
-    from pogona_job.locals3 import LocalS3
+    from pogona_job.tools.locals3 import LocalS3
 
     tools = None if args.no_tools else (find_tools() if args.no_install else ensure_tools())
     BENCH_DIR.mkdir(exist_ok=True)

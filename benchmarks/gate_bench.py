@@ -77,7 +77,7 @@ class StopBenchmark(Exception):
 def installed(clock: Clock) -> Iterator[None]:
     from ultralytics.utils.callbacks import base
 
-    from pogona_job.gate import BatchWatchdog
+    from pogona_job.training.gate import BatchWatchdog
 
     # Plain closures, not bound methods: ultralytics deep-copies the defaults, and a copied bound method
     # would record into a copy of the clock.
@@ -126,7 +126,7 @@ def no_foreground() -> Iterator[None]:
 
 
 def demo_dataset(n_images: int, size: int) -> Path:
-    from pogona_job.demo import write_demo
+    from pogona_job.tools.demo import write_demo
 
     folder = BENCH_DIR / f"gate-demo-{n_images}-{size}"
     stamp = folder.with_name(folder.name + ".complete")
@@ -147,8 +147,9 @@ class Outcome:
 
 def run_job(env: dict[str, str], run_id: str, clock: Clock) -> Outcome:
     """The whole job in-process, in a fresh work dir (a reused one would keep another dataset's files)."""
-    from pogona_job import job, storage
     from pogona_job.config import load_settings
+    from pogona_job.run import job
+    from pogona_job.s3 import storage
 
     work = Path(env["POGONA_WORK_DIR"]) / run_id
     with environment({**env, "POGONA_RUN_ID": run_id, "POGONA_WORK_DIR": str(work)}), installed(clock):
@@ -160,7 +161,7 @@ def run_job(env: dict[str, str], run_id: str, clock: Clock) -> Outcome:
 
 
 def job_env(s3_env: dict[str, str], work: Path, args: argparse.Namespace) -> dict[str, str]:
-    from pogona_job.rehearsal import DEMO_SETTINGS
+    from pogona_job.tools.rehearsal import DEMO_SETTINGS
 
     return {
         **base_env(),
@@ -180,8 +181,8 @@ def job_env(s3_env: dict[str, str], work: Path, args: argparse.Namespace) -> dic
 
 
 def measure(args: argparse.Namespace) -> tuple[Outcome, Outcome, int]:
-    from pogona_job import storage
-    from pogona_job.locals3 import LocalS3
+    from pogona_job.s3 import storage
+    from pogona_job.tools.locals3 import LocalS3
 
     dataset = demo_dataset(args.images, args.size)
     work = BENCH_DIR / "gate-work"

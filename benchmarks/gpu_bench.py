@@ -168,7 +168,7 @@ def config_for(args: argparse.Namespace) -> Config:
 def staged_data(cfg: Config, work: Path) -> Path:
     """The demo dataset, staged with the job's own code (train/val split, data.yaml)."""
     from pogona_job.dataset import inspect_dataset, stage_dataset
-    from pogona_job.demo import CLASS_NAMES, write_demo
+    from pogona_job.tools.demo import CLASS_NAMES, write_demo
 
     raw = BENCH_DIR / f"gpu-demo-{cfg.images}-{cfg.image_size}"
     stamp = raw.with_name(raw.name + ".complete")
@@ -205,7 +205,7 @@ class Result:
 
 
 def train(cfg: Config, work: Path) -> Result:
-    from pogona_job import offline
+    from pogona_job.training import offline
 
     offline.prepare(work / "ultralytics")
     import torch

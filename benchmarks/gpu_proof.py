@@ -257,7 +257,7 @@ def demo_dataset(cfg: Config) -> Path:
 
 
 def _write_shard(dest: Path, n_images: int, size: int) -> None:
-    from pogona_job.demo import write_demo
+    from pogona_job.tools.demo import write_demo
 
     write_demo(dest, n_images=n_images, size=size, seed=42 + int(dest.name[1:]))
 
@@ -278,8 +278,9 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 
 def run_job(env: dict[str, str], run_id: str, clock: Clock) -> tuple[int, dict[str, Any], float]:
     """The whole job in this process; returns its exit code, its manifest and its start (monotonic)."""
-    from pogona_job import job, storage
     from pogona_job.config import load_settings
+    from pogona_job.run import job
+    from pogona_job.s3 import storage
 
     with environment({**env, "POGONA_RUN_ID": run_id}):
         settings = load_settings()
@@ -444,8 +445,9 @@ def _losses(values: dict[str, float]) -> str:
 def prove(cfg: Config, work: Path) -> Proof:
     import torch
 
-    from pogona_job import logs, storage
-    from pogona_job.locals3 import LocalS3
+    from pogona_job import logs
+    from pogona_job.s3 import storage
+    from pogona_job.tools.locals3 import LocalS3
 
     began = time.monotonic()
     cuda = cfg.device not in ("cpu", "mps") and torch.cuda.is_available()

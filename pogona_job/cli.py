@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         logs.configure(settings.log_format, debug=settings.debug)
         if command == "run":
-            from pogona_job.job import run
+            from pogona_job.run.job import run
 
             return run(settings)
         if command == "config":
@@ -84,20 +84,20 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
 
     log = get_logger()
     if args.action == "demo":
-        from pogona_job.demo import write_demo
+        from pogona_job.tools.demo import write_demo
 
         write_demo(args.dest, n_images=args.images, size=args.size, seed=settings.seed)
         print(f"Demo dataset written to {args.dest} ({args.images} images).")
         return 0
     if args.action == "validate":
         return _validate(args.dir, settings)
-    from pogona_job import storage
+    from pogona_job.s3 import pull, storage
 
     if settings.dataset_uri is None:
         raise ConfigError("POGONA_DATASET_URI is required: set it to the s3://bucket/prefix of the dataset.")
     client = storage.make_client(threads=settings.s3_threads, max_attempts=settings.s3_max_attempts)
     uri = storage.S3Path.parse(settings.dataset_uri)
-    from pogona_job.progress import transfer_progress
+    from pogona_job.s3.progress import transfer_progress
 
     console = settings.log_format != "json"
     if args.action == "pull":
@@ -110,7 +110,7 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
         with transfer_progress("pull", console=console, check=_stop_on_sigterm()) as progress:
-            result = storage.pull_prefix(client, uri, args.dest, threads=settings.s3_threads, progress=progress)
+            result = pull.pull_prefix(client, uri, args.dest, threads=settings.s3_threads, progress=progress)
         log.info("dataset pulled", files=result.files, fetched=result.fetched, cached=result.skipped)
         print(f"Pulled {uri.uri} into {args.dest}: {result.fetched} fetched, {result.skipped} already cached.")
         return 0
@@ -167,10 +167,11 @@ def _validate(folder: Path, settings: Settings) -> int:
 
 
 def _runs(args: argparse.Namespace, settings: Settings) -> int:
-    from pogona_job import runs, storage
+    from pogona_job.s3 import storage
+    from pogona_job.tools import runs
 
     if args.action == "watch":
-        from pogona_job.livestatus import watch_command
+        from pogona_job.run.livestatus import watch_command
 
         return watch_command(args, settings)
     if settings.output_uri is None:

@@ -40,6 +40,30 @@ def _check_s3_uri(value: str) -> str:
 S3Uri = Annotated[str, AfterValidator(_check_s3_uri)]
 
 
+# POGONA_EXPORT_FORMATS: what this job builds and verifies itself (evaluation/export.py), and where the rest is built.
+BUILT_HERE = ("onnx",)
+# Formats that need their vendor's toolchain or hardware to build and to verify.
+_TENSORRT = (
+    "TensorRT engines are tied to the GPU and TensorRT version that run them: build one on the deployment GPU "
+    "from weights/best.onnx with `trtexec --onnx=best.onnx` (or `yolo export format=engine` there)"
+)
+_COREML = "Core ML models are built and verified on macOS: run `yolo export model=best.pt format=coreml` on a Mac"
+ELSEWHERE = {"engine": _TENSORRT, "tensorrt": _TENSORRT, "coreml": _COREML, "mlpackage": _COREML}
+
+
+def parse_formats(value: str) -> list[str]:
+    """POGONA_EXPORT_FORMATS as a list ('' or `none` turns export off); a format not built here raises ValueError."""
+    formats = [f.strip().lower() for f in value.split(",") if f.strip()]
+    if formats == ["none"]:  # the spelling a template parameter can carry (its empty value means "default")
+        return []
+    for f in formats:
+        if f in ELSEWHERE:
+            raise ValueError(f"{f} is not built by this job. {ELSEWHERE[f]}")
+        if f not in BUILT_HERE:
+            raise ValueError(f"unknown export format {f!r}; this job builds: {', '.join(BUILT_HERE)}")
+    return formats
+
+
 class Settings(BaseSettings):
     """Every knob of the job. Field docs become the README table."""
 
@@ -213,8 +237,6 @@ class Settings(BaseSettings):
     @field_validator("export_formats")
     @classmethod
     def _export_formats(cls, value: str) -> str:
-        from pogona_job.export import parse_formats
-
         return ",".join(parse_formats(value))
 
     @property

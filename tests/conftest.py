@@ -17,7 +17,7 @@ import boto3
 import pytest
 
 from pogona_job import logs
-from pogona_job.locals3 import LocalS3
+from pogona_job.tools.locals3 import LocalS3
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "pogona-test"
@@ -40,7 +40,7 @@ logs.CACHE_LOGGERS = False  # so structlog.testing.capture_logs() sees in-proces
 @pytest.fixture(scope="session", autouse=True)
 def offline_ultralytics(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One ultralytics config dir for the session, prepared the way the job does it."""
-    from pogona_job import offline
+    from pogona_job.training import offline
 
     for key in [k for k in os.environ if k.startswith(("POGONA_", "AWS_"))]:
         del os.environ[key]  # a developer's own settings must not leak into the tests
@@ -67,7 +67,7 @@ def s3_client(s3: LocalS3):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pogona_job.demo import write_demo
+    from pogona_job.tools.demo import write_demo
 
     dest = tmp_path_factory.mktemp("demo")
     write_demo(dest, n_images=48, size=128, seed=0)
@@ -77,7 +77,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_uri(s3: LocalS3, s3_client, demo_dir: Path) -> str:  # type: ignore[no-untyped-def]
     """The demo dataset in the bucket, pushed the way users push theirs."""
-    from pogona_job import storage
+    from pogona_job.s3 import storage
 
     uri = f"s3://{BUCKET}/datasets/demo"
     with pytest.MonkeyPatch.context() as mp:
@@ -139,7 +139,7 @@ class FaultProxy:
         addon: str = "fault_addon.py",
         env: Mapping[str, str] | None = None,
     ) -> None:
-        from pogona_job.locals3 import free_port
+        from pogona_job.tools.locals3 import free_port
 
         self.port = free_port()
         self.log = tmp / f"mitm-{self.port}.log"

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from pogona_job.dataset import StagedDataset, inspect_dataset, stage_dataset
-from pogona_job.demo import write_demo
+from pogona_job.tools.demo import write_demo
 
 NAMES = ["pogona_head", "other_head"]
 EPOCHS = 30

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from pogona_job import storage
-from pogona_job.locals3 import LocalS3
-from pogona_job.storage import S3Path
+from pogona_job.s3 import pull, storage
+from pogona_job.s3.storage import S3Path
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, ROOT
 
 BENCHMARKS = ROOT / "benchmarks"
@@ -117,7 +117,7 @@ def test_each_script_rewrites_only_its_own_section(tmp_path: Path) -> None:
     assert out.read_text().count("# Benchmarks") == 1
 
 
-# --- the bulk engine: obstore, derived from the boto3 client (pogona_job/storage.py _store) -------
+# --- the bulk engine: obstore, derived from the boto3 client (pogona_job/s3/storage.py _store) -------
 
 
 @pytest.fixture()
@@ -146,10 +146,10 @@ def test_pull_gets_through_obstore_byte_for_byte_with_awkward_keys(
         raise AssertionError("a GET went through botocore")
 
     monkeypatch.setattr(client, "get_object", refuse)
-    result = storage.pull_prefix(client, S3Path(BUCKET, "engine/exact"), tmp_path / "dst", threads=3)
+    result = pull.pull_prefix(client, S3Path(BUCKET, "engine/exact"), tmp_path / "dst", threads=3)
     assert (result.files, result.fetched) == (len(KEYS), len(KEYS))
     assert {k: (tmp_path / "dst" / k).read_bytes() for k in KEYS} == data
-    again = storage.pull_prefix(client, S3Path(BUCKET, "engine/exact"), tmp_path / "dst", threads=3)
+    again = pull.pull_prefix(client, S3Path(BUCKET, "engine/exact"), tmp_path / "dst", threads=3)
     assert (again.fetched, again.skipped, again.fingerprint) == (0, len(KEYS), result.fingerprint)
 
 
@@ -168,7 +168,7 @@ def test_uploads_go_through_obstore(client: Any, tmp_path: Path, monkeypatch: py
 
 
 def test_the_store_takes_endpoint_region_attempts_and_credentials_from_the_client(s3: LocalS3, client: Any) -> None:
-    store = storage._store(client, BUCKET)
+    store = storage.object_store(client, BUCKET)
     assert store is not None
     assert store.config["endpoint"] == s3.endpoint and store.config["region"] == "us-east-1"
     assert store.config["virtual_hosted_style_request"] in (False, "false")  # path style for an S3-compatible server

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from pogona_job import storage
-from pogona_job.checkpoint import CheckpointSync, cut_results, restore
 from pogona_job.errors import LeaseLost
-from pogona_job.locals3 import LocalS3
-from pogona_job.storage import S3Path
+from pogona_job.s3 import storage
+from pogona_job.s3.storage import S3Path
+from pogona_job.tools.locals3 import LocalS3
+from pogona_job.training.checkpoint import CheckpointSync, cut_results, restore
 from tests.conftest import BUCKET
 
 HEADER = "                  epoch,  train/box_loss,  metrics/mAP50(B)\n"

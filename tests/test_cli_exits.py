@@ -16,9 +16,11 @@ import pytest
 import structlog
 import torch
 
-from pogona_job import job, storage, training
 from pogona_job.config import load_settings
-from pogona_job.locals3 import LocalS3
+from pogona_job.run import job
+from pogona_job.s3 import pull
+from pogona_job.tools.locals3 import LocalS3
+from pogona_job.training import phase as training_phase
 from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, run_cli
 
 # A GPU fault that is not "out of memory" (which ultralytics retries): the third training batch fails
@@ -97,7 +99,7 @@ def test_an_unexpected_error_exits_6_and_debug_logs_it_without_changing_the_exit
     def broken_pull(*_args: Any, **_kwargs: Any) -> Any:
         raise KeyError("ETag")
 
-    monkeypatch.setattr(storage, "pull_prefix", broken_pull)
+    monkeypatch.setattr(pull, "pull_prefix", broken_pull)
     for debug in ("false", "true"):
         monkeypatch.setenv("POGONA_DEBUG", debug)
         monkeypatch.setenv("POGONA_RUN_ID", f"bug-{debug}")
@@ -199,7 +201,7 @@ def _device_zero_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch, *, loses_foreg
     from ultralytics.utils.tal import TaskAlignedAssigner
 
     on_device = {"now": False}
-    real_device = training.torch_device
+    real_device = training_phase.torch_device
 
     def torch_device(device: str) -> str:
         on_device["now"] = device != "cpu"
@@ -213,7 +215,7 @@ def _device_zero_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch, *, loses_foreg
             return labels, bboxes, torch.zeros_like(scores), torch.zeros_like(fg_mask), gt_idx
         return labels, bboxes, scores, fg_mask, gt_idx
 
-    monkeypatch.setattr(training, "torch_device", torch_device)
+    monkeypatch.setattr(training_phase, "torch_device", torch_device)
     monkeypatch.setattr(TaskAlignedAssigner, "forward", forward)
 
 

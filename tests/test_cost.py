@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pogona_job.locals3 import LocalS3, free_port
+from pogona_job.tools.locals3 import LocalS3, free_port
 from tests.conftest import BUCKET, ROOT, job_env, out_key, run_cli
 from tests.loopback import Receiver, receiver
 from tests.test_preemption import STARTED, Job, _is

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from pogona_job import budget, cloud
 from pogona_job.config import Settings, effective_config
 from pogona_job.errors import ConfigError
-from pogona_job.locals3 import LocalS3
+from pogona_job.run import budget, cloud
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, job_env, run_cli
 from tests.loopback import TOKEN, metadata, receiver
 
@@ -55,7 +55,7 @@ def test_no_aws_signal_means_unknown_and_no_probe(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_dead_metadata_endpoint_is_unknown_not_an_error() -> None:
-    from pogona_job.locals3 import free_port
+    from pogona_job.tools.locals3 import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     found = cloud.detect({"AWS_BATCH_JOB_ID": "j", "AWS_EC2_METADATA_SERVICE_ENDPOINT": dead}, timeout=0.5)
@@ -122,9 +122,9 @@ def test_watch_reports_stalled_when_the_heartbeat_is_old(s3: LocalS3, s3_client:
 def test_a_dead_notification_endpoint_is_logged_and_the_live_one_still_gets_it() -> None:
     from types import SimpleNamespace
 
-    from pogona_job import notify
-    from pogona_job.locals3 import free_port
-    from pogona_job.storage import S3Path
+    from pogona_job.run import notify
+    from pogona_job.s3.storage import S3Path
+    from pogona_job.tools.locals3 import free_port
 
     record = SimpleNamespace(
         accounting={"summary": "0 epochs in 3 s on unknown instance, 0 preemptions"},
@@ -157,7 +157,7 @@ def test_a_dead_notification_endpoint_is_logged_and_the_live_one_still_gets_it()
 
 
 def test_the_terminal_display_renders_a_live_line_and_the_final_summary(capsys: pytest.CaptureFixture[str]) -> None:
-    from pogona_job.livestatus import _RichDisplay
+    from pogona_job.run.livestatus import _RichDisplay
 
     display = _RichDisplay()
     display.show({**_progress("r", time.time()), "state": "running", "metrics": {"map50": 0.5}, "eta_s": 12.0})
@@ -168,7 +168,7 @@ def test_the_terminal_display_renders_a_live_line_and_the_final_summary(capsys: 
 
 
 def test_an_attempt_that_vanished_counts_as_a_preemption_and_its_lost_epochs_are_counted() -> None:
-    from pogona_job.storage import S3Path
+    from pogona_job.s3.storage import S3Path
 
     tracker = budget.Tracker(
         client=None,

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from pogona_job.locals3 import LocalS3
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, ROOT, FaultProxy, job_env
 
 EPOCHS, SANITY = 3, 3

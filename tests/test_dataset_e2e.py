@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from pogona_job import storage
-from pogona_job.locals3 import LocalS3
+from pogona_job.s3 import storage
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, job_env, out_key, run_cli
 from tests.fixtures import exports
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pogona_job.dataset import Options, inspect_dataset, pixel_modality, stage_dataset
 from pogona_job.dataset.modality import glob_regex, parse_rules
-from pogona_job.demo import write_demo
+from pogona_job.tools.demo import write_demo
 from tests.fixtures.files import BOX, CLASSES, flat_dataset, image, inspect, text
 from tests.fixtures.modality_set import measure, write_modality_set
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from pogona_job.dataset import Options, inspect_dataset, stage_dataset
 from pogona_job.dataset.split import check_rules, group_keys, source_name
-from pogona_job.demo import write_demo
 from pogona_job.errors import DatasetError
+from pogona_job.tools.demo import write_demo
 from tests.fixtures import exports
 from tests.fixtures.files import CLASSES, flat_dataset, inspect
 

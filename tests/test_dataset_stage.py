@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from pogona_job.dataset import Problem, format_problems, stage_dataset
-from pogona_job.demo import write_demo
 from pogona_job.errors import DatasetError
+from pogona_job.tools.demo import write_demo
 from tests.fixtures.files import BOX, CLASSES, flat_dataset, image, inspect, pre_split_dataset, text
 
 
@@ -136,7 +136,7 @@ def test_format_problems_lists_fatal_first_and_truncates() -> None:
 
 
 def test_the_report_says_how_the_data_was_read_split_and_labelled(tmp_path: Path) -> None:
-    from pogona_job.report import RunRecord, render
+    from pogona_job.run.report import RunRecord, render
 
     root = pre_split_dataset(tmp_path / "ds", {"train": 4, "val": 2})
     shutil.copy(root / "images" / "train" / "train0.jpg", root / "images" / "val" / "copy.jpg")  # a near-duplicate

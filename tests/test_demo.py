@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pogona_job.dataset import inspect_dataset
-from pogona_job.demo import CLASS_NAMES, write_demo
+from pogona_job.tools.demo import CLASS_NAMES, write_demo
 
 
 @pytest.fixture(scope="module")

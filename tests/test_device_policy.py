@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pogona_job import gpu_policy
 from pogona_job.config import Settings
 from pogona_job.errors import ConfigError
-from pogona_job.training import resolve_device
+from pogona_job.training import gpu_policy, resolve_device
 from tests.conftest import job_env, run_cli
 
 UUID = "GPU-3f2a6c1e-9b7d-4c1a-8e55-0d2b6f7a9c10"

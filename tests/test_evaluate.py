@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pogona_job import evaluate, uncertainty
 from pogona_job.dataset import StagedDataset, inspect_dataset, stage_dataset
-from pogona_job.demo import CLASS_NAMES, write_demo
-from pogona_job.evaluate import lagging_modalities, val_images_by_modality
+from pogona_job.evaluation import scoring, uncertainty
+from pogona_job.evaluation.scoring import lagging_modalities, val_images_by_modality
+from pogona_job.tools.demo import CLASS_NAMES, write_demo
 from tests.ship_models import NAMES, stage, trained_model
 
 KEYS = {
@@ -70,7 +70,7 @@ def test_val_images_are_grouped_by_modality(demo_staged: StagedDataset) -> None:
 def test_overall_figures_from_per_image_results_equal_ultralytics_own(
     model: tuple[Path, Path], staged: StagedDataset, tmp_path: Path
 ) -> None:
-    runs = evaluate.evaluate(model[0], staged, imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "eval")
+    runs = scoring.evaluate(model[0], staged, imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "eval")
     assert set(runs) == {"val"}  # no test split in this dataset
     official = _official(model[0], staged.data_yaml, tmp_path).results_dict
     ours = uncertainty.score(runs["val"].per)
@@ -78,15 +78,15 @@ def test_overall_figures_from_per_image_results_equal_ultralytics_own(
     for key, name in KEYS.items():
         assert ours[key] == pytest.approx(official[name], abs=1e-9), key
     assert len(runs["val"].per) == sum(staged.counts["val"].values())
-    assert evaluate.summarise(runs["val"], resamples=0)["matches_ultralytics"] is True
+    assert scoring.summarise(runs["val"], resamples=0)["matches_ultralytics"] is True
 
 
 @pytest.mark.slow
 def test_thermal_metrics_equal_yolo_val_on_a_data_yaml_listing_only_the_thermal_images(
     model: tuple[Path, Path], staged: StagedDataset, tmp_path: Path
 ) -> None:
-    figures = evaluate.summarise(
-        evaluate.run_split(model[0], staged, "val", imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "e"),
+    figures = scoring.summarise(
+        scoring.run_split(model[0], staged, "val", imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "e"),
         resamples=50,
     )
     assert set(figures["per_modality"]) == {"thermal", "visible"}
@@ -111,8 +111,8 @@ def test_thermal_metrics_equal_yolo_val_on_a_data_yaml_listing_only_the_thermal_
 def test_per_class_table_equals_ultralytics_per_class_results(
     model: tuple[Path, Path], staged: StagedDataset, tmp_path: Path
 ) -> None:
-    run = evaluate.run_split(model[0], staged, "val", imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "e")
-    table = evaluate.summarise(run, resamples=0)["per_class"]
+    run = scoring.run_split(model[0], staged, "val", imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "e")
+    table = scoring.summarise(run, resamples=0)["per_class"]
     official = _official(model[0], staged.data_yaml, tmp_path)
     assert set(table) == {NAMES[int(i)] for i in official.box.ap_class_index}
     for j, i in enumerate(official.box.ap_class_index):
@@ -158,13 +158,13 @@ def test_the_test_split_is_evaluated_beside_val_and_unknown_modality_is_left_out
     moved = _move_to_test(staged, 4)
     unknown = next(rel for rel in sorted(staged.staged) if staged.split_of(rel) == "val")
     staged.modality_of[unknown] = "unknown"
-    runs = evaluate.evaluate(model[0], staged, imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "e")
+    runs = scoring.evaluate(model[0], staged, imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "e")
     assert set(runs) == {"val", "test"}
     assert sorted(runs["test"].per.files) == sorted(str(Path(p).resolve()) for p in moved)
     assert not set(runs["test"].per.files) & set(runs["val"].per.files)
     official = _official(model[0], _yaml_listing([Path(p) for p in moved], staged, tmp_path, "t"), tmp_path / "t")
     assert uncertainty.score(runs["test"].per)["map50"] == pytest.approx(official.results_dict[KEYS["map50"]])
-    val = evaluate.summarise(runs["val"], resamples=10)
+    val = scoring.summarise(runs["val"], resamples=10)
     assert "unknown" not in val["per_modality"]
     assert sum(m["images"] for m in val["per_modality"].values()) == val["images"] - 1
 
@@ -174,7 +174,7 @@ def test_a_resample_scored_from_stats_equals_re_validating_the_resampled_images(
     model: tuple[Path, Path], staged: StagedDataset, tmp_path: Path
 ) -> None:
     """Brute force for one bootstrap draw: duplicate images materialised as copies and validated again."""
-    run = evaluate.run_split(model[0], staged, "val", imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "e")
+    run = scoring.run_split(model[0], staged, "val", imgsz=128, batch=8, device="cpu", work_dir=tmp_path / "e")
     idx = uncertainty.resamples(len(run.per), count=1, seed=4)[0]
     assert len(set(idx.tolist())) < len(idx)  # a real resample: some images twice, some not at all
     copies = tmp_path / "resample"
@@ -215,7 +215,7 @@ def test_the_report_shows_test_beside_val_with_intervals_and_a_per_class_table()
             "per_class": {"a": row | {"images": 30.0, "instances": 45.0}, "b": row | {"images": 9.0, "instances": 9.0}},
         }
 
-    lines = evaluate.report_lines({"val": figures(0.8649, {"thermal": 0.7}), "test": figures(0.5, {"visible": 0.6})})
+    lines = scoring.report_lines({"val": figures(0.8649, {"thermal": 0.7}), "test": figures(0.5, {"visible": 0.6})})
     text = "\n".join(lines)
     assert "| Scope | val images | val mAP@0.5 | val mAP@0.5-0.95 | test images | test mAP@0.5 |" in text
     assert "| overall | 40 | 0.865 (0.80-0.90) | 0.500 | 40 | 0.500 (0.80-0.90) | 0.500 |" in text

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pogona_job import evaluate, export
 from pogona_job.config import Settings
+from pogona_job.evaluation import export, scoring
 from tests.conftest import BUCKET, run_cli
 from tests.ship_models import stage, trained_model
 
@@ -28,7 +28,7 @@ def exported(model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
     weights = work / "best.pt"
     weights.write_bytes(model[0].read_bytes())
     staged = stage(model[1], work / "staged")
-    reference = evaluate.evaluate(weights, staged, imgsz=128, batch=8, device="cpu", work_dir=work / "eval")
+    reference = scoring.evaluate(weights, staged, imgsz=128, batch=8, device="cpu", work_dir=work / "eval")
     commands: list[str] = []
 
     def record(args: Any, *a: Any, **k: Any) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from pogona_job import storage
 from pogona_job.errors import ConfigError, StorageDenied, TransientFailure
-from pogona_job.locals3 import LocalS3
-from pogona_job.storage import S3Path
+from pogona_job.s3 import pull, storage
+from pogona_job.s3.storage import S3Path
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, run_cli
 
 
@@ -143,7 +143,7 @@ def test_a_byte_flipped_in_transit_is_never_cached_and_ends_75(
     proxy = proxy_factory("flip:1.0", match=r"^GET /pogona-test/faults/flip/images/f3\.jpg")
     client = _client(s3, proxy.endpoint, monkeypatch)
     with pytest.raises(TransientFailure, match="failed its content check") as err:
-        storage.pull_prefix(client, S3Path(BUCKET, "faults/flip"), tmp_path / "dst")
+        pull.pull_prefix(client, S3Path(BUCKET, "faults/flip"), tmp_path / "dst")
     assert err.value.exit_code == 75 and proxy.faults()
     assert not (tmp_path / "dst" / "images" / "f3.jpg").exists()
     assert "images/f3.jpg" not in json.loads((tmp_path / "dst" / storage.CACHE_INDEX).read_text())
@@ -157,7 +157,7 @@ def test_a_flip_on_the_first_try_is_fetched_again(
     monkeypatch.setenv("FAULTS_MAX", "1")  # the first GET of f3 only
     proxy = proxy_factory("flip:1.0", match=r"^GET /pogona-test/faults/flip1/images/f3\.jpg")
     client = _client(s3, proxy.endpoint, monkeypatch)
-    result = storage.pull_prefix(client, S3Path(BUCKET, "faults/flip1"), tmp_path / "dst")
+    result = pull.pull_prefix(client, S3Path(BUCKET, "faults/flip1"), tmp_path / "dst")
     assert len(proxy.faults()) == 1 and result.fetched == len(files)
     assert {
         p.relative_to(tmp_path / "dst").as_posix(): p.read_bytes() for p in (tmp_path / "dst").rglob("*.jpg")
@@ -171,7 +171,7 @@ def test_a_redirect_to_another_region_is_a_config_error_naming_region_and_endpoi
     proxy = proxy_factory(f"{status}:1.0")
     client = _client(s3, proxy.endpoint, monkeypatch, attempts=2)
     with pytest.raises(ConfigError, match=f"endpoint {proxy.endpoint}, region us-east-1") as err:
-        storage.pull_prefix(client, S3Path(BUCKET, "faults/any"), tmp_path / "dst")
+        pull.pull_prefix(client, S3Path(BUCKET, "faults/any"), tmp_path / "dst")
     assert err.value.exit_code == 2
 
 
@@ -198,7 +198,7 @@ def test_untrusted_tls_is_refused_for_good_and_a_ca_bundle_is_honoured(
         storage.upload_many(client, [(tmp_path / "x", S3Path(BUCKET, "faults/tls/x"))])
     monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "mitm-conf" / "mitmproxy-ca-cert.pem"))
     client = storage.make_client(threads=4, max_attempts=2)
-    storage.pull_prefix(client, S3Path(BUCKET, "faults/tls"), tmp_path / "dst")
+    pull.pull_prefix(client, S3Path(BUCKET, "faults/tls"), tmp_path / "dst")
     assert {
         p.relative_to(tmp_path / "dst").as_posix(): p.read_bytes() for p in (tmp_path / "dst").rglob("*.jpg")
     } == files
@@ -236,7 +236,7 @@ def test_sigterm_stops_a_dataset_pull_at_once_with_no_partial_file(
 @pytest.fixture()
 def forward_proxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """mitmproxy as a plain forward proxy (HTTP_PROXY), logging every request it carries."""
-    from pogona_job.locals3 import free_port
+    from pogona_job.tools.locals3 import free_port
 
     port, log = free_port(), tmp_path / "forward.log"
     env = {**os.environ, "FAULTS": "slow:1.0", "FAULTS_SLOW_S": "0"}  # "slow" by 0 s: only logs the request
@@ -273,7 +273,7 @@ def test_bulk_transfers_honour_http_proxy_and_no_proxy(
     if bypass:
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     client = _client(s3, s3.endpoint, monkeypatch)
-    storage.pull_prefix(client, S3Path(BUCKET, "faults/proxy"), tmp_path / "dst")
+    pull.pull_prefix(client, S3Path(BUCKET, "faults/proxy"), tmp_path / "dst")
     assert {
         p.relative_to(tmp_path / "dst").as_posix(): p.read_bytes() for p in (tmp_path / "dst").rglob("*.jpg")
     } == files

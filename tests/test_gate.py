@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pogona_job.errors import SanityFailed
-from pogona_job.gate import CAUSES, BatchWatchdog, parity_probe, require_parity, verdict
+from pogona_job.training.gate import CAUSES, BatchWatchdog, parity_probe, require_parity, verdict
 
 HEALTHY = {"box_loss": 1.4, "cls_loss": 1.3, "dfl_loss": 1.1}
 SIGNATURE = {"box_loss": 0.0, "cls_loss": 27.0, "dfl_loss": 0.0}  # MPS: no foreground assigned
@@ -104,7 +104,7 @@ def test_parity_probe_rejects_nan_and_drift_and_accepts_agreement() -> None:
 def test_parity_probe_on_a_real_batch_accepts_an_honest_device_and_rejects_a_faulty_one(tmp_path: Path) -> None:
     """The real loss computation, CPU against "another device" that is also the CPU (honest) or broken."""
     from pogona_job import dataset, training
-    from pogona_job.demo import write_demo
+    from pogona_job.tools.demo import write_demo
 
     write_demo(tmp_path / "raw", n_images=16, size=96)
     staged = dataset.stage_dataset(

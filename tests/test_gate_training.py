@@ -14,9 +14,9 @@ import pytest
 import structlog
 import torch
 
-from pogona_job import job
 from pogona_job.config import load_settings
-from pogona_job.locals3 import LocalS3
+from pogona_job.run import job
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, job_env, out_key
 
 K = 4

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pogona_job.locals3 import SECRET_KEY, LocalS3
+from pogona_job.tools.locals3 import SECRET_KEY, LocalS3
 from tests.conftest import BUCKET, Result, job_env, out_key, run_cli
 
 RUN = "e2e-healthy"

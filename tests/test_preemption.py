@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pogona_job.locals3 import LocalS3
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, output_uri, run_cli
 
 EPOCHS, SANITY = 4, 3
@@ -195,8 +195,8 @@ def test_kill_9_mid_training_resumes_from_the_bucket_on_a_new_machine(
 def test_a_job_refused_the_lease_writes_nothing_under_the_run(
     env_for: Callable[..., dict[str, str]], s3_client: Any
 ) -> None:
-    from pogona_job.lease import Lease
-    from pogona_job.storage import S3Path
+    from pogona_job.run.lease import Lease
+    from pogona_job.s3.storage import S3Path
 
     env = env_for("held")
     holder = Lease(s3_client, S3Path(BUCKET, out_key(env, "held", "lease.json")), 30)
@@ -214,8 +214,8 @@ def test_a_job_refused_the_lease_writes_nothing_under_the_run(
 def test_a_holder_whose_lease_is_taken_stops_with_75_and_publishes_nothing(
     env_for: Callable[..., dict[str, str]], s3_client: Any
 ) -> None:
-    from pogona_job import pointers
-    from pogona_job.storage import S3Path
+    from pogona_job.s3 import pointers
+    from pogona_job.s3.storage import S3Path
 
     env = env_for("stolen", POGONA_LEASE_TTL_S="8")
     run = out_key(env, "stolen") + "/"

@@ -13,11 +13,12 @@ import boto3
 import numpy as np
 import pytest
 
-from pogona_job import promotion, storage
-from pogona_job.demo import write_demo
-from pogona_job.evaluate import SplitRun
-from pogona_job.locals3 import LocalS3
-from pogona_job.uncertainty import PerImage
+from pogona_job.evaluation import promotion
+from pogona_job.evaluation.scoring import SplitRun
+from pogona_job.evaluation.uncertainty import PerImage
+from pogona_job.s3 import storage
+from pogona_job.tools.demo import write_demo
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, job_env, run_cli
 
 # ---------------------------------------------------------------------------------------------

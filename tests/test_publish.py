@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from pogona_job import job as jobmod
-from pogona_job import pointers
 from pogona_job.config import Settings
 from pogona_job.errors import TransientFailure
-from pogona_job.locals3 import LocalS3
-from pogona_job.report import RunRecord
-from pogona_job.storage import S3Path
+from pogona_job.run import job as jobmod
+from pogona_job.run.report import RunRecord
+from pogona_job.s3 import pointers
+from pogona_job.s3.storage import S3Path
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pogona_job.locals3 import LocalS3
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, job_env, run_cli
 
 PREFIX = "ship-runs-cli"

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from pogona_job import storage
 from pogona_job.errors import ConfigError, DatasetError, StorageDenied, TransientFailure
-from pogona_job.locals3 import LocalS3
-from pogona_job.storage import S3Path
+from pogona_job.s3 import pull, storage
+from pogona_job.s3.storage import S3Path
+from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, run_cli
 
 
@@ -42,7 +42,7 @@ def test_push_then_pull_round_trips_byte_for_byte(client, tmp_path: Path) -> Non
     _tree(tmp_path / "src")
     dest = S3Path(BUCKET, "storage/roundtrip")
     assert storage.push_tree(client, tmp_path / "src", dest) == (12, 0)
-    result = storage.pull_prefix(client, dest, tmp_path / "dst", threads=4)
+    result = pull.pull_prefix(client, dest, tmp_path / "dst", threads=4)
     assert (result.files, result.fetched, result.skipped) == (12, 12, 0)
     assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
 
@@ -52,8 +52,8 @@ def test_second_push_uploads_nothing_and_second_pull_fetches_nothing(client, tmp
     dest = S3Path(BUCKET, "storage/cache")
     storage.push_tree(client, tmp_path / "src", dest)
     assert storage.push_tree(client, tmp_path / "src", dest) == (0, 12)
-    first = storage.pull_prefix(client, dest, tmp_path / "dst")
-    second = storage.pull_prefix(client, dest, tmp_path / "dst")
+    first = pull.pull_prefix(client, dest, tmp_path / "dst")
+    second = pull.pull_prefix(client, dest, tmp_path / "dst")
     assert second.fetched == 0 and second.skipped == 12
     assert first.fingerprint == second.fingerprint
 
@@ -62,11 +62,11 @@ def test_changed_object_is_fetched_again(client, tmp_path: Path) -> None:  # typ
     _tree(tmp_path / "src", n=3)
     dest = S3Path(BUCKET, "storage/changed")
     storage.push_tree(client, tmp_path / "src", dest)
-    first = storage.pull_prefix(client, dest, tmp_path / "dst")
+    first = pull.pull_prefix(client, dest, tmp_path / "dst")
     changed = tmp_path / "src" / "images" / "sub1" / "f1.bin"
     changed.write_bytes(b"x" * changed.stat().st_size)  # same size, other content: the ETag tells
     storage.push_tree(client, tmp_path / "src", dest)
-    again = storage.pull_prefix(client, dest, tmp_path / "dst")
+    again = pull.pull_prefix(client, dest, tmp_path / "dst")
     assert again.fetched == 1
     assert (tmp_path / "dst" / "images" / "sub1" / "f1.bin").read_bytes() == changed.read_bytes()
     assert again.fingerprint != first.fingerprint
@@ -81,7 +81,7 @@ def test_key_escaping_the_destination_is_refused(key: str, tmp_path: Path) -> No
     with Stubber(client) as stub:
         stub.add_response("list_objects_v2", {"Contents": [{"Key": key, "Size": 1, "ETag": '"e"'}]})
         with pytest.raises(DatasetError, match="outside the destination"):
-            storage.pull_prefix(client, S3Path(BUCKET, "ds"), tmp_path / "dst")
+            pull.pull_prefix(client, S3Path(BUCKET, "ds"), tmp_path / "dst")
     assert not any((tmp_path / "dst").rglob("*.txt")) and not (tmp_path / "escape.txt").exists()
 
 
@@ -100,7 +100,7 @@ def test_bucket_outside_the_key_policy_is_refused(client) -> None:  # type: igno
 
 
 def test_unreachable_endpoint_is_transient(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pogona_job.locals3 import free_port
+    from pogona_job.tools.locals3 import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
@@ -123,13 +123,13 @@ def test_pull_prunes_only_files_it_fetched_itself(client, tmp_path: Path) -> Non
     _tree(tmp_path / "src", n=6)
     dest = S3Path(BUCKET, "storage/mirror")
     storage.push_tree(client, tmp_path / "src", dest)
-    storage.pull_prefix(client, dest, tmp_path / "dst")
+    pull.pull_prefix(client, dest, tmp_path / "dst")
     gone = "images/sub1/f1.bin"
     client.delete_object(Bucket=BUCKET, Key=f"{dest.key}/{gone}")
     (tmp_path / "dst" / "thesis.tex").write_text("the user's own file")
     (tmp_path / "dst" / "photos").mkdir()
     (tmp_path / "dst" / "photos" / "cat.jpg").write_bytes(b"cat")
-    storage.pull_prefix(client, dest, tmp_path / "dst")
+    pull.pull_prefix(client, dest, tmp_path / "dst")
     assert not (tmp_path / "dst" / gone).exists()
     assert (tmp_path / "dst" / "thesis.tex").read_text() == "the user's own file"
     assert (tmp_path / "dst" / "photos" / "cat.jpg").read_bytes() == b"cat"
@@ -139,7 +139,7 @@ def test_pull_prunes_only_files_it_fetched_itself(client, tmp_path: Path) -> Non
 def test_an_empty_prefix_deletes_nothing_local(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "thesis.tex").write_text("mine")
-    result = storage.pull_prefix(client, S3Path(BUCKET, "storage/nothing-here"), tmp_path / "dst")
+    result = pull.pull_prefix(client, S3Path(BUCKET, "storage/nothing-here"), tmp_path / "dst")
     assert result.files == 0 and (tmp_path / "dst" / "thesis.tex").read_text() == "mine"
 
 
@@ -162,12 +162,12 @@ def test_cached_file_changed_on_disk_is_fetched_again(client, tmp_path: Path) ->
     _tree(tmp_path / "src", n=3)
     dest = S3Path(BUCKET, "storage/bitflip")
     storage.push_tree(client, tmp_path / "src", dest)
-    storage.pull_prefix(client, dest, tmp_path / "dst")
+    pull.pull_prefix(client, dest, tmp_path / "dst")
     local = tmp_path / "dst" / "images" / "sub1" / "f1.bin"
     data = bytearray(local.read_bytes())
     data[0] ^= 0xFF  # one flipped byte, same length
     local.write_bytes(bytes(data))
-    again = storage.pull_prefix(client, dest, tmp_path / "dst")
+    again = pull.pull_prefix(client, dest, tmp_path / "dst")
     assert again.fetched == 1
     assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
 
@@ -182,7 +182,7 @@ def test_multipart_object_is_verified_and_pulled(client, tmp_path: Path, monkeyp
     listed = next(storage.list_objects(client, dest))
     assert listed.etag.endswith("-3")
     assert storage.multipart_etag(tmp_path / "src" / "big.bin", 5 << 20) == listed.etag
-    assert storage.pull_prefix(client, dest, tmp_path / "dst").fetched == 1
+    assert pull.pull_prefix(client, dest, tmp_path / "dst").fetched == 1
     assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
     assert storage.push_tree(client, tmp_path / "src", dest) == (0, 1)  # the multipart ETag matched locally
 
@@ -208,7 +208,7 @@ def test_object_deleted_mid_pull_lists_again_and_completes(
     dest = S3Path(BUCKET, "storage/midpull")
     storage.push_tree(client, tmp_path / "src", dest)
     _phantom_listing(monkeypatch, times=1)
-    result = storage.pull_prefix(client, dest, tmp_path / "dst")
+    result = pull.pull_prefix(client, dest, tmp_path / "dst")
     assert result.files == 4 and _digests(tmp_path / "dst") == _digests(tmp_path / "src")
 
 
@@ -218,7 +218,7 @@ def test_objects_that_keep_vanishing_are_transient_75(client, tmp_path: Path, mo
     storage.push_tree(client, tmp_path / "src", dest)
     _phantom_listing(monkeypatch, times=99)
     with pytest.raises(TransientFailure, match="kept changing") as err:
-        storage.pull_prefix(client, dest, tmp_path / "dst")
+        pull.pull_prefix(client, dest, tmp_path / "dst")
     assert err.value.exit_code == 75
     assert not (tmp_path / "dst" / "zz-deleted.bin").exists()
 
@@ -232,7 +232,7 @@ def test_key_that_is_another_keys_folder_is_exit_3_naming_both(tmp_path: Path) -
     with Stubber(client) as stub:
         stub.add_response("list_objects_v2", {"Contents": objects})
         with pytest.raises(DatasetError, match="'ds/a' and 'ds/a/b'") as err:
-            storage.pull_prefix(client, S3Path(BUCKET, "ds"), tmp_path / "dst")
+            pull.pull_prefix(client, S3Path(BUCKET, "ds"), tmp_path / "dst")
     assert err.value.exit_code == 3
 
 
@@ -242,7 +242,7 @@ def test_250_character_key_round_trips(client, tmp_path: Path) -> None:  # type:
     (tmp_path / "src" / name).write_bytes(b"long name")
     dest = S3Path(BUCKET, "storage/longkey")
     storage.push_tree(client, tmp_path / "src", dest)
-    assert storage.pull_prefix(client, dest, tmp_path / "dst").fetched == 1
+    assert pull.pull_prefix(client, dest, tmp_path / "dst").fetched == 1
     assert (tmp_path / "dst" / name).read_bytes() == b"long name"
 
 
@@ -264,7 +264,7 @@ def test_missing_bucket_is_refused_with_exit_4(tmp_path: Path, monkeypatch: pyte
             storage.check_bucket(client, S3Path("pogona-gone", "ds"), "reading")
         assert err.value.exit_code == 4
         with pytest.raises(StorageDenied, match="does not exist"):
-            storage.pull_prefix(client, S3Path("pogona-gone", "ds"), tmp_path / "dst")
+            pull.pull_prefix(client, S3Path("pogona-gone", "ds"), tmp_path / "dst")
 
 
 def test_misspelled_profile_and_malformed_endpoint_are_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,7 +323,7 @@ def test_dataset_pull_cli_refuses_a_foreign_non_empty_folder_unless_forced(
 
 
 def test_dataset_push_cli_delete_names_what_it_removes(s3: LocalS3, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from pogona_job.demo import write_demo
+    from pogona_job.tools.demo import write_demo
 
     write_demo(tmp_path / "demo", n_images=12, size=64, seed=1)
     env = _cli_env(s3, f"s3://{BUCKET}/storage/pushcli")
@@ -345,7 +345,7 @@ def test_a_folder_linked_outside_dest_is_not_written_through(client, tmp_path: P
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "images").symlink_to(tmp_path / "outside")
     with pytest.raises(DatasetError, match="leads outside") as err:
-        storage.pull_prefix(client, dest, tmp_path / "dst")
+        pull.pull_prefix(client, dest, tmp_path / "dst")
     assert err.value.exit_code == 3 and not any((tmp_path / "outside").rglob("*"))
 
 
@@ -353,7 +353,7 @@ def test_an_index_naming_paths_outside_dest_prunes_nothing_there(client, tmp_pat
     (tmp_path / "dst").mkdir()
     (tmp_path / "victim.txt").write_text("keep me")
     (tmp_path / "dst" / storage.CACHE_INDEX).write_text('{"../victim.txt": [7, "e", 1]}')
-    storage.pull_prefix(client, S3Path(BUCKET, "storage/nothing-here"), tmp_path / "dst")
+    pull.pull_prefix(client, S3Path(BUCKET, "storage/nothing-here"), tmp_path / "dst")
     assert (tmp_path / "victim.txt").read_text() == "keep me"
 
 
@@ -393,7 +393,7 @@ def test_a_ca_bundle_obstore_cannot_use_sends_the_bytes_through_botocore_logged_
     monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "bundle.pem"))
     fallback = storage.make_client(threads=4, max_attempts=2)
     with capture_logs() as logs:
-        assert storage.pull_prefix(fallback, dest, tmp_path / "dst").fetched == 4
+        assert pull.pull_prefix(fallback, dest, tmp_path / "dst").fetched == 4
         storage.upload_many(fallback, [(tmp_path / "src" / "labels" / "sub0" / "f0.bin", dest / "again.bin")])
     assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
     assert [e["event"] for e in logs].count("storage: obstore unavailable, botocore moves the bytes") == 1
@@ -452,7 +452,7 @@ def test_each_storage_answer_maps_to_its_documented_exit_code_and_sentence(
 
 def test_obstore_errors_are_read_for_their_s3_code_status_or_certificate() -> None:
     def read(text: str) -> Any:
-        err = storage._obstore_error(Exception(text), "data-bkt", "pulling")
+        err = storage.obstore_error(Exception(text), "data-bkt", "pulling")
         assert "data-bkt" in err.sentence and "pulling" in err.sentence, err.sentence
         return err
 

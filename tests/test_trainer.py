@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import structlog
 
-from pogona_job import job
 from pogona_job.config import load_settings
-from pogona_job.gate import BatchWatchdog
-from pogona_job.locals3 import LocalS3
-from pogona_job.trainer import CALLBACKS, RANK_CONTEXT, Hooks, PogonaTrainer, rank_context, trainer_for
+from pogona_job.run import job
+from pogona_job.tools.locals3 import LocalS3
+from pogona_job.training.gate import BatchWatchdog
+from pogona_job.training.trainer import CALLBACKS, RANK_CONTEXT, Hooks, PogonaTrainer, rank_context, trainer_for
 from tests.conftest import BUCKET, ROOT, job_env, out_key
 
 EPOCHS, BATCH, K = 2, 8, 3
@@ -50,7 +50,7 @@ NO_FOREGROUND = textwrap.dedent(
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from pogona_job.dataset import inspect_dataset, stage_dataset
-    from pogona_job.demo import write_demo
+    from pogona_job.tools.demo import write_demo
 
     root = tmp_path_factory.mktemp("ddp-data")
     write_demo(root / "raw", n_images=20, size=64, seed=0)
@@ -94,7 +94,7 @@ def test_the_generated_ddp_file_rebuilds_our_trainer_with_our_callbacks(ddp_file
     from ultralytics.utils.patches import torch_load
 
     state = torch_load(str(ddp_file.with_suffix(".pt")), map_location="cpu")
-    assert state["trainer"] is PogonaTrainer  # pickled by reference: the worker imports pogona_job.trainer
+    assert state["trainer"] is PogonaTrainer  # pickled by reference: the worker imports pogona_job.training.trainer
     for event, callback in CALLBACKS.items():
         assert state["callbacks"][event].count(callback) == 1, event
     assert 'trainer = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=state["callbacks"])' in (

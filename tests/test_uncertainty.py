@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from pogona_job import uncertainty
-from pogona_job.uncertainty import PerImage
+from pogona_job.evaluation import uncertainty
+from pogona_job.evaluation.uncertainty import PerImage
 
 
 def _synthetic(n: int, seed: int, skill: float = 0.6) -> PerImage:

@@ -22,21 +22,16 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from pogona_job import storage
-from pogona_job.budget import Tracker
 from pogona_job.errors import JobError
 from pogona_job.logs import get_logger
-from pogona_job.storage import S3Path
+from pogona_job.run.budget import Tracker
+from pogona_job.s3 import storage
+from pogona_job.s3.storage import S3Path
+from pogona_job.training.columns import METRICS
 
 log = get_logger()
 PROGRESS = "progress.json"
 STALL_INTERVALS = 3  # a heartbeat older than this many intervals: the run is stalled
-METRIC_KEYS = {
-    "precision": "metrics/precision(B)",
-    "recall": "metrics/recall(B)",
-    "map50": "metrics/mAP50(B)",
-    "map50_95": "metrics/mAP50-95(B)",
-}
 Callback = Callable[[Any], None]
 
 
@@ -181,7 +176,7 @@ class LiveStatus:
                 "dataloader_share": round(share, 3) if share is not None else None,
             }
             trainer.pogona_epoch_fields = fields
-            values = {name: round(float(metrics[key]), 5) for name, key in METRIC_KEYS.items() if key in metrics}
+            values = {name: round(float(metrics[key]), 5) for name, key in METRICS.items() if key in metrics}
             self.set(epoch=epoch, batch=0, metrics=values, **fields)
             if self.tracker.should_stop(phase, epoch, epochs, epoch_s):
                 trainer.stop = True
@@ -210,7 +205,7 @@ class LiveStatus:
 
 def start(job: Any, device: str) -> LiveStatus:
     """After the lease is taken: detect the instance, read the earlier attempts, start the writer."""
-    from pogona_job import cloud
+    from pogona_job.run import cloud
 
     s = job.settings
     instance = cloud.instance(override=s.instance_type)
@@ -228,7 +223,7 @@ def start(job: Any, device: str) -> LiveStatus:
 
 
 def _read(client: Any, path: S3Path) -> tuple[dict[str, Any] | None, float | None]:
-    from pogona_job import pointers
+    from pogona_job.s3 import pointers
 
     found = pointers.read(client, path)
     return found.value, found.last_modified

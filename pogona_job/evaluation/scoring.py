@@ -19,20 +19,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from pogona_job import uncertainty
 from pogona_job.dataset import StagedDataset
-from pogona_job.uncertainty import PerImage
+from pogona_job.evaluation import uncertainty
+from pogona_job.evaluation.uncertainty import PerImage
+from pogona_job.training.columns import METRICS
 
 if TYPE_CHECKING:
-    from pogona_job.job import Job
+    from pogona_job.run.job import Job
 
 SPLITS = ("val", "test")
-_ULTRALYTICS_KEYS = {
-    "precision": "metrics/precision(B)",
-    "recall": "metrics/recall(B)",
-    "map50": "metrics/mAP50(B)",
-    "map50_95": "metrics/mAP50-95(B)",
-}
 
 
 @dataclass
@@ -102,7 +97,7 @@ def validate(
         [np.asarray(r[4], float) for r in rows],
         names,
     )
-    official = {k: float(metrics.results_dict[v]) for k, v in _ULTRALYTICS_KEYS.items()}
+    official = {k: float(metrics.results_dict[v]) for k, v in METRICS.items()}
     return per, official
 
 
@@ -213,7 +208,7 @@ def lagging_modalities(results: dict[str, dict[str, Any]], margin: float) -> lis
 
 def assess(job: Job, best: Path, staged: StagedDataset, device: str) -> dict[str, SplitRun]:
     """The evaluate phase: best.pt on val and test, the figures into the record, then the export check."""
-    from pogona_job import export
+    from pogona_job.evaluation import export
     from pogona_job.logs import get_logger
 
     s, rec = job.settings, job.record

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pogona_job.errors import SanityFailed
+from pogona_job.training.columns import LOSSES, METRICS, loss_column
 
-LOSSES = ("box_loss", "cls_loss", "dfl_loss")
 CAUSES = (
     "likely causes: a broken accelerator backend (Apple MPS is known to do this; try POGONA_DEVICE=cpu or a CUDA GPU), "
     "or labels that ultralytics cannot see (check `pogona-job dataset validate`)"
@@ -139,7 +139,7 @@ class Verdict:
 
 
 def train_total(row: Mapping[str, float]) -> float:
-    return sum(row[f"train/{k}"] for k in LOSSES)
+    return sum(row[loss_column(k)] for k in LOSSES)
 
 
 def verdict(rows: Sequence[Mapping[str, float]], *, min_loss_drop: float, min_map50: float) -> Verdict:
@@ -154,8 +154,10 @@ def verdict(rows: Sequence[Mapping[str, float]], *, min_loss_drop: float, min_ma
     first = train_total(rows[0])
     last = min((train_total(r) for r in rows[1:]), default=first)
     drop = (first - last) / first if first > 0 and math.isfinite(first) and math.isfinite(last) else 0.0
-    zero_epochs = [int(r["epoch"]) for r in rows if r["train/box_loss"] == 0.0 and r["train/dfl_loss"] == 0.0]
-    map50 = rows[-1].get("metrics/mAP50(B)", 0.0)
+    zero_epochs = [
+        int(r["epoch"]) for r in rows if r[loss_column("box_loss")] == 0.0 and r[loss_column("dfl_loss")] == 0.0
+    ]
+    map50 = rows[-1].get(METRICS["map50"], 0.0)
     return Verdict(
         [
             Criterion("losses finite", "all finite", "yes" if finite else "NaN/inf seen", finite),

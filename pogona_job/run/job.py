@@ -24,13 +24,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pogona_job import pointers, storage
 from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt, scheduler_job
 from pogona_job.errors import Interrupted, JobError, SanityFailed, TrainingFailed, TransientFailure
 from pogona_job.logs import bind, get_logger
-from pogona_job.progress import transfer_progress
-from pogona_job.report import RunRecord, render
-from pogona_job.storage import S3Path
+from pogona_job.run.report import RunRecord, render
+from pogona_job.s3 import pointers, pull, storage
+from pogona_job.s3.progress import transfer_progress
+from pogona_job.s3.storage import S3Path
 
 log = get_logger()
 FINAL = ("succeeded", "partial")  # manifests that nothing rewrites
@@ -203,7 +203,7 @@ def _prepare(settings: Settings) -> Job:
     stop = StopFlag(settings.stop_budget_s)
     stop.install()
     work = require_writable(settings.work_dir.resolve())
-    from pogona_job import offline
+    from pogona_job.training import offline
 
     offline.prepare(work / "ultralytics")
     record = RunRecord(
@@ -223,9 +223,9 @@ def _prepare(settings: Settings) -> Job:
 def _execute(job: Job) -> None:
     s, rec = job.settings, job.record
     from pogona_job import dataset, training
-    from pogona_job.checkpoint import CheckpointSync
-    from pogona_job.gate import parity_probe, require_parity, verdict
-    from pogona_job.lease import Lease
+    from pogona_job.run.lease import Lease
+    from pogona_job.training.checkpoint import CheckpointSync
+    from pogona_job.training.gate import parity_probe, require_parity, verdict
 
     with job.phase("config"):
         assert s.dataset_uri and s.output_uri
@@ -248,7 +248,8 @@ def _execute(job: Job) -> None:
         job.lease = lease  # only now: a refused job must not publish into a run another job owns
         import ultralytics  # noqa: F401 - after offline.prepare(); the first import is the slow part
 
-        from pogona_job import logs, offline
+        from pogona_job import logs
+        from pogona_job.training import offline
 
         offline.switch_off_outbound()
         logs.route_ultralytics(debug=s.debug)
@@ -256,7 +257,7 @@ def _execute(job: Job) -> None:
         workers, workers_reason = training.resolve_workers(s.workers, device)
         rec.settings_used.update(device=device, workers=workers, workers_reason=workers_reason)
         log.info("resources", device=device, workers=workers_reason)
-        from pogona_job import livestatus
+        from pogona_job.run import livestatus
 
         job.live = livestatus.start(job, device)
         model_source = _model_source(job)
@@ -274,7 +275,7 @@ def _execute(job: Job) -> None:
         local = job.work / "cache" / src.bucket / src.key
         console = s.log_format == "console" or (s.log_format == "auto" and sys.stderr.isatty())
         with transfer_progress("pull", console=console, check=job.stop.check) as progress:
-            result = storage.pull_prefix(job.client, src, local, threads=s.s3_threads, progress=progress)
+            result = pull.pull_prefix(job.client, src, local, threads=s.s3_threads, progress=progress)
         log.info(
             "dataset pulled", files=result.files, bytes=result.bytes, fetched=result.fetched, cached=result.skipped
         )
@@ -343,7 +344,7 @@ def _execute(job: Job) -> None:
     job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
 
     with job.phase("full"):
-        from pogona_job.budget import BudgetSpent
+        from pogona_job.run.budget import BudgetSpent
 
         try:
             rec.full = _train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
@@ -355,10 +356,10 @@ def _execute(job: Job) -> None:
         _flush_checkpoints(job)  # the final set lands now, never after the clean-up below
 
     with job.phase("evaluate"), job.stop.interruptible():
-        from pogona_job import evaluate, promotion
+        from pogona_job.evaluation import promotion, scoring
 
         best = rec.full.save_dir / "weights" / "best.pt"
-        runs = evaluate.assess(job, best, staged, device)  # val/test metrics, intervals, ONNX export check
+        runs = scoring.assess(job, best, staged, device)  # val/test metrics, intervals, ONNX export check
         rec.promotion = promotion.assess(job, staged, runs, device)
 
     with job.phase("push"):
@@ -372,15 +373,16 @@ def _execute(job: Job) -> None:
         job.checkpoints.close()  # nothing in flight can land after the clean-up
         storage.delete_prefix(job.client, job.out / "checkpoint")  # only kept while the run is in progress
     log.info(f"run {rec.status}", outputs=job.out.uri, **_final_numbers(rec))
-    from pogona_job import notify
+    from pogona_job.run import notify
 
     notify.send(job)
 
 
 def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str, workers: int, epochs: int) -> Any:
     """One training phase, resumed from this run's checkpoint when there is one."""
-    from pogona_job import checkpoint, training
-    from pogona_job.gate import BatchWatchdog
+    from pogona_job import training
+    from pogona_job.training import checkpoint
+    from pogona_job.training.gate import BatchWatchdog
 
     save_dir = job.runs / phase
     restored = checkpoint.restore(job.client, job.out, phase, save_dir)
@@ -413,7 +415,7 @@ def _train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str
             on_epoch=on_epoch,
             resume=resume,
             extra=job.extra_args,
-            # Multi-GPU: rank 0 of the DDP workers uploads the checkpoints itself (pogona_job/trainer.py).
+            # Multi-GPU: rank 0 of the DDP workers uploads the checkpoints itself (pogona_job/training/trainer.py).
             ddp_checkpoint={
                 "out": job.out.uri,
                 "staging": str(job.work / "checkpoint-staging-rank0"),
@@ -501,7 +503,7 @@ def _publish(job: Job) -> None:
     job.final = rec.status in FINAL
     if rec.status == "succeeded":
         advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
-        from pogona_job import promotion
+        from pogona_job.evaluation import promotion
 
         promotion.promote(job.client, job.settings.output_uri or "", manifest, job.settings.imgsz)
 
@@ -529,7 +531,7 @@ def advance_latest(client: Any, output: S3Path, manifest: dict[str, Any]) -> Non
 def _complete_finished(job: Job, manifest: dict[str, Any]) -> None:
     """A retry of a finished run finishes what a kill after its manifest left undone (partial: never latest)."""
     if manifest.get("status") == "succeeded":
-        from pogona_job import promotion
+        from pogona_job.evaluation import promotion
 
         advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
         promotion.promote(job.client, job.settings.output_uri or "", manifest, job.settings.imgsz)
@@ -591,7 +593,7 @@ def _manifest(job: Job) -> dict[str, Any]:
 
 
 def _lineage(job: Job) -> dict[str, Any]:
-    from pogona_job import lineage
+    from pogona_job.run import lineage
 
     splits = {k.removeprefix("dataset/"): a.sha256 for k, a in job.sums.items() if k.startswith("dataset/")}
     return lineage.collect(
@@ -622,7 +624,7 @@ def _finish_failed(job: Job | None, err: JobError) -> int:
         # run is not ours; after the succeeded manifest, nothing may rewrite it.
         if err.exit_code not in (2, 4) and job.lease is not None and not job.lease.lost and not job.final:
             _publish_failure(job)
-        from pogona_job import notify
+        from pogona_job.run import notify
 
         notify.send(job)
     _write_failure_file(err.sentence)

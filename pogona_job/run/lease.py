@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pogona_job import pointers
 from pogona_job.errors import JobError, LeaseLost, RunBusy
 from pogona_job.logs import get_logger
-from pogona_job.storage import S3Path
+from pogona_job.s3 import pointers
+from pogona_job.s3.storage import S3Path
 
 log = get_logger()
 

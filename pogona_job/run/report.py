@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pogona_job.budget import report_lines
-from pogona_job.gate import LOSSES, ParityResult, Verdict, train_total
-from pogona_job.training import METRICS, PhaseResult
+from pogona_job.run.budget import report_lines
+from pogona_job.training.columns import LOSSES, METRICS, loss_column
+from pogona_job.training.gate import ParityResult, Verdict, train_total
+from pogona_job.training.phase import PhaseResult
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RunRecord:
     watchdog: dict[str, Any] = field(default_factory=dict)
     per_modality: dict[str, dict[str, Any]] = field(default_factory=dict)
     lagging: list[str] = field(default_factory=list)
-    evaluation: dict[str, Any] = field(default_factory=dict)  # evaluate.summarise() per split (val, test)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # scoring.summarise() per split (val, test)
     export: dict[str, Any] = field(default_factory=dict)  # export.verify()
     promotion: dict[str, Any] = field(default_factory=dict)  # promotion.decide()
     artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
@@ -62,7 +63,7 @@ def _trend(rows: list[dict[str, float]]) -> str:
         return "no epoch completed"
     if any(not math.isfinite(train_total(r)) for r in rows):
         return "NaN/inf"
-    if all(r["train/box_loss"] == 0 and r["train/dfl_loss"] == 0 for r in rows):
+    if all(r[loss_column("box_loss")] == 0 and r[loss_column("dfl_loss")] == 0 for r in rows):
         return "box/dfl all zeros"
     if len(rows) < 2:
         return "one epoch"
@@ -120,7 +121,7 @@ def _phase_section(title: str, result: PhaseResult, record: RunRecord) -> list[s
         for row in rows:
             seconds = row.get("time", 0.0) - prev_time
             prev_time = row.get("time", 0.0)
-            losses = " | ".join(_num(row.get(f"train/{k}")) for k in LOSSES)
+            losses = " | ".join(_num(row.get(loss_column(k))) for k in LOSSES)
             out.append(f"| {int(row['epoch'])} | {losses} | {_num(row.get(METRICS['map50']))} | {seconds:.1f} |")
         out.append("")
     else:
@@ -324,7 +325,7 @@ def render(record: RunRecord) -> str:
             out.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
         out.append("")
     if record.per_modality:
-        from pogona_job.uncertainty import with_interval
+        from pogona_job.evaluation.uncertainty import with_interval
 
         out += [
             "### Per-modality validation (best.pt)",
@@ -342,9 +343,9 @@ def render(record: RunRecord) -> str:
             )
         out.append("")
     if record.evaluation:
-        from pogona_job import evaluate, export, promotion
+        from pogona_job.evaluation import export, promotion, scoring
 
-        out += evaluate.report_lines(record.evaluation) + export.report_lines(record.export)
+        out += scoring.report_lines(record.evaluation) + export.report_lines(record.export)
         out += promotion.report_lines(record.promotion)
     out += ["## Recommendations", "", *[f"{i}. {r}" for i, r in enumerate(_recommendations(record), 1)], ""]
     out += report_lines(record.accounting)

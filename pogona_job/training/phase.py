@@ -15,23 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pogona_job import gpu_policy
 from pogona_job.config import Settings
 from pogona_job.errors import ConfigError, JobError, TrainingFailed
-from pogona_job.gate import BatchWatchdog
 from pogona_job.logs import get_logger
+from pogona_job.training import gpu_policy
+from pogona_job.training.columns import LOSSES, METRICS
+from pogona_job.training.gate import BatchWatchdog
 
 if TYPE_CHECKING:
-    from pogona_job.trainer import Hooks
+    from pogona_job.training.trainer import Hooks
 
 log = get_logger()
 
-METRICS = {
-    "precision": "metrics/precision(B)",
-    "recall": "metrics/recall(B)",
-    "map50": "metrics/mAP50(B)",
-    "map50_95": "metrics/mAP50-95(B)",
-}
 _SMALL_SHM = 1 << 30  # below 1 GiB of /dev/shm, dataloader workers die with "bus error"
 
 
@@ -224,13 +219,13 @@ def train_phase(
     `callbacks` (livestatus: meter, budget) run before the job's own, so the epoch event carries their fields.
     Under DDP they do not reach ultralytics' worker processes (only the trainer class's own hooks do), so
     progress and budget are single-process features for now."""
-    from pogona_job.trainer import Hooks, process_local
+    from pogona_job.training.trainer import Hooks, process_local
 
     start = time.monotonic()
     last = save_dir / "weights" / "last.pt"
     model = load_model(str(last) if resume else model_source)
     hardware = describe_hardware(device)
-    # Our callbacks live on the trainer class (pogona_job/trainer.py), so multi-GPU workers run them too.
+    # Our callbacks live on the trainer class (pogona_job/training/trainer.py), so multi-GPU workers run them too.
     hooks = Hooks(watchdog, on_epoch=on_epoch, checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None)
     for event, callback in (callbacks or {}).items():  # registered on the model: they run before the trainer's
         model.add_callback(event, process_local(callback))
@@ -271,7 +266,7 @@ def train_phase(
 
 
 def _fit(model: Any, phase: str, args: dict[str, Any], start: float, hardware: Hardware, hooks: Hooks) -> PhaseResult:
-    from pogona_job.trainer import trainer_for
+    from pogona_job.training.trainer import trainer_for
 
     try:
         model.train(trainer=trainer_for(hooks), **args)
@@ -393,7 +388,7 @@ def batch_loss_fn(
             _, items = model.loss(moved)
         if isinstance(items, dict):
             return {k: float(v) for k, v in items.items()}
-        return dict(zip(("box_loss", "cls_loss", "dfl_loss"), (float(v) for v in items), strict=False))
+        return dict(zip(LOSSES, (float(v) for v in items), strict=False))
 
     return compute
 

@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from obstore.store import S3Store
 
-    from pogona_job.pull import PullResult
 else:
     S3Client = Any
 
@@ -165,7 +164,7 @@ def _untrusted(bucket: str, doing: str) -> StorageDenied:
     )
 
 
-def _obstore_error(exc: Exception, bucket: str, doing: str) -> JobError:
+def obstore_error(exc: Exception, bucket: str, doing: str) -> JobError:
     """obstore reports the S3 error document and the status inside its message."""
     text = str(exc)
     if "certificate" in text.lower() or "UnknownIssuer" in text:
@@ -208,7 +207,7 @@ def errors_for(bucket: str, doing: str) -> Iterator[None]:
     except BotoCoreError as exc:
         raise TransientFailure(f"Storage failed while {doing} s3://{bucket}: {exc}.") from None
     except ObstoreError as exc:
-        raise _obstore_error(exc, bucket, doing) from None
+        raise obstore_error(exc, bucket, doing) from None
 
 
 # --- the control plane (boto3): small objects, listings, deletes --------------------
@@ -324,7 +323,7 @@ def _ca_bundle() -> str | None:
     return str(found) if found else None
 
 
-def _store(client: S3Client, bucket: str) -> S3Store | None:
+def object_store(client: S3Client, bucket: str) -> S3Store | None:
     """The obstore store for this client and bucket, or None where botocore must move the bytes."""
     cached = _stores.setdefault(client, {})
     if bucket in cached:
@@ -373,7 +372,7 @@ def _store(client: S3Client, bucket: str) -> S3Store | None:
     return store
 
 
-def _run(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+def run_async(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     """Run a coroutine to completion, also from code that is itself inside an event loop."""
     try:
         asyncio.get_running_loop()
@@ -388,22 +387,7 @@ def _run(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
 Progress = Callable[[int, int], None]  # (files_done, bytes_done) -> None
 
 
-def pull_prefix(
-    client: S3Client,
-    src: S3Path,
-    dest: Path,
-    *,
-    threads: int = 32,
-    progress: Progress | None = None,
-    verify: bool = True,
-) -> PullResult:
-    """Mirror an S3 prefix into dest, fetching only what changed; see pogona_job/pull.py."""
-    from pogona_job import pull
-
-    return pull.pull(client, src, dest, threads=threads, progress=progress, verify=verify)
-
-
-async def _first_failure(watched: Sequence[asyncio.Future[None]], until: Sequence[asyncio.Future[None]]) -> None:
+async def first_failure(watched: Sequence[asyncio.Future[None]], until: Sequence[asyncio.Future[None]]) -> None:
     """Wait until every task of `until` is done; the first exception of any watched task is raised."""
     pending = set(watched)
     while any(not t.done() for t in until):
@@ -459,13 +443,13 @@ def upload_many(
         slots = asyncio.Semaphore(max(1, threads))
         tasks = [asyncio.ensure_future(one(i, p, d, slots)) for i, (p, d) in enumerate(items)]
         try:
-            await _first_failure(tasks, until=tasks)
+            await first_failure(tasks, until=tasks)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    _run(main)
+    run_async(main)
     return [results[i] for i in range(len(items))]
 
 
@@ -473,11 +457,11 @@ async def _upload(client: S3Client, path: Path, dest: S3Path) -> Artifact:
     import obstore
 
     size = path.stat().st_size
-    store = _store(client, dest.bucket)
+    store = object_store(client, dest.bucket)
     started = datetime.now(UTC) - timedelta(minutes=10)  # clock skew; one run writes a key at a time
     with errors_for(dest.bucket, f"uploading {dest.key}"):
         try:
-            if store is None:  # botocore this run (see _store); s3transfer aborts its own multipart uploads
+            if store is None:  # botocore this run (see object_store); s3transfer aborts its own multipart uploads
                 from boto3.s3.transfer import TransferConfig
 
                 config = TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD, multipart_chunksize=_PART_SIZE)

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from pogona_job import storage
 from pogona_job.errors import DatasetError, TransientFailure
-from pogona_job.storage import CACHE_INDEX, Progress, RemoteObject, S3Path
+from pogona_job.s3 import storage
+from pogona_job.s3.storage import CACHE_INDEX, Progress, RemoteObject, S3Path
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -47,7 +47,7 @@ class _Stale(Exception):
     """The listing no longer matches the bucket (an object gone or replaced): list again."""
 
 
-def pull(
+def pull_prefix(
     client: S3Client,
     src: S3Path,
     dest: Path,
@@ -152,7 +152,7 @@ def _fetch_all(
         return 0
     parts = dest / _PARTS
     parts.mkdir(exist_ok=True)
-    store = storage._store(client, src.bucket)
+    store = storage.object_store(client, src.bucket)
     doing = f"downloading {src.uri}"
 
     root, inside = dest.resolve(), set()
@@ -205,7 +205,7 @@ def _fetch_all(
                 served, md5 = await get(obj, tmp)
             except FileNotFoundError as exc:
                 if "NoSuchBucket" in str(exc):
-                    raise storage._obstore_error(exc, src.bucket, doing) from None
+                    raise storage.obstore_error(exc, src.bucket, doing) from None
                 raise _Stale(f"{obj.key} is gone") from None
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
@@ -240,14 +240,14 @@ def _fetch_all(
         tasks = [asyncio.ensure_future(worker(i)) for i in range(min(threads, len(todo)))]
         tick = asyncio.ensure_future(ticker())
         try:
-            await storage._first_failure([*tasks, tick], until=tasks)
+            await storage.first_failure([*tasks, tick], until=tasks)
         finally:
             for task in [*tasks, tick]:
                 task.cancel()
             await asyncio.gather(*tasks, tick, return_exceptions=True)
 
     with storage.errors_for(src.bucket, doing):
-        storage._run(main)
+        storage.run_async(main)
     if progress:
         progress(done["files"], done["bytes"])
     return len(todo)

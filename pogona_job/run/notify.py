@@ -16,6 +16,7 @@ from typing import Any
 
 from pogona_job.config import notify_urls
 from pogona_job.logs import get_logger
+from pogona_job.training.columns import METRICS
 
 log = get_logger()
 
@@ -38,7 +39,7 @@ def compose(job: Any) -> Message | None:
     name = f"pogona-train run {job.run_id}"
     if rec.status == "succeeded" or rec.status == "partial":
         final = rec.full.rows[-1] if rec.full and rec.full.rows else {}
-        map50 = final.get("metrics/mAP50(B)")
+        map50 = final.get(METRICS["map50"])
         lines = [f"mAP@0.5: {map50:.3f}" if map50 is not None else "mAP@0.5: -"]
         if rec.status == "succeeded":
             lines.append(f"Champion: {_champion_text(rec.promotion)}")

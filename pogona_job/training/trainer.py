@@ -30,8 +30,9 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, RANK
 
 from pogona_job.errors import SanityFailed
-from pogona_job.gate import BatchWatchdog
 from pogona_job.logs import get_logger
+from pogona_job.training.columns import METRICS
+from pogona_job.training.gate import CAUSES, BatchWatchdog
 
 log = get_logger()
 RANK_CONTEXT = "POGONAJOB_RANK_CONTEXT"  # not POGONA_*: the settings refuse unknown variables of that prefix
@@ -75,8 +76,8 @@ class Hooks:
         return hooks
 
     def _offer_checkpoint(self, epoch: int, _values: dict[str, float]) -> None:
-        from pogona_job import storage
-        from pogona_job.checkpoint import CheckpointSync
+        from pogona_job.s3 import storage
+        from pogona_job.training.checkpoint import CheckpointSync
 
         spec = self.checkpoint or {}
         if self._sync is None:
@@ -190,7 +191,6 @@ def _read_state(path: Path | None) -> dict[str, Any]:
 
 
 def _sentence(signature: str) -> str:
-    from pogona_job.gate import CAUSES
 
     return f"The model is not learning: {signature} (rank 0 of the multi-GPU run); {CAUSES}."
 
@@ -253,7 +253,6 @@ def on_fit_epoch_end(trainer: Any) -> None:
     if trainer.epoch >= trainer.epochs or not any(k.startswith("val/") for k in metrics):
         return  # the extra call after final validation (field notes)
     losses = {k: round(float(v), 5) for k, v in trainer.tloss.items()} if trainer.tloss else {}
-    from pogona_job.training import METRICS
 
     values = {**losses, **{name: round(float(metrics[key]), 5) for name, key in METRICS.items()}}
     log.info(

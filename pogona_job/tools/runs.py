@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pogona_job import pointers, storage
-from pogona_job.storage import S3Path
+from pogona_job.s3 import pointers, storage
+from pogona_job.s3.storage import S3Path
 
 
 def run_ids(client: Any, out: S3Path) -> list[str]:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from pogona_job.logs import get_logger
-from pogona_job.storage import Progress
+from pogona_job.s3.storage import Progress
 
 log = get_logger()
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import structlog
 
-from pogona_job import storage
 from pogona_job.errors import JobError, TransientFailure
 from pogona_job.logs import get_logger
-from pogona_job.storage import S3Path
+from pogona_job.s3 import storage
+from pogona_job.s3.storage import S3Path
 
 log = get_logger()
 FILES = (("weights/last.pt", "last.pt"), ("weights/best.pt", "best.pt"), ("results.csv", "results.csv"))

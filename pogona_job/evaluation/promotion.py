@@ -21,14 +21,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pogona_job import pointers, storage, uncertainty
+from pogona_job.evaluation import uncertainty
 from pogona_job.logs import get_logger
-from pogona_job.storage import S3Path
+from pogona_job.s3 import pointers, storage
+from pogona_job.s3.storage import S3Path
 
 if TYPE_CHECKING:
     from pogona_job.dataset import StagedDataset
-    from pogona_job.evaluate import SplitRun
-    from pogona_job.job import Job
+    from pogona_job.evaluation.scoring import SplitRun
+    from pogona_job.run.job import Job
 
 log = get_logger()
 CHAMPION = "champion.json"
@@ -150,7 +151,7 @@ def decide(
 
 def assess(job: Job, staged: StagedDataset, runs: dict[str, SplitRun], device: str) -> dict[str, Any]:
     """Evaluate the current champion's best.pt on this run's splits (same process, same settings) and decide."""
-    from pogona_job import evaluate
+    from pogona_job.evaluation import scoring
 
     s, rec = job.settings, job.record
     champion = pointers.read(job.client, champion_path(s.output_uri or "")).value
@@ -158,7 +159,7 @@ def assess(job: Job, staged: StagedDataset, runs: dict[str, SplitRun], device: s
     if champion is not None and s.promote == "auto":
         weights = _champion_weights(job, champion) if champion.get("classes") == rec.classes else None
         if weights is not None:
-            theirs = evaluate.evaluate(
+            theirs = scoring.evaluate(
                 weights,
                 staged,
                 imgsz=s.imgsz,

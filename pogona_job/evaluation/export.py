@@ -14,29 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pogona_job.dataset import StagedDataset
-    from pogona_job.evaluate import SplitRun
-
-BUILT_HERE = ("onnx",)
-# Formats that need their vendor's toolchain or hardware to build and to verify.
-_TENSORRT = (
-    "TensorRT engines are tied to the GPU and TensorRT version that run them: build one on the deployment GPU "
-    "from weights/best.onnx with `trtexec --onnx=best.onnx` (or `yolo export format=engine` there)"
-)
-_COREML = "Core ML models are built and verified on macOS: run `yolo export model=best.pt format=coreml` on a Mac"
-ELSEWHERE = {"engine": _TENSORRT, "tensorrt": _TENSORRT, "coreml": _COREML, "mlpackage": _COREML}
-
-
-def parse_formats(value: str) -> list[str]:
-    """POGONA_EXPORT_FORMATS as a list ('' or `none` turns export off); a format not built here raises ValueError."""
-    formats = [f.strip().lower() for f in value.split(",") if f.strip()]
-    if formats == ["none"]:  # the spelling a template parameter can carry (its empty value means "default")
-        return []
-    for f in formats:
-        if f in ELSEWHERE:
-            raise ValueError(f"{f} is not built by this job. {ELSEWHERE[f]}")
-        if f not in BUILT_HERE:
-            raise ValueError(f"unknown export format {f!r}; this job builds: {', '.join(BUILT_HERE)}")
-    return formats
+    from pogona_job.evaluation.scoring import SplitRun
 
 
 def export_onnx(weights: Path, *, imgsz: int, device: str) -> Path:
@@ -52,7 +30,7 @@ def export_onnx(weights: Path, *, imgsz: int, device: str) -> Path:
 
 def deltas(reference: SplitRun, candidate: SplitRun) -> dict[str, Any]:
     """candidate - reference mAP@0.5 and mAP@0.5-0.95, overall, per modality and per class, same images."""
-    from pogona_job import uncertainty
+    from pogona_job.evaluation import uncertainty
 
     cand = candidate.per.aligned(reference.per.files)
 
@@ -84,18 +62,18 @@ def verify(
 ) -> dict[str, Any]:
     """Validate the ONNX model on the splits best.pt was evaluated on; verified when every mAP@0.5 delta is
     within the tolerance."""
-    from pogona_job import evaluate
+    from pogona_job.evaluation import scoring
 
     result: dict[str, Any] = {"format": "onnx", "file": "weights/best.onnx", "tolerance": tolerance, "splits": {}}
     worst = 0.0
     for split, ref in reference.items():
-        run = evaluate.run_split(
+        run = scoring.run_split(
             onnx_path, staged, split, imgsz=imgsz, batch=batch, device=device, work_dir=work_dir, tag="onnx"
         )
         if run is None:
             continue
         d = deltas(ref, run)
-        result["splits"][split] = {"metrics": evaluate.summarise(run, resamples=0), "deltas": d}
+        result["splits"][split] = {"metrics": scoring.summarise(run, resamples=0), "deltas": d}
         groups = [d["overall"], *d["per_modality"].values(), *d.get("per_class", {}).values()]
         worst = max([worst, *(abs(g["map50"]) for g in groups)])
     result["max_abs_delta_map50"] = worst

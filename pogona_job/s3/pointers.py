@@ -16,9 +16,9 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from pogona_job import storage
 from pogona_job.errors import TransientFailure
-from pogona_job.storage import S3Path
+from pogona_job.s3 import storage
+from pogona_job.s3.storage import S3Path
 
 _CONFLICT = (409, 412)
 

@@ -34,7 +34,7 @@ def main() -> int:
     started_server = False
     with ExitStack() as stack:
         if not (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")):
-            from pogona_job.locals3 import LocalS3
+            from pogona_job.tools.locals3 import LocalS3
 
             print("Starting a local SeaweedFS S3 server on loopback ...", flush=True)
             s3 = stack.enter_context(LocalS3(buckets=[BUCKET]))

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pogona_job import cloud
+from pogona_job.run import cloud
 
 PACKAGES = (
     "pogona-train",

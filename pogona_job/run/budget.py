@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pogona_job import PROCESS_START, pointers
-from pogona_job.cloud import Instance
+from pogona_job import PROCESS_START
 from pogona_job.config import Settings
 from pogona_job.errors import ConfigError, JobError
 from pogona_job.logs import get_logger
-from pogona_job.storage import S3Path
+from pogona_job.run.cloud import Instance
+from pogona_job.s3 import pointers
+from pogona_job.s3.storage import S3Path
 
 log = get_logger()
 ACCOUNTING = "checkpoint/accounting.json"
