@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -353,7 +353,7 @@ def scratch(keep: Path | None, prefix: str) -> Iterator[Path]:
 
 def stamp_line(load_at_start: str | None = None, state: tuple[str, bool] | None = None) -> str:
     """Date, the commit measured (taken at the start: a commit made meanwhile is not what ran), machine, load."""
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     commit, dirty = state or git_state()
     rev = commit + (" + uncommitted changes" if dirty else "")
     start = f"at the start {load_at_start}, " if load_at_start else ""

@@ -1,7 +1,14 @@
 """Every way the job can end, as an exception that knows its exit code.
 
 The scheduler acts on the exit code (see the contract's table); the user reads the
-sentence. `job.run()` is the only place that turns these into a process exit.
+sentence. `run.job.run()` (the job) and `cli.main()` (the other commands) are the only places that
+turn these into a process exit.
+
+The policy lives on the classes, so no other module compares exit codes:
+- `retryable`: the scheduler should try again (the run's checkpoints are kept for the retry);
+- `publishes_report`: the failure is written into the run (report.md, a failed manifest). Not when
+  there is nothing or nowhere to write (configuration, storage refused), nor when the run is another
+  job's (busy, lease lost).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ class JobError(Exception):
 
     exit_code = 6
     status = "failed"
+    retryable = False
+    publishes_report = True
 
     def __init__(self, sentence: str) -> None:
         super().__init__(sentence)
@@ -22,6 +31,7 @@ class ConfigError(JobError):
     """Invalid, missing or misspelled configuration (also: weights we cannot obtain)."""
 
     exit_code = 2
+    publishes_report = False
 
 
 class DatasetError(JobError):
@@ -34,6 +44,7 @@ class StorageDenied(JobError):
     """The bucket refused us for good: access denied, no such bucket, bad credentials."""
 
     exit_code = 4
+    publishes_report = False
 
 
 class SanityFailed(JobError):
@@ -52,12 +63,15 @@ class TransientFailure(JobError):
     """Network or storage kept failing after botocore's retries; a retry may succeed."""
 
     exit_code = 75
+    retryable = True
 
 
 class RunBusy(JobError):
     """Another live job holds this run id; retry later (the retry exits 0 once it succeeded)."""
 
     exit_code = 75
+    retryable = True
+    publishes_report = False
 
 
 class Interrupted(JobError):
@@ -65,9 +79,12 @@ class Interrupted(JobError):
 
     exit_code = 143
     status = "interrupted"
+    retryable = True
 
 
 class LeaseLost(JobError):
     """Another job took this run's lease over: stop at once and publish nothing (the new holder owns the run)."""
 
     exit_code = 75
+    retryable = True
+    publishes_report = False

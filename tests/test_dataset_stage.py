@@ -136,7 +136,8 @@ def test_format_problems_lists_fatal_first_and_truncates() -> None:
 
 
 def test_the_report_says_how_the_data_was_read_split_and_labelled(tmp_path: Path) -> None:
-    from pogona_job.run.report import RunRecord, render
+    from pogona_job.run.report import render
+    from pogona_job.run.state import RunRecord
 
     root = pre_split_dataset(tmp_path / "ds", {"train": 4, "val": 2})
     shutil.copy(root / "images" / "train" / "train0.jpg", root / "images" / "val" / "copy.jpg")  # a near-duplicate

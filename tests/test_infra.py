@@ -26,13 +26,13 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import typing
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from pogona_job.errors import LeaseLost, RunBusy
-from pogona_job.run.job import advance_latest
 from pogona_job.run.lease import Lease
+from pogona_job.run.publish import advance_latest
 from pogona_job.s3 import pointers
 from pogona_job.s3.storage import S3Path
 from pogona_job.tools.locals3 import LocalS3

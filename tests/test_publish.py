@@ -13,7 +13,9 @@ import pytest
 from pogona_job.config import Settings
 from pogona_job.errors import TransientFailure
 from pogona_job.run import job as jobmod
-from pogona_job.run.report import RunRecord
+from pogona_job.run import publish
+from pogona_job.run.signals import StopFlag
+from pogona_job.run.state import Job, RunRecord
 from pogona_job.s3 import pointers
 from pogona_job.s3.storage import S3Path
 from pogona_job.tools.locals3 import LocalS3
@@ -21,14 +23,14 @@ from tests.conftest import BUCKET
 
 
 @pytest.fixture()
-def job(s3: LocalS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3_client: Any) -> jobmod.Job:
+def job(s3: LocalS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3_client: Any) -> Job:
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     output = f"s3://{BUCKET}/publish-{secrets.token_hex(4)}"
     settings = Settings(dataset_uri=f"s3://{BUCKET}/datasets/x", output_uri=output, work_dir=tmp_path)
     record = RunRecord(run_id="r", attempt=1, output_uri=output, config={}, model="m", classes=["c"])
     out = S3Path.parse(output) / "r"
-    return jobmod.Job(settings, "r", 1, s3_client, out, tmp_path, record, jobmod.StopFlag(25), sums={})
+    return Job(settings, "r", 1, s3_client, out, tmp_path, record, StopFlag(25), sums={})
 
 
 def _read(s3_client: Any, path: S3Path) -> dict[str, Any]:
@@ -38,37 +40,37 @@ def _read(s3_client: Any, path: S3Path) -> dict[str, Any]:
 SUCCEEDED = {"status": "succeeded", "run_id": "r", "finished_at": "2026-01-01T00:00:00+00:00"}
 
 
-def test_a_succeeded_manifest_is_never_rewritten(job: jobmod.Job, s3_client: Any) -> None:
+def test_a_succeeded_manifest_is_never_rewritten(job: Job, s3_client: Any) -> None:
     pointers.write(s3_client, job.out / "manifest.json", SUCCEEDED, expected=None)
     job.record.status, job.record.failure = "failed", "something after success"
-    jobmod._publish(job)
+    publish.publish(job)
     assert _read(s3_client, job.out / "manifest.json") == SUCCEEDED
 
 
 def test_a_failure_after_the_succeeded_manifest_publishes_nothing(
-    job: jobmod.Job, s3_client: Any, monkeypatch: pytest.MonkeyPatch
+    job: Job, s3_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job.final = True
     job.lease = type("HeldLease", (), {"lost": None})()
     published: list[str] = []
-    monkeypatch.setattr(jobmod, "_publish_failure", lambda j: published.append("failure"))
+    monkeypatch.setattr(jobmod, "publish_failure", lambda j: published.append("failure"))
     code = jobmod._finish_failed(job, TransientFailure("latest.json could not be written"))
     assert code == 75 and published == []  # the retry completes latest.json; nothing rewrites the run
 
 
-def test_a_job_without_the_lease_publishes_nothing(job: jobmod.Job, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_job_without_the_lease_publishes_nothing(job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
     published: list[str] = []
-    monkeypatch.setattr(jobmod, "_publish_failure", lambda j: published.append("failure"))
+    monkeypatch.setattr(jobmod, "publish_failure", lambda j: published.append("failure"))
     assert job.lease is None  # refused: acquire() raised before it was set
     jobmod._finish_failed(job, TransientFailure("busy"))
     assert published == []
 
 
-def test_a_retry_of_a_succeeded_run_completes_latest_json_and_the_clean_up(job: jobmod.Job, s3_client: Any) -> None:
+def test_a_retry_of_a_succeeded_run_completes_latest_json_and_the_clean_up(job: Job, s3_client: Any) -> None:
     pointers.write(s3_client, job.out / "manifest.json", SUCCEEDED, expected=None)
     s3_client.put_object(Bucket=BUCKET, Key=f"{job.out.key}/checkpoint/full/pointer.json", Body=b"{}")
     pointers.write(s3_client, job.out / "lease.json", {"holder": "killed-after-the-manifest"}, expected=None)
-    jobmod._complete_finished(job, SUCCEEDED)
+    publish.complete_finished(job, SUCCEEDED)
     latest = _read(s3_client, S3Path.parse(job.settings.output_uri or "") / "latest.json")
     assert latest["run_id"] == "r"
     left = s3_client.list_objects_v2(Bucket=BUCKET, Prefix=f"{job.out.key}/").get("Contents", [])

@@ -17,19 +17,16 @@ finishing together, one wins, the other re-reads, finds a champion it was not co
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pogona_job.evaluation import uncertainty
 from pogona_job.logs import get_logger
-from pogona_job.s3 import pointers, storage
+from pogona_job.s3 import pointers
 from pogona_job.s3.storage import S3Path
 
 if TYPE_CHECKING:
-    from pogona_job.dataset import StagedDataset
     from pogona_job.evaluation.scoring import SplitRun
-    from pogona_job.run.job import Job
 
 log = get_logger()
 CHAMPION = "champion.json"
@@ -149,56 +146,6 @@ def decide(
     )
 
 
-def assess(job: Job, staged: StagedDataset, runs: dict[str, SplitRun], device: str) -> dict[str, Any]:
-    """Evaluate the current champion's best.pt on this run's splits (same process, same settings) and decide."""
-    from pogona_job.evaluation import scoring
-
-    s, rec = job.settings, job.record
-    champion = pointers.read(job.client, champion_path(s.output_uri or "")).value
-    comparison = None
-    if champion is not None and s.promote == "auto":
-        weights = _champion_weights(job, champion) if champion.get("classes") == rec.classes else None
-        if weights is not None:
-            theirs = scoring.evaluate(
-                weights,
-                staged,
-                imgsz=s.imgsz,
-                batch=max(s.batch, 1),
-                device=device,
-                work_dir=job.runs / "eval-champion",
-                tag="champion",
-            )
-            if set(theirs) == set(runs):
-                comparison = compare(runs, theirs, margin=s.promotion_margin)
-    decision = decide(
-        mode=s.promote,
-        succeeded=True,  # assessed at the end of a run whose training and evaluation finished
-        export=rec.export,
-        dropped=len(rec.dataset.get("dropped") or []),
-        allow_lenient=s.promote_lenient,
-        champion=champion,
-        comparison=comparison,
-    )
-    log.info("promotion decision", decision=decision["decision"], reason=decision["reason"])
-    return decision
-
-
-def _champion_weights(job: Job, champion: dict[str, Any]) -> Path | None:
-    uri = champion.get("weights")
-    if not uri:
-        return None
-    src = S3Path.parse(uri)
-    dest = job.work / "champion" / str(champion.get("run_id", "champion")) / "best.pt"
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if storage.head(job.client, src) is None:
-            log.warning("champion weights missing", uri=uri)
-            return None
-        with storage.errors_for(src.bucket, f"downloading the champion's weights {uri}"):
-            job.client.download_file(src.bucket, src.key, str(dest))
-    return dest
-
-
 def pointer_for(manifest: dict[str, Any], out: S3Path, imgsz: int) -> dict[str, Any]:
     """What champion.json says: where the deployable model is, its checksums and its scores."""
     promotion = manifest.get("promotion") or {}
@@ -218,7 +165,7 @@ def pointer_for(manifest: dict[str, Any], out: S3Path, imgsz: int) -> dict[str, 
         "forced": bool(promotion.get("forced")),
         "reason": promotion.get("reason"),
         "previous": promotion.get("compared_against"),
-        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -25,7 +25,7 @@ from pogona_job.evaluation.uncertainty import PerImage
 from pogona_job.training.columns import METRICS
 
 if TYPE_CHECKING:
-    from pogona_job.run.job import Job
+    pass
 
 SPLITS = ("val", "test")
 
@@ -204,33 +204,6 @@ def lagging_modalities(results: dict[str, dict[str, Any]], margin: float) -> lis
         return []
     best = max(r["map50"] for r in results.values())
     return sorted(m for m, r in results.items() if r["map50"] < best - margin)
-
-
-def assess(job: Job, best: Path, staged: StagedDataset, device: str) -> dict[str, SplitRun]:
-    """The evaluate phase: best.pt on val and test, the figures into the record, then the export check."""
-    from pogona_job.evaluation import export
-    from pogona_job.logs import get_logger
-
-    s, rec = job.settings, job.record
-    batch = max(s.batch, 1)
-    runs = evaluate(best, staged, imgsz=s.imgsz, batch=batch, device=device, work_dir=job.runs / "eval")
-    rec.evaluation = {split: summarise(run, seed=s.seed) for split, run in runs.items()}
-    rec.per_modality = rec.evaluation.get("val", {}).get("per_modality", {})
-    rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)
-    for split, figures in rec.evaluation.items():
-        get_logger().info("evaluation", split=split, images=figures["images"], **figures["overall"])
-    rec.export = export.export_and_verify(
-        best,
-        staged,
-        runs,
-        formats=s.exports,
-        imgsz=s.imgsz,
-        batch=batch,
-        device=device,
-        work_dir=job.runs / "export",
-        tolerance=s.export_tolerance,
-    )
-    return runs
 
 
 def report_lines(evaluation: dict[str, Any]) -> list[str]:

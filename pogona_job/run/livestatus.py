@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pogona_job.errors import JobError
@@ -36,7 +36,7 @@ Callback = Callable[[Any], None]
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 class LiveStatus:
@@ -112,14 +112,14 @@ class LiveStatus:
             if self._stop.wait(self.interval_s):
                 return
 
-    def close(self, status: str, exit_code: int | None) -> None:
+    def close(self, status: str, *, retryable: bool) -> None:
         """End of the attempt: stop the writer; keep the accounting only for an attempt that will resume."""
         self._stop.set()
         self._thread.join(timeout=10)
         if not self.holds_run():  # the run is another job's now: leave its objects alone
             return
         try:
-            if exit_code in (75, 143):
+            if retryable:
                 self.tracker.flush(status)
             else:  # terminal: the manifest holds the accounting; nothing of the attempt lingers
                 self.client.delete_object(Bucket=self.run.bucket, Key=self.tracker.path.key)

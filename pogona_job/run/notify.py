@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pogona_job.config import notify_urls
+from pogona_job.errors import SanityFailed
 from pogona_job.logs import get_logger
 from pogona_job.training.columns import METRICS
 
@@ -56,7 +57,7 @@ def compose(job: Any) -> Message | None:
             f"Phase: {rec.failed_phase or '-'}",
         ]
         return Message("interrupted", f"{name}: interrupted, will resume", "\n".join([*lines, *cost, *links]), "info")
-    if rec.exit_code == 5:
+    if rec.exit_code == SanityFailed.exit_code:
         lines = [f"Why: {rec.failure}", f"Exit code: 5, phase: {rec.failed_phase or 'verdict'}"]
         lines += _signature(rec)
         return Message("gate-failed", f"{name}: sanity gate failed", "\n".join([*lines, *cost, *links]), "failure")

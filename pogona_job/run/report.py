@@ -7,47 +7,13 @@ report too, with the numbers seen so far and what to try next.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 from pogona_job.run.budget import report_lines
+from pogona_job.run.state import RunRecord
 from pogona_job.training.columns import LOSSES, METRICS, loss_column
-from pogona_job.training.gate import ParityResult, Verdict, train_total
+from pogona_job.training.gate import train_total
 from pogona_job.training.phase import PhaseResult
-
-
-@dataclass
-class RunRecord:
-    """Everything the report and the manifest say about one run, gathered as phases finish."""
-
-    run_id: str
-    attempt: int
-    output_uri: str
-    config: dict[str, Any]
-    model: str
-    classes: list[str]
-    status: str = "running"
-    exit_code: int | None = None
-    failure: str | None = None
-    failed_phase: str | None = None
-    started_at: str = ""
-    finished_at: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-    dataset: dict[str, Any] = field(default_factory=dict)
-    settings_used: dict[str, Any] = field(default_factory=dict)  # what the job picked (device, workers, ...)
-    sanity: PhaseResult | None = None
-    full: PhaseResult | None = None
-    verdict: Verdict | None = None
-    parity: ParityResult | None = None
-    parity_note: str = ""
-    watchdog: dict[str, Any] = field(default_factory=dict)
-    per_modality: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lagging: list[str] = field(default_factory=list)
-    evaluation: dict[str, Any] = field(default_factory=dict)  # scoring.summarise() per split (val, test)
-    export: dict[str, Any] = field(default_factory=dict)  # export.verify()
-    promotion: dict[str, Any] = field(default_factory=dict)  # promotion.decide()
-    artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
-    accounting: dict[str, Any] = field(default_factory=dict)  # budget.Tracker.summary(): time, cost, attempts
 
 
 def _num(value: float | None, digits: int = 3) -> str:

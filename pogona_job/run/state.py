@@ -1,0 +1,106 @@
+"""The run's state: what the report and the manifest say (RunRecord) and the job's handles (Job)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pogona_job.config import Settings
+from pogona_job.logs import bind, get_logger
+from pogona_job.run.signals import StopFlag
+from pogona_job.s3 import storage
+from pogona_job.s3.storage import S3Path
+from pogona_job.training.gate import ParityResult, Verdict
+from pogona_job.training.phase import PhaseResult
+
+log = get_logger()
+FINAL = ("succeeded", "partial")  # manifests that nothing rewrites
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunRecord:
+    """Everything the report and the manifest say about one run, gathered as phases finish."""
+
+    run_id: str
+    attempt: int
+    output_uri: str
+    config: dict[str, Any]
+    model: str
+    classes: list[str]
+    status: str = "running"
+    exit_code: int | None = None
+    retryable: bool = False  # the failure is one the scheduler retries (errors.JobError.retryable)
+    failure: str | None = None
+    failed_phase: str | None = None
+    started_at: str = ""
+    finished_at: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    settings_used: dict[str, Any] = field(default_factory=dict)  # what the job picked (device, workers, ...)
+    sanity: PhaseResult | None = None
+    full: PhaseResult | None = None
+    verdict: Verdict | None = None
+    parity: ParityResult | None = None
+    parity_note: str = ""
+    watchdog: dict[str, Any] = field(default_factory=dict)
+    per_modality: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lagging: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # scoring.summarise() per split (val, test)
+    export: dict[str, Any] = field(default_factory=dict)  # export.verify()
+    promotion: dict[str, Any] = field(default_factory=dict)  # promotion.decide()
+    artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
+    accounting: dict[str, Any] = field(default_factory=dict)  # budget.Tracker.summary(): time, cost, attempts
+
+
+@dataclass
+class Job:
+    settings: Settings
+    run_id: str
+    attempt: int
+    client: Any
+    out: S3Path  # <output>/<run_id>
+    work: Path
+    record: RunRecord
+    stop: StopFlag
+    sums: dict[str, storage.Artifact]
+    checkpoints: Any = None  # CheckpointSync once training starts
+    lease: Any = None  # set only once acquired: a job without it writes nothing under the run
+    final: bool = False  # a succeeded (or partial) manifest is published: nothing may rewrite it
+    live: Any = None  # livestatus.LiveStatus: progress.json, accounting, budget (once the lease is held)
+    extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
+
+    @property
+    def runs(self) -> Path:
+        return self.work / "runs" / self.run_id
+
+    def check(self) -> None:
+        """Between batches and phases: stop on a signal, or when the run's lease was lost."""
+        self.stop.check()
+        if self.lease is not None:
+            self.lease.check()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.check()
+        bind(phase=name)
+        if self.live is not None:
+            self.live.set_phase(name)
+        log.info("phase started")
+        start = time.monotonic()
+        try:
+            yield
+        except BaseException:
+            self.record.failed_phase = self.record.failed_phase or name
+            raise
+        finally:
+            self.record.timings[name] = round(time.monotonic() - start, 2)
+        log.info("phase finished", seconds=self.record.timings[name])
