@@ -39,6 +39,7 @@ lint: setup
 	$(VENV)/bin/ruff check pogona_job tests benchmarks
 	$(VENV)/bin/ruff format --check pogona_job tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format pogona_job tests benchmarks
