@@ -619,7 +619,8 @@ def test_retry_strategy(cfn: dict[str, Any]) -> None:
 def test_gpu_memory_shm_and_timeout(cfn: dict[str, Any]) -> None:
     container = _job_container(cfn)
     requirements = {r["Type"]: r["Value"] for r in container["ResourceRequirements"]}
-    assert requirements["GPU"] == "1"
+    assert requirements["GPU"] == {"Ref": "GpuCount"}
+    assert cfn["Parameters"]["GpuCount"]["Default"] == 1
     assert "VCPU" in requirements and "MEMORY" in requirements
     shm = container["LinuxParameters"]["SharedMemorySize"]
     assert int(cfn["Parameters"][shm["Ref"]]["Default"]) >= 1024, "/dev/shm for dataloader workers"
@@ -630,22 +631,31 @@ def test_gpu_memory_shm_and_timeout(cfn: dict[str, Any]) -> None:
 
 
 def test_start_up_failures_without_an_exit_code_are_retried_and_bad_images_are_not(cfn: dict[str, Any]) -> None:
-    """Issue #15 item 5: AWS's own examples retry the agent's transient start-up failures."""
+    """Issue #15 item 5: AWS's own examples retry the agent's transient start-up failures.
+
+    Issue 24 item 4: CannotPullContainerError is one reason for a missing tag and for transient pull
+    failures alike (throttling, a cancelled context, a full disk), so no rule may end the job on it:
+    the attempt count bounds a tag that really is missing."""
     rules = cfn["Resources"]["JobDefinition"]["Properties"]["RetryStrategy"]["EvaluateOnExit"]
     transient = [
         ("CannotInspectContainerError: Could not transition to inspecting; timed out after waiting 30s", None),
         ("DockerTimeoutError: Could not transition to started; timed out after waiting 3m0s", None),
         (None, "Task failed to start"),
         ("AGENT", None),
+        # The ECS agent's wording for registry throttling, a cancelled pull and a full disk.
+        ("CannotPullContainerError: toomanyrequests: Rate exceeded", None),
+        ("CannotPullContainerError: context canceled", None),
+        ("CannotPullContainerError: failed to register layer: write /var/lib/docker: no space left on device", None),
+        ("CannotPullContainerError: pull image manifest has been retried 5 time(s): not found", None),
     ]
     for reason, status_reason in transient:
         assert _batch_decision(rules, None, status_reason=status_reason, reason=reason) == "RETRY", reason
-    # Deterministic: the same image or the same AMI fails the same way on every attempt.
-    for reason in (
-        "CannotPullContainerError: pull image manifest has been retried 5 time(s): not found",
-        "CannotStartContainerError: Error response from daemon: unsatisfied condition: cuda>=12.8",
-    ):
-        assert _batch_decision(rules, None, status_reason="Task failed to start", reason=reason) == "EXIT", reason
+        assert _batch_decision(rules, None, status_reason="Task failed to start", reason=reason) == "RETRY", reason
+    attempts = cfn["Parameters"][cfn["Resources"]["JobDefinition"]["Properties"]["RetryStrategy"]["Attempts"]["Ref"]]
+    assert int(attempts["Default"]) <= 5, "a missing tag is retried: keep the attempts (and the cost) bounded"
+    # Deterministic: the same AMI fails the same way on every attempt.
+    reason = "CannotStartContainerError: Error response from daemon: unsatisfied condition: cuda>=12.8"
+    assert _batch_decision(rules, None, status_reason="Task failed to start", reason=reason) == "EXIT", reason
 
 
 def _compute(cfn: dict[str, Any], queue: str) -> list[dict[str, Any]]:
@@ -697,10 +707,61 @@ def test_spot_capacity_shortage_falls_back_to_on_demand(cfn: dict[str, Any]) -> 
     assert submit["JobQueue"] == "${JobQueue}"
 
 
+def test_the_on_demand_resubmission_resumes_the_same_run(cfn: dict[str, Any]) -> None:
+    """Issue 24 item 3: a Spot job retried after a reclaim can be cancelled while it waits for capacity;
+    the resubmitted job has a new AWS_BATCH_JOB_ID, so unless POGONA_RUN_ID names the old one, the run
+    restarts at epoch 0 and its checkpoints are orphaned."""
+    target = cfn["Resources"]["SpotFallbackRule"]["Properties"]["Targets"][0]
+    transformer = target["InputTransformer"]
+    paths = transformer["InputPathsMap"]
+    # The template as EventBridge fills it for one event (an unquoted placeholder becomes a JSON value).
+    event = {"detail": {"jobId": "5d6a8c1e-old-job", "status": "FAILED", "statusReason": SPOT_CAPACITY_CANCEL}}
+
+    def lookup(path: str) -> Any:
+        value: Any = event
+        for part in path.removeprefix("$.").split("."):
+            value = value[part]
+        return value
+
+    filled = re.sub(
+        r"<([A-Za-z0-9_.-]+)>", lambda m: json.dumps(lookup(paths[m.group(1)])), transformer["InputTemplate"]
+    )
+    submitted = json.loads(filled)
+    # SubmitJob's containerOverrides, with the capitalised member names a Batch target takes.
+    assert submitted == {
+        "ContainerOverrides": {"Environment": [{"Name": "POGONA_RUN_ID", "Value": "5d6a8c1e-old-job"}]}
+    }
+    assert env_name("run_id") == "POGONA_RUN_ID", "the job must read the variable the fallback sets"
+    # The job definition leaves POGONA_RUN_ID unset by default, so the override is the only value.
+    assert cfn["Parameters"]["PogonaRunId"]["Default"] == ""
+
+
 def test_ecr_repository(cfn: dict[str, Any]) -> None:
     repo = cfn["Resources"]["Repository"]["Properties"]
     assert repo["ImageTagMutability"] == "IMMUTABLE"
     assert repo["ImageScanningConfiguration"]["ScanOnPush"] is True
+
+
+# A physical name of each type, as the resource's property.
+_NAME_PROPERTIES = {"AWS::ECR::Repository": "RepositoryName", "AWS::Logs::LogGroup": "LogGroupName"}
+
+
+def test_kept_resources_do_not_block_a_redeploy(cfn: dict[str, Any]) -> None:
+    """Issue 24 item 9: a Retain resource outlives its stack; if its name is fixed, the next deploy of the
+    stack after a teardown fails with "already exists". By default such a name must be left to CloudFormation."""
+    for name, resource in cfn["Resources"].items():
+        if resource.get("DeletionPolicy") != "Retain":
+            continue
+        prop = _NAME_PROPERTIES.get(resource["Type"])
+        value = resource["Properties"].get(prop) if prop else None
+        if value is None:
+            continue
+        # Only a name a parameter gives, and omitted (AWS::NoValue) while that parameter is empty.
+        condition, given, otherwise = value["Fn::If"]
+        assert otherwise == {"Ref": "AWS::NoValue"}, name
+        param = given["Ref"]
+        assert cfn["Conditions"][condition] == {"Fn::Not": [{"Fn::Equals": [{"Ref": param}, ""]}]}, name
+        assert cfn["Parameters"][param]["Default"] == "", f"{name}: a fixed default name breaks the next deploy"
 
 
 def _statements(role: dict[str, Any]) -> list[dict[str, Any]]:
@@ -734,13 +795,15 @@ def test_job_role_is_scoped_to_the_two_prefixes(cfn: dict[str, Any]) -> None:
     }
     for st in statements:
         resources = [r["Fn::Sub"] if isinstance(r, dict) and "Fn::Sub" in r else r for r in _as_list(st["Resource"])]
+        # Which requests these statements allow - listing, existence reads (404 vs 403), deletes - is
+        # put to an IAM policy evaluator in tests/test_infra_iam.py (issue 24 items 1 and 2).
         if "s3:ListBucket" in _as_list(st["Action"]):
-            assert "s3:prefix" in st["Condition"]["StringLike"], "listing must be limited to the prefix"
+            assert resources in (
+                ["arn:${AWS::Partition}:s3:::${DatasetBucket}"],
+                ["arn:${AWS::Partition}:s3:::${OutputBucket}"],
+            ), resources
         if "s3:PutObject" in _as_list(st["Action"]):
             assert resources == ["arn:${AWS::Partition}:s3:::${OutputBucket}/${OutputPrefix}/*"]
-        if "s3:DeleteObject" in _as_list(st["Action"]):
-            # The job deletes a finished run's checkpoint/ and releases its lease; nothing else.
-            assert all(r.endswith(("/*/checkpoint/*", "/*/lease.json")) for r in resources), resources
         if _as_list(st["Action"]) == ["s3:GetObject"]:
             assert resources == ["arn:${AWS::Partition}:s3:::${DatasetBucket}/${DatasetPrefix}/*"]
 
@@ -1000,7 +1063,12 @@ def test_the_job_is_told_its_instance_type_and_price(cfn: dict[str, Any], k8s: d
 
 def test_a_gpu_platform_pins_the_device(cfn: dict[str, Any], k8s: dict[str, dict[str, Any]]) -> None:
     """Item 2: with POGONA_DEVICE=0 an unusable GPU is exit 2 (tests/test_device_policy.py), not CPU training."""
-    assert cfn["Parameters"]["PogonaDevice"]["Default"] == "0"
+    # An empty PogonaDevice means "the GpuCount GPUs" (issue 24 item 7): 0 by default, never auto.
+    assert cfn["Parameters"]["PogonaDevice"]["Default"] == ""
+    entry = next(e for e in _job_container(cfn)["Environment"] if "Fn::If" in e and e["Fn::If"][0] == "SetPogonaDevice")
+    fallback = entry["Fn::If"][2]["Value"]["Fn::FindInMap"]
+    default_gpus = str(cfn["Parameters"]["GpuCount"]["Default"])
+    assert cfn["Mappings"][fallback[0]][default_gpus][fallback[2]] == "0"
     assert _config_map(k8s, k8s["CronJob/pogona-train"])["POGONA_DEVICE"] == "0"
     assert Settings(device="0").device == "0"
 
@@ -1147,18 +1215,93 @@ def test_readme_lists_the_deploy_prerequisites() -> None:
     assert "AWSServiceRoleForEC2Spot" in prereqs and "spot.amazonaws.com" in prereqs
 
 
+def _event_matches(pattern: dict[str, Any], event: dict[str, Any]) -> bool:
+    """EventBridge pattern semantics, the parts the template uses: a list of values (any matches),
+    nested objects, `anything-but`, and `$or` (any of the alternatives, each ANDed with the rest)."""
+
+    def value_matches(rule: Any, value: Any) -> bool:
+        if isinstance(rule, dict) and "anything-but" in rule:
+            return value is not None and value not in _as_list(rule["anything-but"])
+        return bool(rule == value)
+
+    for key, want in pattern.items():
+        if key == "$or":
+            if not any(_event_matches(alternative, event) for alternative in want):
+                return False
+        elif isinstance(want, dict):
+            if not isinstance(event.get(key), dict) or not _event_matches(want, event[key]):
+                return False
+        elif not any(value_matches(rule, event.get(key)) for rule in want):
+            return False
+    return True
+
+
+SPOT_CAPACITY_CANCEL = "Canceled by JobStateTimeLimit action due to reason: CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"
+
+
+def _batch_event(detail_type: str, queue: str, status: str, reason: str) -> dict[str, Any]:
+    """A Batch event as EventBridge delivers it (jobQueue stands for the queue's ARN, i.e. its Ref)."""
+    return {
+        "source": "aws.batch",
+        "detail-type": detail_type,
+        "detail": {"jobId": "4c7599ae", "jobQueue": {"Ref": queue}, "status": status, "statusReason": reason},
+    }
+
+
+def test_alerts_fire_for_failures_and_blocked_queues_but_not_for_the_spot_fallback(cfn: dict[str, Any]) -> None:
+    """Issue 24 items 6 and 9: a RUNNABLE job Batch cannot place alerts (it never FAILs unless a time-limit
+    action names its reason), and the Spot cancellation that SpotFallbackRule resubmits does not."""
+    res = cfn["Resources"]
+    alert = res["JobFailedRule"]["Properties"]["EventPattern"]
+    fallback = res["SpotFallbackRule"]["Properties"]["EventPattern"]
+    change, blocked = "Batch Job State Change", "Batch Job Queue Blocked"
+    cases = [  # event, alerts?, resubmitted On-Demand?
+        (_batch_event(change, "JobQueue", "FAILED", SPOT_CAPACITY_CANCEL), False, True),
+        (_batch_event(change, "JobQueue", "FAILED", "Essential container in task exited"), True, False),
+        (
+            _batch_event(
+                change,
+                "JobQueue",
+                "FAILED",
+                "Canceled by JobStateTimeLimit action due to reason: "
+                "MISCONFIGURATION:EC2_INSTANCE_CONFIGURATION_UNSUPPORTED",
+            ),
+            True,
+            False,
+        ),
+        (_batch_event(change, "OnDemandJobQueue", "FAILED", SPOT_CAPACITY_CANCEL), True, False),
+        (_batch_event(change, "OnDemandJobQueue", "FAILED", "Essential container in task exited"), True, False),
+        (_batch_event(change, "JobQueue", "SUCCEEDED", "Essential container in task exited"), False, False),
+        (_batch_event(blocked, "JobQueue", "RUNNABLE", "MISCONFIGURATION:SOMETHING_NEW"), True, False),
+        (_batch_event(blocked, "OnDemandJobQueue", "RUNNABLE", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"), True, False),
+        (_batch_event(change, "SomeOtherQueue", "FAILED", "Essential container in task exited"), False, False),
+    ]
+    for event, alerts, resubmitted in cases:
+        assert _event_matches(alert, event) is alerts, event
+        assert _event_matches(fallback, event) is resubmitted, event
+    # Every blocked reason Batch documents is cancelled after a while on both queues, so such a job ends
+    # FAILED (and alerts) instead of waiting forever; the blocked-queue event alerts the first time.
+    documented = {
+        "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY",
+        "MISCONFIGURATION:COMPUTE_ENVIRONMENT_MAX_RESOURCE",
+        "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT",
+        "MISCONFIGURATION:EC2_INSTANCE_CONFIGURATION_UNSUPPORTED",
+    }
+    for queue in ("JobQueue", "OnDemandJobQueue"):
+        actions = res[queue]["Properties"]["JobStateTimeLimitActions"]
+        assert {a["Reason"] for a in actions} == documented, queue
+        assert all(a["State"] == "RUNNABLE" and a["Action"] == "CANCEL" for a in actions)
+
+
 def test_failures_the_job_cannot_report_reach_an_alert_topic(cfn: dict[str, Any]) -> None:
     """Item 11: a dead-letter queue on the schedule, Batch FAILED events to SNS, optional e-mail."""
     res = cfn["Resources"]
     target = res["Schedule"]["Properties"]["Target"]
     assert target["DeadLetterConfig"]["Arn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
     assert res["DeadLetterQueue"]["Type"] == "AWS::SQS::Queue"
-    # Every FAILED job of both queues.
+    # Which events alert: test_alerts_fire_for_failures_and_blocked_queues_but_not_for_the_spot_fallback.
     rule = res["JobFailedRule"]["Properties"]
     assert rule["State"] == "ENABLED"
-    pattern = rule["EventPattern"]
-    assert pattern["source"] == ["aws.batch"] and pattern["detail-type"] == ["Batch Job State Change"]
-    assert pattern["detail"] == {"status": ["FAILED"], "jobQueue": [{"Ref": "JobQueue"}, {"Ref": "OnDemandJobQueue"}]}
     (alert,) = rule["Targets"]
     assert alert["Arn"] == {"Ref": "AlertTopic"}
     paths = alert["InputTransformer"]["InputPathsMap"]
@@ -1174,6 +1317,12 @@ def test_failures_the_job_cannot_report_reach_an_alert_topic(cfn: dict[str, Any]
     assert alarm["AlarmActions"] == [{"Ref": "AlertTopic"}]
     assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["DeadLetterQueue", "QueueName"]}}]
     assert alarm["Threshold"] == 0 and alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    # Issue 24 item 9: an alarm notifies on a change of state only. On the queue's depth it would stay in
+    # ALARM while a dead letter sits there (14 days), and later dead letters would pass in silence; on
+    # the messages sent in each period it breaches for each new one and returns to OK in between.
+    assert alarm["Namespace"] == "AWS/SQS"
+    assert (alarm["MetricName"], alarm["Statistic"]) == ("NumberOfMessagesSent", "Sum")
+    assert alarm["TreatMissingData"] == "notBreaching" and alarm["EvaluationPeriods"] == 1
     # Optional e-mail.
     assert cfn["Parameters"]["AlertEmail"]["Default"] == ""
     sub = res["AlertEmailSubscription"]
