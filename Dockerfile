@@ -3,6 +3,10 @@
 # pogona-train: the YOLO training job image (linux/amd64; NVIDIA GPU; the CPU only where no GPU was given).
 #   docker build -t pogona-train:0.1.0 .
 #   docker run --rm --gpus all --shm-size=8g --env-file job.env pogona-train:0.1.0
+#   read-only, with the work dir in memory: the tmpfs must belong to the job's user (USER below), else
+#   the job stops with exit 2 (podman's and docker's tmpfs are root-owned by default):
+#   podman run --rm --device nvidia.com/gpu=all --shm-size=8g --read-only \
+#     --tmpfs /work:rw,uid=10001,gid=10001,mode=0750 --env-file job.env pogona-train:0.1.0
 #
 # Base: the official PyTorch CUDA runtime image, pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 # (Ubuntu 22.04; conda's CPython 3.11 in /opt/conda, which holds torch 2.9.1 + torchvision 0.24.1
@@ -98,10 +102,12 @@ RUN groupadd --system --gid 10001 pogona \
       --shell /usr/sbin/nologin pogona \
  && install -d -o 10001 -g 10001 -m 0750 /work
 
-# Weights stay root-owned (read-only to the job); the config dir is the job's (settings, DDP files).
+# Everything baked stays root-owned and read-only to the job, as under a read-only root filesystem:
+# the entrypoint gives ultralytics a writable copy of its config dir in the work dir (settings.json,
+# and the DDP scratch files of multi-GPU training, Ultralytics/DDP).
 COPY --from=assets /opt/ultralytics/weights /opt/ultralytics/weights
 COPY --from=assets /opt/ultralytics/assets.json /opt/ultralytics/assets.json
-COPY --from=assets --chown=10001:10001 /opt/ultralytics/Ultralytics /opt/ultralytics/Ultralytics
+COPY --from=assets /opt/ultralytics/Ultralytics /opt/ultralytics/Ultralytics
 
 # The job itself, into the same venv (the wheel is mounted from builder, not copied into a layer).
 RUN --mount=type=bind,from=builder,source=/dist,target=/tmp/dist \
