@@ -850,6 +850,7 @@ def test_kept_resources_do_not_block_a_redeploy(cfn: dict[str, Any]) -> None:
         if value is None:
             continue
         # Only a name a parameter gives, and omitted (AWS::NoValue) while that parameter is empty.
+        assert isinstance(value, dict) and "Fn::If" in value, f"{name}: a fixed {prop} breaks the next deploy"
         condition, given, otherwise = value["Fn::If"]
         assert otherwise == {"Ref": "AWS::NoValue"}, name
         param = given["Ref"]

@@ -269,7 +269,9 @@ def test_listing_reads_and_writes_stay_in_their_prefixes(template: dict[str, Any
     data, dprefix = params["DatasetBucket"], params["DatasetPrefix"]
     out, oprefix = params["OutputBucket"], params["OutputPrefix"]
     allowed = [
+        _s3("s3:ListBucket", data, **{"s3:prefix": dprefix}),  # storage.check_bucket, before any work
         _s3("s3:ListBucket", data, **{"s3:prefix": f"{dprefix}/"}),  # the dataset pull
+        _s3("s3:ListBucket", out, **{"s3:prefix": oprefix}),
         _s3("s3:ListBucket", out, **{"s3:prefix": f"{oprefix}/"}),  # `runs`, checkpoint sets
         _s3("s3:GetObject", data, f"{dprefix}/images/train/a.jpg"),
         _s3("s3:GetObject", out, f"{oprefix}/{RUN}/checkpoint/full/12/last.pt"),
