@@ -1438,7 +1438,10 @@ def _event_matches(pattern: dict[str, Any], event: dict[str, Any]) -> bool:
 
     def value_matches(rule: Any, value: Any) -> bool:
         if isinstance(rule, dict) and "anything-but" in rule:
-            return value is not None and value not in _as_list(rule["anything-but"])
+            excluded = rule["anything-but"]
+            if isinstance(excluded, dict):  # {"anything-but": {"prefix": ...}}
+                return isinstance(value, str) and not value.startswith(excluded["prefix"])
+            return value is not None and value not in _as_list(excluded)
         return bool(rule == value)
 
     for key, want in pattern.items():
@@ -1490,6 +1493,8 @@ def test_alerts_fire_for_failures_and_blocked_queues_but_not_for_the_spot_fallba
         (_batch_event(change, "OnDemandJobQueue", "FAILED", "Essential container in task exited"), True, False),
         (_batch_event(change, "JobQueue", "SUCCEEDED", "Essential container in task exited"), False, False),
         (_batch_event(blocked, "JobQueue", "RUNNABLE", "MISCONFIGURATION:SOMETHING_NEW"), True, False),
+        # Waiting for Spot capacity is the expected way into the fallback, not an alert.
+        (_batch_event(blocked, "JobQueue", "RUNNABLE", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"), False, False),
         (_batch_event(blocked, "OnDemandJobQueue", "RUNNABLE", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"), True, False),
         (_batch_event(change, "SomeOtherQueue", "FAILED", "Essential container in task exited"), False, False),
     ]
