@@ -1,4 +1,4 @@
-"""Structural tests of the image and the cloud infrastructure (issues #6, #15).
+"""Structural tests of the image and the cloud infrastructure (issues #6, #15, 24).
 
 There is no Docker engine and no cloud here, so these tests read the Dockerfile, the
 entrypoint, the CloudFormation template and the Kubernetes manifests and check the properties
@@ -8,7 +8,8 @@ derived from the code (`known_env_names()`, the `JobError` classes), never copie
 knob or exit code that the infrastructure does not carry fails here.
 
 The linters (hadolint, cfn-lint, kubernetes-validate, yamllint, checkov, shellcheck) run in
-`infra/validate.sh`; the entrypoint is exercised for real against a stub job. Facts about AWS
+`infra/validate.sh`; the entrypoint is exercised for real against a stub job. What the job role's
+IAM policy allows is put to a policy evaluator in tests/test_infra_iam.py. Facts about AWS
 (which region offers which instance type) come from cfn-lint's own data, in the validators'
 venv that `make tools` creates: these tests need it and say so when it is missing.
 """
@@ -1076,6 +1077,15 @@ def test_ultralytics_writes_its_state_under_the_work_dir(tmp_path: Path, cronjob
     assert seen["weights"] == "/opt/ultralytics/weights", "the baked settings (weights dir) must carry over"
     assert seen["font"] == str(baked / "Ultralytics" / "Arial.ttf")
     assert sorted(p.relative_to(baked) for p in baked.rglob("*")) == before, "nothing may be written to the image"
+    # In the image: the entrypoint's baked dir is the one the Dockerfile bakes and names, and it stays
+    # root-owned (read-only to the job, as a read-only root filesystem makes it anyway).
+    parser = DockerfileParser(path=str(DOCKERFILE), cache_content=True)
+    parser.content = DOCKERFILE.read_text(encoding="utf-8")
+    final = _final_stage(parser)
+    default = re.search(r"IMAGE_ULTRALYTICS_DIR:-([^}]+)\}", ENTRYPOINT.read_text(encoding="utf-8"))
+    assert default and _stage_env(final)["YOLO_CONFIG_DIR"] == default.group(1)
+    baked_copies = [c for c in _values(final, "COPY") if f"{default.group(1)}/Ultralytics" in c]
+    assert baked_copies and not any("--chown" in c for c in baked_copies)
     # On Kubernetes the root filesystem is read-only and the work dir is a volume.
     container = _container(cronjob)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
