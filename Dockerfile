@@ -1,8 +1,10 @@
-# syntax=docker/dockerfile:1.7
-#
 # pogona-train: the YOLO training job image (linux/amd64; NVIDIA GPU; the CPU only where no GPU was given).
 #   docker build -t pogona-train:0.1.0 .
 #   docker run --rm --gpus all --shm-size=8g --env-file job.env pogona-train:0.1.0
+#   read-only, with the work dir in memory: the tmpfs must belong to the job's user (USER below), else
+#   the job stops with exit 2 (podman's and docker's tmpfs are root-owned by default):
+#   podman run --rm --device nvidia.com/gpu=all --shm-size=8g --read-only \
+#     --tmpfs /work:rw,uid=10001,gid=10001,mode=0750 --env-file job.env pogona-train:0.1.0
 #
 # Base: the official PyTorch CUDA runtime image, pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 # (Ubuntu 22.04; conda's CPython 3.11 in /opt/conda, which holds torch 2.9.1 + torchvision 0.24.1
@@ -13,6 +15,11 @@
 # makes a host whose driver is too old for CUDA 12.8 (< R570) refuse to start the container
 # instead of silently training on the CPU. The toolkit's CDI mode does not check it
 # (nvidia-container-toolkit#1470): there the job itself refuses a GPU it cannot use (exit 2).
+#
+# Builders: no `# syntax=` line, so BuildKit uses the Dockerfile frontend built into it and fetches no
+# frontend image at build time (mirror-only and offline builders work). What this file uses beyond
+# plain Dockerfile - `RUN --mount=type=bind` and `COPY --chmod` - is in that built-in frontend since
+# Docker Engine 23 / BuildKit 0.11 (the default builder there), and in buildah/podman >= 4.
 #
 # Pinning: exact tag + digest. The digest is the one several public Dockerfiles record for this
 # tag; it was NOT verified against Docker Hub from the offline environment this file was written
@@ -44,11 +51,14 @@ COPY docker/requirements.lock docker/requirements.lock
 # packages (numpy, pyyaml, requests, ...), which fails on those without a RECORD file and would
 # change the base's own tooling. --without-pip: the venv runs the base's pip (visible through the
 # system site-packages) and needs no ensurepip.
-# --no-deps: the lock plus the base is the complete closure; `pip check` proves it consistent,
-# including every locked package's requirement on torch/torchvision against the base's versions.
+# --no-deps: the lock plus the base is the complete closure. --require-hashes: each file must have
+# the sha256 the lock records, so a re-uploaded or substituted artifact fails the build. Whether
+# the closure is consistent (every requirement of the job and its dependencies, torch/torchvision
+# from the base included) is checked once the job is installed (runtime stage, docker/check_env.py);
+# `pip check` is not used: it also judges the base's own conda packages, which the job never runs,
+# against the lock's newer versions of shared packages.
 RUN /opt/conda/bin/python -m venv --system-site-packages --without-pip /opt/venv \
- && /opt/venv/bin/python -m pip install --no-cache-dir --no-deps -r docker/requirements.lock \
- && /opt/venv/bin/python -m pip check \
+ && /opt/venv/bin/python -m pip install --no-cache-dir --no-deps --require-hashes -r docker/requirements.lock \
  && /opt/venv/bin/python -c "import sys, torch, torchvision; \
 assert sys.version_info[:2] == (3, 11), sys.version; \
 assert torch.__version__.startswith('2.9.1') and torch.version.cuda == '12.8', (torch.__version__, torch.version.cuda); \
@@ -98,14 +108,19 @@ RUN groupadd --system --gid 10001 pogona \
       --shell /usr/sbin/nologin pogona \
  && install -d -o 10001 -g 10001 -m 0750 /work
 
-# Weights stay root-owned (read-only to the job); the config dir is the job's (settings, DDP files).
+# Everything baked stays root-owned and read-only to the job, as under a read-only root filesystem:
+# the entrypoint gives ultralytics a writable copy of its config dir in the work dir (settings.json,
+# and the DDP scratch files of multi-GPU training, Ultralytics/DDP).
 COPY --from=assets /opt/ultralytics/weights /opt/ultralytics/weights
 COPY --from=assets /opt/ultralytics/assets.json /opt/ultralytics/assets.json
-COPY --from=assets --chown=10001:10001 /opt/ultralytics/Ultralytics /opt/ultralytics/Ultralytics
+COPY --from=assets /opt/ultralytics/Ultralytics /opt/ultralytics/Ultralytics
 
-# The job itself, into the same venv (the wheel is mounted from builder, not copied into a layer).
+# The job itself, into the same venv (the wheel is mounted from builder, not copied into a layer),
+# then the check that its whole closure is installed at versions that satisfy every requirement.
 RUN --mount=type=bind,from=builder,source=/dist,target=/tmp/dist \
+    --mount=type=bind,source=docker/check_env.py,target=/tmp/check_env.py \
     /opt/venv/bin/python -m pip install --no-cache-dir --no-deps /tmp/dist/*.whl \
+ && /opt/venv/bin/python /tmp/check_env.py pogona-train \
  && /opt/venv/bin/pogona-job --help > /dev/null
 COPY --chmod=0755 docker/entrypoint.sh /app/docker/entrypoint.sh
 

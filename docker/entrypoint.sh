@@ -17,12 +17,25 @@ set -eu
 : "${PYTHONUNBUFFERED:=1}"       # log lines reach `docker logs` / CloudWatch immediately
 export YOLO_OFFLINE MKL_THREADING_LAYER PYTHONUNBUFFERED
 
-# The image bakes ultralytics' settings, font and weights under /opt/ultralytics and sets
-# YOLO_CONFIG_DIR to it. Elsewhere, use that dir only if it exists; otherwise leave the choice
-# of a job-owned config dir to the job.
-baked_config=/opt/ultralytics
-if [ -z "${YOLO_CONFIG_DIR:-}" ] && [ -f "$baked_config/Ultralytics/settings.json" ]; then
+# The image bakes ultralytics' settings, fonts and weights under /opt/ultralytics and sets
+# YOLO_CONFIG_DIR to it. But ultralytics also WRITES under $YOLO_CONFIG_DIR/Ultralytics while it
+# runs - the DDP launcher's script and state for multi-GPU training (Ultralytics/DDP), settings.json
+# when it changes - and with a read-only root filesystem (Kubernetes readOnlyRootFilesystem) that
+# fails. So ultralytics gets a config dir in the job's work dir (a writable volume everywhere the job
+# runs): the baked settings.json copied (its weights_dir still names the baked weights), the fonts
+# linked (only ever read). The baked dir itself stays read-only. A YOLO_CONFIG_DIR the caller chose
+# is left alone; outside the image (no baked settings) the job picks its own dir.
+baked_config=${IMAGE_ULTRALYTICS_DIR:-/opt/ultralytics}
+if [ "${YOLO_CONFIG_DIR:-$baked_config}" = "$baked_config" ] && [ -f "$baked_config/Ultralytics/settings.json" ]; then
+    state=${POGONA_WORK_DIR:-/work}/.ultralytics
     YOLO_CONFIG_DIR=$baked_config
+    if mkdir -p "$state/Ultralytics" 2>/dev/null &&
+        cp "$baked_config/Ultralytics/settings.json" "$state/Ultralytics/settings.json" 2>/dev/null; then
+        for font in "$baked_config"/Ultralytics/*.ttf; do
+            if [ -f "$font" ]; then ln -sf "$font" "$state/Ultralytics/"; fi
+        done
+        YOLO_CONFIG_DIR=$state
+    fi  # else the work dir is not writable: the job itself stops on that with a clear exit 2
     export YOLO_CONFIG_DIR
 fi
 

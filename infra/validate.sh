@@ -8,7 +8,9 @@
 #
 # The validators live in their own virtualenv (default: .venv-tools at the repository root),
 # pinned by infra/requirements-tools.txt and rebuilt only when that file changes (a stamp
-# holds its sha256). Only --install uses the package index (`make tools`, which `make test`
+# holds its sha256). The IAM policy evaluator the tests use (@cloud-copilot/iam-simulate, npm,
+# pinned with integrity hashes by infra/iam/package-lock.json) goes into $TOOLS_VENV/iam with
+# `npm ci`, under the same stamp; it needs the machine's Node.js (>= 18) and npm. Only --install uses the package index (`make tools`, which `make test`
 # and `make infra-validate` run first); the checks themselves never touch the network: without
 # an up-to-date venv they stop and say so (checkov runs with --skip-download; the others bundle
 # their schemas). tests/test_infra.py reads cfn-lint's region data from the same venv.
@@ -29,6 +31,7 @@ cd "$ROOT"
 
 TOOLS_VENV=${TOOLS_VENV:-$ROOT/.venv-tools}
 REQUIREMENTS=infra/requirements-tools.txt
+IAM_LOCK=(infra/iam/package.json infra/iam/package-lock.json)
 K8S_VERSIONS=${K8S_VERSIONS:-"1.29.0 1.37.0"}   # oldest with podReplacementPolicy, newest bundled
 
 DOCKERFILE=Dockerfile
@@ -52,11 +55,16 @@ pick_python() {
     return 1
 }
 
+# One hash for everything the venv is built from: a change to either pin set rebuilds it.
+tools_hash() {
+    cat "$REQUIREMENTS" "${IAM_LOCK[@]}" | sha256sum | cut -d' ' -f1
+}
+
 tools_current() {
     local want have stamp="$TOOLS_VENV/.requirements.sha256"
-    want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
+    want=$(tools_hash)
     have=$(cat "$stamp" 2>/dev/null || true)
-    [[ -x $TOOLS_VENV/bin/python && $want == "$have" ]]
+    [[ -x $TOOLS_VENV/bin/python && -d $TOOLS_VENV/iam/node_modules && $want == "$have" ]]
 }
 
 install_tools() {
@@ -65,12 +73,20 @@ install_tools() {
         log "validate: $TOOLS_VENV is up to date with $REQUIREMENTS"
         return 0
     fi
-    want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
+    want=$(tools_hash)
     python=$(pick_python)
     log "validate: installing the validators into $TOOLS_VENV (once per change of $REQUIREMENTS)"
     rm -f "$stamp"
     "$python" -m venv "$TOOLS_VENV"
     "$TOOLS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+    if ! command -v npm >/dev/null 2>&1; then
+        log "validate: npm (Node.js >= 18) is needed for the IAM policy evaluator the tests use"
+        return 1
+    fi
+    mkdir -p "$TOOLS_VENV/iam"
+    cp "${IAM_LOCK[@]}" "$TOOLS_VENV/iam/"
+    # ci: exactly the lock, integrity-checked; no install scripts run.
+    npm ci --prefix "$TOOLS_VENV/iam" --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error
     printf '%s\n' "$want" >"$stamp"
 }
 

@@ -1,4 +1,4 @@
-"""Structural tests of the image and the cloud infrastructure (issues #6, #15).
+"""Structural tests of the image and the cloud infrastructure (issues #6, #15, 24).
 
 There is no Docker engine and no cloud here, so these tests read the Dockerfile, the
 entrypoint, the CloudFormation template and the Kubernetes manifests and check the properties
@@ -8,7 +8,8 @@ derived from the code (`known_env_names()`, the `JobError` classes), never copie
 knob or exit code that the infrastructure does not carry fails here.
 
 The linters (hadolint, cfn-lint, kubernetes-validate, yamllint, checkov, shellcheck) run in
-`infra/validate.sh`; the entrypoint is exercised for real against a stub job. Facts about AWS
+`infra/validate.sh`; the entrypoint is exercised for real against a stub job. What the job role's
+IAM policy allows is put to a policy evaluator in tests/test_infra_iam.py. Facts about AWS
 (which region offers which instance type) come from cfn-lint's own data, in the validators'
 venv that `make tools` creates: these tests need it and say so when it is missing.
 """
@@ -195,10 +196,9 @@ def test_base_is_the_pytorch_cuda_runtime_the_lock_was_made_for(dockerfile: Dock
     assert f"torchvision.__version__.startswith('{lock.BASE_PROVIDES['torchvision']}')" in deps
     major, minor = lock.BASE_PYTHON.split(".")
     assert f"sys.version_info[:2] == ({major}, {minor})" in deps
-    # The lock goes in with --no-deps (never a resolver that could replace the base's torch),
-    # then `pip check` validates it against the base, in a venv that sees the base's packages.
+    # The lock goes in with --no-deps (never a resolver that could replace the base's torch), into a
+    # venv that sees the base's packages; its consistency is docker/check_env.py's (test below).
     assert re.search(r"pip install [^&]*--no-deps [^&]*-r docker/requirements\.lock", deps)
-    assert deps.index("-r docker/requirements.lock") < deps.index("pip check")
     assert "--system-site-packages" in deps
     # The driver requirement follows the base's CUDA: an older driver refuses to start the container.
     env = _stage_env(_final_stage(dockerfile))
@@ -269,14 +269,108 @@ def test_dockerignore_keeps_what_the_build_copies(dockerfile: DockerfileParser) 
             assert not hit, f".dockerignore pattern {pattern!r} drops {source!r}, which the build copies"
 
 
-def _lock_pins() -> dict[str, str]:
-    pins: dict[str, str] = {}
-    for line in LOCK.read_text(encoding="utf-8").splitlines():
+def _lock_entries() -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, sha256 hashes), from the lock's requirement lines (continuations joined)."""
+    text = LOCK.read_text(encoding="utf-8").replace("\\\n", " ")
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
         if line.strip() and not line.startswith("#"):
-            name, sep, version = line.partition("==")
+            spec, *options = shlex.split(line)
+            name, sep, version = spec.partition("==")
             assert sep and version, f"lock line {line!r} is not an exact pin"
-            pins[canonicalize_name(name)] = version
-    return pins
+            hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=sha256:")]
+            assert len(hashes) == len(options), f"lock line {line!r}: only --hash options are expected"
+            entries[canonicalize_name(name)] = (version, hashes)
+    return entries
+
+
+def _lock_pins() -> dict[str, str]:
+    return {name: version for name, (version, _) in _lock_entries().items()}
+
+
+def _pip_install_args(run: str) -> list[list[str]]:
+    """The arguments of each `pip install` in a RUN (shell words, && chains split)."""
+    words = shlex.split(run.replace("\\\n", " "))
+    out: list[list[str]] = []
+    current: list[str] | None = None
+    previous = ""
+    for word in [*words, "&&"]:
+        if word in ("&&", "||", ";"):
+            if current is not None:
+                out.append(current)
+            current = None
+        elif current is not None:
+            current.append(word)
+        elif word == "install" and previous == "pip":
+            current = []
+        previous = word
+    return out
+
+
+def test_the_lock_installs_with_verified_hashes(dockerfile: DockerfileParser) -> None:
+    """Issue 24 item 8: pins without hashes trust whatever the index serves under that version."""
+    for name, (_, hashes) in _lock_entries().items():
+        assert hashes, f"{name}: no --hash in docker/requirements.lock (regenerate: docker/make_lock.py --wheels)"
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
+    installs = [args for run in _values(dockerfile.structure, "RUN") for args in _pip_install_args(run)]
+    lock_installs = [args for args in installs if "docker/requirements.lock" in args]
+    assert lock_installs, "the Dockerfile no longer installs the lock"
+    for args in lock_installs:
+        assert "--require-hashes" in args and "--no-deps" in args, args
+    # Nothing else is installed from an index: only the job's own wheel, built from this checkout.
+    for args in installs:
+        if args not in lock_installs:
+            assert [a for a in args if not a.startswith("-")] == ["/tmp/dist/*.whl"], args
+
+
+def test_the_build_checks_the_jobs_closure_not_the_bases_tooling(dockerfile: DockerfileParser) -> None:
+    """Issue 24 item 8: `pip check` would also judge the base's conda packages (conda, its solver) against
+    the lock's newer versions of shared packages; the image checks what the job needs instead."""
+    runs = _values(_final_stage(dockerfile), "RUN")
+    every_run = _values(dockerfile.structure, "RUN")
+    assert not any(re.search(r"\bpip\s+check\b", run) for run in every_run), "pip check judges the base's own packages"
+    (install,) = [run for run in runs if "/tmp/dist/*.whl" in run]
+    assert re.search(r"--mount=type=bind,source=docker/check_env\.py,target=(\S+)", install)
+    target = re.search(r"target=(/tmp/check_env\.py)", install)
+    assert target and install.index("/tmp/dist/*.whl") < install.index(f"{target.group(1)} pogona-train")
+
+
+def test_the_closure_check_passes_here_and_catches_conflicts(tmp_path: Path) -> None:
+    """docker/check_env.py against this venv (consistent) and against made-up installations."""
+    spec = importlib.util.spec_from_file_location("check_env", ROOT / "docker" / "check_env.py")
+    assert spec and spec.loader
+    check_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_env)
+    assert check_env.unmet("pogona-train") == []
+
+    def dist(name: str, version: str, *requires: str) -> None:
+        info = tmp_path / f"{name}-{version}.dist-info"
+        info.mkdir()
+        lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+        lines += [f"Requires-Dist: {r}" for r in requires]
+        (info / "METADATA").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    dist("job", "1.0", "lib>=2", "torch>=2.5", "extra-only; extra == 'dev'")
+    dist("lib", "2.1", "leaf<3")
+    dist("leaf", "3.0")  # too new for lib: a conflict inside the closure
+    dist("torch", "2.9.1")
+    dist("conda", "24.1", "leaf<1")  # the base's own tooling: outside the closure, not judged
+    problems = check_env.unmet("job", path=[str(tmp_path)])
+    assert problems == ["lib requires leaf<3, but 3.0 is installed"]
+    dist("other", "1.0", "missing-lib")
+    assert check_env.unmet("other", path=[str(tmp_path)]) == ["missing-lib (required by other) is not installed"]
+
+
+def test_no_frontend_image_is_fetched_at_build_time() -> None:
+    """Issue 24 item 8: a `# syntax=` directive makes BuildKit pull that frontend image from a registry."""
+    first_lines = DOCKERFILE.read_text(encoding="utf-8").splitlines()
+    directives = []
+    for line in first_lines:  # parser directives: leading `# key=value` comments only
+        match = re.match(r"#\s*([A-Za-z]+)\s*=", line)
+        if not match:
+            break
+        directives.append(match.group(1).lower())
+    assert "syntax" not in directives
 
 
 def test_lock_pins_every_runtime_dependency() -> None:
@@ -619,7 +713,8 @@ def test_retry_strategy(cfn: dict[str, Any]) -> None:
 def test_gpu_memory_shm_and_timeout(cfn: dict[str, Any]) -> None:
     container = _job_container(cfn)
     requirements = {r["Type"]: r["Value"] for r in container["ResourceRequirements"]}
-    assert requirements["GPU"] == "1"
+    assert requirements["GPU"] == {"Ref": "GpuCount"}
+    assert cfn["Parameters"]["GpuCount"]["Default"] == 1
     assert "VCPU" in requirements and "MEMORY" in requirements
     shm = container["LinuxParameters"]["SharedMemorySize"]
     assert int(cfn["Parameters"][shm["Ref"]]["Default"]) >= 1024, "/dev/shm for dataloader workers"
@@ -630,22 +725,31 @@ def test_gpu_memory_shm_and_timeout(cfn: dict[str, Any]) -> None:
 
 
 def test_start_up_failures_without_an_exit_code_are_retried_and_bad_images_are_not(cfn: dict[str, Any]) -> None:
-    """Issue #15 item 5: AWS's own examples retry the agent's transient start-up failures."""
+    """Issue #15 item 5: AWS's own examples retry the agent's transient start-up failures.
+
+    Issue 24 item 4: CannotPullContainerError is one reason for a missing tag and for transient pull
+    failures alike (throttling, a cancelled context, a full disk), so no rule may end the job on it:
+    the attempt count bounds a tag that really is missing."""
     rules = cfn["Resources"]["JobDefinition"]["Properties"]["RetryStrategy"]["EvaluateOnExit"]
     transient = [
         ("CannotInspectContainerError: Could not transition to inspecting; timed out after waiting 30s", None),
         ("DockerTimeoutError: Could not transition to started; timed out after waiting 3m0s", None),
         (None, "Task failed to start"),
         ("AGENT", None),
+        # The ECS agent's wording for registry throttling, a cancelled pull and a full disk.
+        ("CannotPullContainerError: toomanyrequests: Rate exceeded", None),
+        ("CannotPullContainerError: context canceled", None),
+        ("CannotPullContainerError: failed to register layer: write /var/lib/docker: no space left on device", None),
+        ("CannotPullContainerError: pull image manifest has been retried 5 time(s): not found", None),
     ]
     for reason, status_reason in transient:
         assert _batch_decision(rules, None, status_reason=status_reason, reason=reason) == "RETRY", reason
-    # Deterministic: the same image or the same AMI fails the same way on every attempt.
-    for reason in (
-        "CannotPullContainerError: pull image manifest has been retried 5 time(s): not found",
-        "CannotStartContainerError: Error response from daemon: unsatisfied condition: cuda>=12.8",
-    ):
-        assert _batch_decision(rules, None, status_reason="Task failed to start", reason=reason) == "EXIT", reason
+        assert _batch_decision(rules, None, status_reason="Task failed to start", reason=reason) == "RETRY", reason
+    attempts = cfn["Parameters"][cfn["Resources"]["JobDefinition"]["Properties"]["RetryStrategy"]["Attempts"]["Ref"]]
+    assert int(attempts["Default"]) <= 5, "a missing tag is retried: keep the attempts (and the cost) bounded"
+    # Deterministic: the same AMI fails the same way on every attempt.
+    reason = "CannotStartContainerError: Error response from daemon: unsatisfied condition: cuda>=12.8"
+    assert _batch_decision(rules, None, status_reason="Task failed to start", reason=reason) == "EXIT", reason
 
 
 def _compute(cfn: dict[str, Any], queue: str) -> list[dict[str, Any]]:
@@ -697,10 +801,62 @@ def test_spot_capacity_shortage_falls_back_to_on_demand(cfn: dict[str, Any]) -> 
     assert submit["JobQueue"] == "${JobQueue}"
 
 
+def test_the_on_demand_resubmission_resumes_the_same_run(cfn: dict[str, Any]) -> None:
+    """Issue 24 item 3: a Spot job retried after a reclaim can be cancelled while it waits for capacity;
+    the resubmitted job has a new AWS_BATCH_JOB_ID, so unless POGONA_RUN_ID names the old one, the run
+    restarts at epoch 0 and its checkpoints are orphaned."""
+    target = cfn["Resources"]["SpotFallbackRule"]["Properties"]["Targets"][0]
+    transformer = target["InputTransformer"]
+    paths = transformer["InputPathsMap"]
+    # The template as EventBridge fills it for one event (an unquoted placeholder becomes a JSON value).
+    event = {"detail": {"jobId": "5d6a8c1e-old-job", "status": "FAILED", "statusReason": SPOT_CAPACITY_CANCEL}}
+
+    def lookup(path: str) -> Any:
+        value: Any = event
+        for part in path.removeprefix("$.").split("."):
+            value = value[part]
+        return value
+
+    filled = re.sub(
+        r"<([A-Za-z0-9_.-]+)>", lambda m: json.dumps(lookup(paths[m.group(1)])), transformer["InputTemplate"]
+    )
+    submitted = json.loads(filled)
+    # SubmitJob's containerOverrides, with the capitalised member names a Batch target takes.
+    assert submitted == {
+        "ContainerOverrides": {"Environment": [{"Name": "POGONA_RUN_ID", "Value": "5d6a8c1e-old-job"}]}
+    }
+    assert env_name("run_id") == "POGONA_RUN_ID", "the job must read the variable the fallback sets"
+    # The job definition leaves POGONA_RUN_ID unset by default, so the override is the only value.
+    assert cfn["Parameters"]["PogonaRunId"]["Default"] == ""
+
+
 def test_ecr_repository(cfn: dict[str, Any]) -> None:
     repo = cfn["Resources"]["Repository"]["Properties"]
     assert repo["ImageTagMutability"] == "IMMUTABLE"
     assert repo["ImageScanningConfiguration"]["ScanOnPush"] is True
+
+
+# A physical name of each type, as the resource's property.
+_NAME_PROPERTIES = {"AWS::ECR::Repository": "RepositoryName", "AWS::Logs::LogGroup": "LogGroupName"}
+
+
+def test_kept_resources_do_not_block_a_redeploy(cfn: dict[str, Any]) -> None:
+    """Issue 24 item 9: a Retain resource outlives its stack; if its name is fixed, the next deploy of the
+    stack after a teardown fails with "already exists". By default such a name must be left to CloudFormation."""
+    for name, resource in cfn["Resources"].items():
+        if resource.get("DeletionPolicy") != "Retain":
+            continue
+        prop = _NAME_PROPERTIES.get(resource["Type"])
+        value = resource["Properties"].get(prop) if prop else None
+        if value is None:
+            continue
+        # Only a name a parameter gives, and omitted (AWS::NoValue) while that parameter is empty.
+        assert isinstance(value, dict) and "Fn::If" in value, f"{name}: a fixed {prop} breaks the next deploy"
+        condition, given, otherwise = value["Fn::If"]
+        assert otherwise == {"Ref": "AWS::NoValue"}, name
+        param = given["Ref"]
+        assert cfn["Conditions"][condition] == {"Fn::Not": [{"Fn::Equals": [{"Ref": param}, ""]}]}, name
+        assert cfn["Parameters"][param]["Default"] == "", f"{name}: a fixed default name breaks the next deploy"
 
 
 def _statements(role: dict[str, Any]) -> list[dict[str, Any]]:
@@ -734,13 +890,15 @@ def test_job_role_is_scoped_to_the_two_prefixes(cfn: dict[str, Any]) -> None:
     }
     for st in statements:
         resources = [r["Fn::Sub"] if isinstance(r, dict) and "Fn::Sub" in r else r for r in _as_list(st["Resource"])]
+        # Which requests these statements allow - listing, existence reads (404 vs 403), deletes - is
+        # put to an IAM policy evaluator in tests/test_infra_iam.py (issue 24 items 1 and 2).
         if "s3:ListBucket" in _as_list(st["Action"]):
-            assert "s3:prefix" in st["Condition"]["StringLike"], "listing must be limited to the prefix"
+            assert resources in (
+                ["arn:${AWS::Partition}:s3:::${DatasetBucket}"],
+                ["arn:${AWS::Partition}:s3:::${OutputBucket}"],
+            ), resources
         if "s3:PutObject" in _as_list(st["Action"]):
             assert resources == ["arn:${AWS::Partition}:s3:::${OutputBucket}/${OutputPrefix}/*"]
-        if "s3:DeleteObject" in _as_list(st["Action"]):
-            # The job deletes a finished run's checkpoint/ and releases its lease; nothing else.
-            assert all(r.endswith(("/*/checkpoint/*", "/*/lease.json")) for r in resources), resources
         if _as_list(st["Action"]) == ["s3:GetObject"]:
             assert resources == ["arn:${AWS::Partition}:s3:::${DatasetBucket}/${DatasetPrefix}/*"]
 
@@ -800,6 +958,138 @@ def test_cronjob_requests_one_gpu(cronjob: dict[str, Any]) -> None:
     resources = _container(cronjob)["resources"]
     assert str(resources["limits"]["nvidia.com/gpu"]) == "1"
     assert {"cpu", "memory"} <= set(resources["limits"]) and {"cpu", "memory"} <= set(resources["requests"])
+
+
+def _gib(quantity: str) -> float:
+    """A Kubernetes quantity in GiB (the suffixes these manifests use)."""
+    units = {"Gi": 1.0, "Mi": 1 / 1024, "G": 1e9 / 2**30, "M": 1e6 / 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * factor
+    return float(quantity) / 2**30
+
+
+# Issue 24 item 5. EKS managed node groups create a 20 GiB root volume unless told otherwise (the
+# node group's diskSize default), and so does Karpenter's default AL2023 EC2NodeClass; the kubelet
+# counts that whole disk, less its 10 % hard-eviction margin and a system reserve, as allocatable
+# ephemeral storage, and the scheduler does not subtract images. The image is ~7 GiB unpacked
+# (infra/aws/template.yaml's RootVolumeGiB says 6.5; the PyTorch CUDA base is most of it).
+DEFAULT_NODE_DISK_GIB = 20.0
+IMAGE_GIB = 7.0
+NODE_RESERVE_GIB = 0.1 * DEFAULT_NODE_DISK_GIB + 1.0  # eviction margin + kubelet/system reserve
+# What the job writes: the reference dataset (~3,000 images, 0.2 GiB, field notes) twice, plus runs,
+# weights, ONNX export and checkpoint copies.
+JOB_WRITES_GIB = 2 * 0.2 + 3.0
+
+
+def test_the_pod_fits_a_default_eks_node(cronjob: dict[str, Any]) -> None:
+    """A request above what a default node can offer leaves the pod Pending until activeDeadlineSeconds."""
+    resources = _container(cronjob)["resources"]
+    request = _gib(resources["requests"]["ephemeral-storage"])
+    assert request + IMAGE_GIB + NODE_RESERVE_GIB <= DEFAULT_NODE_DISK_GIB, f"{request} GiB never schedules"
+    assert request >= JOB_WRITES_GIB, "the request must cover what the job writes (or the node fills up)"
+    limit = _gib(resources["limits"]["ephemeral-storage"])
+    volumes = {v["name"]: v for v in _pod(cronjob)["volumes"]}
+    disk_volumes = sum(_gib(v["emptyDir"]["sizeLimit"]) for v in volumes.values() if "medium" not in v["emptyDir"])
+    assert request <= disk_volumes <= limit, "the emptyDirs on disk must fit the container's limit"
+    readme = (ROOT / "infra" / "k8s" / "README.md").read_text(encoding="utf-8")
+    assert "diskSize" in readme and "ephemeral-storage" in readme, "document the node disk the job needs"
+
+
+def test_gpu_count_and_device_list_agree(cfn: dict[str, Any], k8s: dict[str, dict[str, Any]]) -> None:
+    """Issue 24 item 7: the GPUs the platform gives and the devices the job trains on are one setting."""
+    # AWS: GpuCount is the Batch GPU requirement and, unless PogonaDevice overrides it, the device list.
+    container = _job_container(cfn)
+    assert {"Type": "GPU", "Value": {"Ref": "GpuCount"}} in container["ResourceRequirements"]
+    entry = next(e for e in container["Environment"] if "Fn::If" in e and e["Fn::If"][0] == "SetPogonaDevice")
+    assert entry["Fn::If"][1] == {"Name": "POGONA_DEVICE", "Value": {"Ref": "PogonaDevice"}}
+    fallback = entry["Fn::If"][2]
+    assert fallback["Name"] == "POGONA_DEVICE"
+    mapping, key, attribute = fallback["Value"]["Fn::FindInMap"]
+    assert key == {"Ref": "GpuCount"}
+    for count in cfn["Parameters"]["GpuCount"]["AllowedValues"]:
+        devices = cfn["Mappings"][mapping][str(count)][attribute]
+        assert devices == ",".join(str(i) for i in range(int(count))), count
+        assert Settings(device=devices).device == devices, "the job must accept the list"
+    # Kubernetes: one index per requested GPU.
+    cronjob = k8s["CronJob/pogona-train"]
+    gpus = int(_container(cronjob)["resources"]["limits"]["nvidia.com/gpu"])
+    devices = _config_map(k8s, cronjob)["POGONA_DEVICE"].split(",")
+    assert devices == [str(i) for i in range(gpus)]
+
+
+def test_podman_tmpfs_is_documented_for_the_job_user(dockerfile: DockerfileParser) -> None:
+    """Issue 24 item 9: podman's `--tmpfs /work` is root-owned; the job (USER 10001) then exits 2."""
+    uid, _, gid = _values(dockerfile.structure, "USER")[-1].partition(":")
+    work = _stage_env(_final_stage(dockerfile))["POGONA_WORK_DIR"]
+    for doc in (ROOT / "infra" / "k8s" / "README.md", DOCKERFILE):
+        text = doc.read_text(encoding="utf-8")
+        mounts = re.findall(rf"--tmpfs\s+{re.escape(work)}:([^\s`]+)", text)
+        assert mounts, f"{doc.name}: no --tmpfs {work} example"
+        for options in mounts:
+            opts = dict(o.partition("=")[::2] for o in options.split(","))
+            assert (opts.get("uid"), opts.get("gid")) == (uid, gid or uid), f"{doc.name}: {options}"
+
+
+def test_ultralytics_writes_its_state_under_the_work_dir(tmp_path: Path, cronjob: dict[str, Any]) -> None:
+    """Issue 24 item 7: with a read-only root filesystem, ultralytics' DDP launcher cannot create
+    $YOLO_CONFIG_DIR/Ultralytics/DDP in the image's /opt/ultralytics; the entrypoint moves that state
+    into the work dir, which is a writable volume on every platform."""
+    python = Path(sys.executable)
+    if not importlib.util.find_spec("ultralytics"):
+        pytest.skip("ultralytics is not installed next to this interpreter")
+    # A baked config dir as docker/fetch_assets.py leaves it: real settings, a font.
+    baked = tmp_path / "opt-ultralytics"
+    setup_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "YOLO_CONFIG_DIR": str(baked)}
+    setup_env["YOLO_OFFLINE"] = "true"
+    setup = "from ultralytics.utils import SETTINGS; SETTINGS.update(weights_dir='/opt/ultralytics/weights')"
+    subprocess.run([str(python), "-c", setup], env=setup_env, check=True, capture_output=True, timeout=120)
+    (baked / "Ultralytics" / "Arial.ttf").write_bytes(b"font")
+    before = sorted(p.relative_to(baked) for p in baked.rglob("*"))
+    # The job, replaced by what ultralytics' dist.generate_ddp_file does first.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    stub = bindir / "pogona-job"
+    stub.write_text(
+        f"#!{python}\n"
+        "import json, os\n"
+        "from ultralytics.utils import SETTINGS, USER_CONFIG_DIR\n"
+        "(USER_CONFIG_DIR / 'DDP').mkdir(exist_ok=True)\n"
+        "print(json.dumps({'config': str(USER_CONFIG_DIR), 'weights': SETTINGS['weights_dir'],"
+        " 'font': os.path.realpath(USER_CONFIG_DIR / 'Arial.ttf')}))\n",
+        encoding="utf-8",
+    )
+    stub.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {
+        "PATH": f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "HOME": str(tmp_path),
+        "IMAGE_ULTRALYTICS_DIR": str(baked),  # the image's /opt/ultralytics
+        "YOLO_CONFIG_DIR": str(baked),  # as the Dockerfile's ENV sets it
+        "POGONA_WORK_DIR": str(work),
+    }
+    done = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(seen["config"]).is_relative_to(work), seen
+    assert (Path(seen["config"]) / "DDP").is_dir()
+    assert seen["weights"] == "/opt/ultralytics/weights", "the baked settings (weights dir) must carry over"
+    assert seen["font"] == str(baked / "Ultralytics" / "Arial.ttf")
+    assert sorted(p.relative_to(baked) for p in baked.rglob("*")) == before, "nothing may be written to the image"
+    # In the image: the entrypoint's baked dir is the one the Dockerfile bakes and names, and it stays
+    # root-owned (read-only to the job, as a read-only root filesystem makes it anyway).
+    parser = DockerfileParser(path=str(DOCKERFILE), cache_content=True)
+    parser.content = DOCKERFILE.read_text(encoding="utf-8")
+    final = _final_stage(parser)
+    default = re.search(r"IMAGE_ULTRALYTICS_DIR:-([^}]+)\}", ENTRYPOINT.read_text(encoding="utf-8"))
+    assert default and _stage_env(final)["YOLO_CONFIG_DIR"] == default.group(1)
+    baked_copies = [c for c in _values(final, "COPY") if f"{default.group(1)}/Ultralytics" in c]
+    assert baked_copies and not any("--chown" in c for c in baked_copies)
+    # On Kubernetes the root filesystem is read-only and the work dir is a volume.
+    container = _container(cronjob)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "/work" in {m["mountPath"] for m in container["volumeMounts"]}
 
 
 def _k8s_decision(rules: list[dict[str, Any]], container: str, exit_code: int, disrupted: bool = False) -> str:
@@ -1000,7 +1290,12 @@ def test_the_job_is_told_its_instance_type_and_price(cfn: dict[str, Any], k8s: d
 
 def test_a_gpu_platform_pins_the_device(cfn: dict[str, Any], k8s: dict[str, dict[str, Any]]) -> None:
     """Item 2: with POGONA_DEVICE=0 an unusable GPU is exit 2 (tests/test_device_policy.py), not CPU training."""
-    assert cfn["Parameters"]["PogonaDevice"]["Default"] == "0"
+    # An empty PogonaDevice means "the GpuCount GPUs" (issue 24 item 7): 0 by default, never auto.
+    assert cfn["Parameters"]["PogonaDevice"]["Default"] == ""
+    entry = next(e for e in _job_container(cfn)["Environment"] if "Fn::If" in e and e["Fn::If"][0] == "SetPogonaDevice")
+    fallback = entry["Fn::If"][2]["Value"]["Fn::FindInMap"]
+    default_gpus = str(cfn["Parameters"]["GpuCount"]["Default"])
+    assert cfn["Mappings"][fallback[0]][default_gpus][fallback[2]] == "0"
     assert _config_map(k8s, k8s["CronJob/pogona-train"])["POGONA_DEVICE"] == "0"
     assert Settings(device="0").device == "0"
 
@@ -1147,18 +1442,98 @@ def test_readme_lists_the_deploy_prerequisites() -> None:
     assert "AWSServiceRoleForEC2Spot" in prereqs and "spot.amazonaws.com" in prereqs
 
 
+def _event_matches(pattern: dict[str, Any], event: dict[str, Any]) -> bool:
+    """EventBridge pattern semantics, the parts the template uses: a list of values (any matches),
+    nested objects, `anything-but`, and `$or` (any of the alternatives, each ANDed with the rest)."""
+
+    def value_matches(rule: Any, value: Any) -> bool:
+        if isinstance(rule, dict) and "anything-but" in rule:
+            excluded = rule["anything-but"]
+            if isinstance(excluded, dict):  # {"anything-but": {"prefix": ...}}
+                return isinstance(value, str) and not value.startswith(excluded["prefix"])
+            return value is not None and value not in _as_list(excluded)
+        return bool(rule == value)
+
+    for key, want in pattern.items():
+        if key == "$or":
+            if not any(_event_matches(alternative, event) for alternative in want):
+                return False
+        elif isinstance(want, dict):
+            if not isinstance(event.get(key), dict) or not _event_matches(want, event[key]):
+                return False
+        elif not any(value_matches(rule, event.get(key)) for rule in want):
+            return False
+    return True
+
+
+SPOT_CAPACITY_CANCEL = "Canceled by JobStateTimeLimit action due to reason: CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"
+
+
+def _batch_event(detail_type: str, queue: str, status: str, reason: str) -> dict[str, Any]:
+    """A Batch event as EventBridge delivers it (jobQueue stands for the queue's ARN, i.e. its Ref)."""
+    return {
+        "source": "aws.batch",
+        "detail-type": detail_type,
+        "detail": {"jobId": "4c7599ae", "jobQueue": {"Ref": queue}, "status": status, "statusReason": reason},
+    }
+
+
+def test_alerts_fire_for_failures_and_blocked_queues_but_not_for_the_spot_fallback(cfn: dict[str, Any]) -> None:
+    """Issue 24 items 6 and 9: a RUNNABLE job Batch cannot place alerts (it never FAILs unless a time-limit
+    action names its reason), and the Spot cancellation that SpotFallbackRule resubmits does not."""
+    res = cfn["Resources"]
+    alert = res["JobFailedRule"]["Properties"]["EventPattern"]
+    fallback = res["SpotFallbackRule"]["Properties"]["EventPattern"]
+    change, blocked = "Batch Job State Change", "Batch Job Queue Blocked"
+    cases = [  # event, alerts?, resubmitted On-Demand?
+        (_batch_event(change, "JobQueue", "FAILED", SPOT_CAPACITY_CANCEL), False, True),
+        (_batch_event(change, "JobQueue", "FAILED", "Essential container in task exited"), True, False),
+        (
+            _batch_event(
+                change,
+                "JobQueue",
+                "FAILED",
+                "Canceled by JobStateTimeLimit action due to reason: "
+                "MISCONFIGURATION:EC2_INSTANCE_CONFIGURATION_UNSUPPORTED",
+            ),
+            True,
+            False,
+        ),
+        (_batch_event(change, "OnDemandJobQueue", "FAILED", SPOT_CAPACITY_CANCEL), True, False),
+        (_batch_event(change, "OnDemandJobQueue", "FAILED", "Essential container in task exited"), True, False),
+        (_batch_event(change, "JobQueue", "SUCCEEDED", "Essential container in task exited"), False, False),
+        (_batch_event(blocked, "JobQueue", "RUNNABLE", "MISCONFIGURATION:SOMETHING_NEW"), True, False),
+        # Waiting for Spot capacity is the expected way into the fallback, not an alert.
+        (_batch_event(blocked, "JobQueue", "RUNNABLE", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"), False, False),
+        (_batch_event(blocked, "OnDemandJobQueue", "RUNNABLE", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"), True, False),
+        (_batch_event(change, "SomeOtherQueue", "FAILED", "Essential container in task exited"), False, False),
+    ]
+    for event, alerts, resubmitted in cases:
+        assert _event_matches(alert, event) is alerts, event
+        assert _event_matches(fallback, event) is resubmitted, event
+    # Every blocked reason Batch documents is cancelled after a while on both queues, so such a job ends
+    # FAILED (and alerts) instead of waiting forever; the blocked-queue event alerts the first time.
+    documented = {
+        "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY",
+        "MISCONFIGURATION:COMPUTE_ENVIRONMENT_MAX_RESOURCE",
+        "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT",
+        "MISCONFIGURATION:EC2_INSTANCE_CONFIGURATION_UNSUPPORTED",
+    }
+    for queue in ("JobQueue", "OnDemandJobQueue"):
+        actions = res[queue]["Properties"]["JobStateTimeLimitActions"]
+        assert {a["Reason"] for a in actions} == documented, queue
+        assert all(a["State"] == "RUNNABLE" and a["Action"] == "CANCEL" for a in actions)
+
+
 def test_failures_the_job_cannot_report_reach_an_alert_topic(cfn: dict[str, Any]) -> None:
     """Item 11: a dead-letter queue on the schedule, Batch FAILED events to SNS, optional e-mail."""
     res = cfn["Resources"]
     target = res["Schedule"]["Properties"]["Target"]
     assert target["DeadLetterConfig"]["Arn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
     assert res["DeadLetterQueue"]["Type"] == "AWS::SQS::Queue"
-    # Every FAILED job of both queues.
+    # Which events alert: test_alerts_fire_for_failures_and_blocked_queues_but_not_for_the_spot_fallback.
     rule = res["JobFailedRule"]["Properties"]
     assert rule["State"] == "ENABLED"
-    pattern = rule["EventPattern"]
-    assert pattern["source"] == ["aws.batch"] and pattern["detail-type"] == ["Batch Job State Change"]
-    assert pattern["detail"] == {"status": ["FAILED"], "jobQueue": [{"Ref": "JobQueue"}, {"Ref": "OnDemandJobQueue"}]}
     (alert,) = rule["Targets"]
     assert alert["Arn"] == {"Ref": "AlertTopic"}
     paths = alert["InputTransformer"]["InputPathsMap"]
@@ -1174,6 +1549,12 @@ def test_failures_the_job_cannot_report_reach_an_alert_topic(cfn: dict[str, Any]
     assert alarm["AlarmActions"] == [{"Ref": "AlertTopic"}]
     assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["DeadLetterQueue", "QueueName"]}}]
     assert alarm["Threshold"] == 0 and alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    # Issue 24 item 9: an alarm notifies on a change of state only. On the queue's depth it would stay in
+    # ALARM while a dead letter sits there (14 days), and later dead letters would pass in silence; on
+    # the messages sent in each period it breaches for each new one and returns to OK in between.
+    assert alarm["Namespace"] == "AWS/SQS"
+    assert (alarm["MetricName"], alarm["Statistic"]) == ("NumberOfMessagesSent", "Sum")
+    assert alarm["TreatMissingData"] == "notBreaching" and alarm["EvaluationPeriods"] == 1
     # Optional e-mail.
     assert cfn["Parameters"]["AlertEmail"]["Default"] == ""
     sub = res["AlertEmailSubscription"]
