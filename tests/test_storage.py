@@ -158,7 +158,7 @@ def test_dot_segments_in_the_dataset_uri_stop_the_cli_with_exit_2(tmp_path: Path
     assert not (tmp_path / "dst").exists()
 
 
-def test_cached_file_changed_on_disk_is_fetched_again(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_jobs_cached_file_changed_on_disk_is_fetched_again(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _tree(tmp_path / "src", n=3)
     dest = S3Path(BUCKET, "storage/bitflip")
     storage.push_tree(client, tmp_path / "src", dest)
@@ -167,7 +167,7 @@ def test_cached_file_changed_on_disk_is_fetched_again(client, tmp_path: Path) ->
     data = bytearray(local.read_bytes())
     data[0] ^= 0xFF  # one flipped byte, same length
     local.write_bytes(bytes(data))
-    again = pull.pull_prefix(client, dest, tmp_path / "dst")
+    again = pull.pull_prefix(client, dest, tmp_path / "dst", replace=True)  # as the job pulls into its cache
     assert again.fetched == 1
     assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
 
