@@ -146,6 +146,8 @@ def _execute(job: Job) -> None:
         log.info(
             "dataset pulled", files=result.files, bytes=result.bytes, fetched=result.fetched, cached=result.skipped
         )
+        for note in result.notes:  # files in the cache the pull did not write (or that changed): kept, said
+            log.warning("dataset cache", note=note)
         rec.dataset.update(uri=s.dataset_uri, fingerprint=result.fingerprint, files=result.files, bytes=result.bytes)
 
     with job.phase("stage"), job.stop.interruptible():

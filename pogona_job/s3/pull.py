@@ -86,7 +86,10 @@ def pull_prefix(
         raise ConfigError(f"Cannot create the folder {dest} to pull into: {exc.strerror}.") from None
     index = _read_index(dest)
     shutil.rmtree(dest / _PARTS, ignore_errors=True)  # left by a killed pull
-    _save_index(dest, index)  # the journal of a killed pull folded in
+    try:
+        _save_index(dest, index)  # the journal of a killed pull folded in
+    except OSError as exc:
+        raise ConfigError(f"Cannot write into {dest} to pull into it: {exc.strerror}.") from None
     notes: list[str] = []
     try:
         for attempt in (1, 2):

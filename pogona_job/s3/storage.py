@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-import threading
+import sys
 import urllib.request
 import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -122,34 +122,28 @@ def make_client(*, threads: int = 32, max_attempts: int = 5) -> S3Client:
     return client
 
 
-_probing = threading.local()
-
-
 def _one_region_probe(client: S3Client) -> None:
     """At most one HeadBucket asking where a bucket lives: a 301 without a region ends as exit 2, not a RecursionError.
 
-    botocore answers a redirect without `x-amz-bucket-region` by sending HeadBucket to learn the region; when
-    that HeadBucket is redirected the same way it asks again, from inside itself, until the stack runs out.
-    The nested probe is answered here with the 301 it would get, so the caller sees a plain 301 (`_refusal`).
+    botocore answers a redirect without `x-amz-bucket-region` by sending HeadBucket to learn the region
+    (`get_bucket_region`); when that HeadBucket is redirected the same way it asks again, from inside itself,
+    until the stack runs out. A probe sent from inside a probe is answered here with the 301 it would get,
+    so the caller sees a plain 301 (`_refusal`). Read from the call stack: no state to leak between calls.
     """
 
-    def before(context: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
-        if getattr(_probing, "depth", 0) > 0:
-            return AWSResponse("", 301, HTTPHeaders(), None), {
-                "Error": {"Code": "301", "Message": "Moved Permanently"},
-                "ResponseMetadata": {"HTTPStatusCode": 301, "HTTPHeaders": {}},
-            }
-        _probing.depth = 1
-        context["pogona_probe"] = True
-        return None
-
-    def after(context: dict[str, Any], **_: Any) -> None:
-        if context.pop("pogona_probe", False):
-            _probing.depth = 0
+    def before(**_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        frame, probes = sys._getframe(1), 0
+        while frame is not None:
+            probes += frame.f_code.co_name == "get_bucket_region"
+            frame = frame.f_back  # type: ignore[assignment]
+        if probes < 2:
+            return None
+        return AWSResponse("", 301, HTTPHeaders(), None), {
+            "Error": {"Code": "301", "Message": "Moved Permanently"},
+            "ResponseMetadata": {"HTTPStatusCode": 301, "HTTPHeaders": {}},
+        }
 
     client.meta.events.register("before-call.s3.HeadBucket", before)  # type: ignore[arg-type]
-    client.meta.events.register("after-call.s3.HeadBucket", after)
-    client.meta.events.register("after-call-error.s3.HeadBucket", after)
 
 
 def _timestamp(value: str) -> datetime:
