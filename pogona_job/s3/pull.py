@@ -2,8 +2,10 @@
 
 The listing is boto3's (storage.list_objects); the GETs are obstore's, `threads` at once on one
 event loop. What is job logic lives here: the cache index (what this pull wrote, with size, ETag
-and mtime), the content checks (size always; MD5 or the multipart ETag), the temp part files
-renamed into place only when checked, and pruning that touches only what the index names.
+and mtime; journalled a line per file, so a pull killed with -9 goes on where it stopped), the
+content checks (size always; MD5 or the multipart ETag), the temp part files renamed into place
+only when checked, and ownership: a file is the pull's only while its size and mtime are what the
+index recorded. Only those are pruned or replaced; the user's files are kept, and named.
 """
 
 from __future__ import annotations
