@@ -29,7 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("dataset", help="dataset tools").add_subparsers(dest="action", required=True)
     pull = ds.add_parser("pull", help="download POGONA_DATASET_URI into DEST (prunes only files it fetched)")
     pull.add_argument("dest", type=Path)
-    pull.add_argument("--force", action="store_true", help="pull into a non-empty DEST that no earlier pull wrote")
+    pull.add_argument(
+        "--force",
+        action="store_true",
+        help="pull into a non-empty DEST that no earlier pull wrote, and replace files there that the pull did not "
+        "write (or that changed since) when the bucket has an object of that name; nothing of yours is ever pruned",
+    )
     push = ds.add_parser("push", help="validate SRC, then upload it to POGONA_DATASET_URI (hidden/junk files skipped)")
     push.add_argument("src", type=Path)
     push.add_argument("--delete", action="store_true", help="also delete objects that SRC no longer has (listed)")
@@ -102,7 +107,7 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
     console = settings.log_format != "json"
     if args.action == "pull":
         dest: Path = args.dest
-        if dest.is_dir() and any(dest.iterdir()) and not (dest / storage.CACHE_INDEX).exists() and not args.force:
+        if dest.is_dir() and any(dest.iterdir()) and not pull.pulled_before(dest) and not args.force:
             print(
                 f"{dest} is not empty and no earlier pull wrote it: choose an empty folder, or pass --force "
                 "(files the pull did not fetch are never deleted).",
@@ -110,9 +115,14 @@ def _dataset(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
         with transfer_progress("pull", console=console, check=_stop_on_sigterm()) as progress:
-            result = pull.pull_prefix(client, uri, args.dest, threads=settings.s3_threads, progress=progress)
+            result = pull.pull_prefix(
+                client, uri, args.dest, threads=settings.s3_threads, progress=progress, replace=args.force
+            )
         log.info("dataset pulled", files=result.files, fetched=result.fetched, cached=result.skipped)
-        print(f"Pulled {uri.uri} into {args.dest}: {result.fetched} fetched, {result.skipped} already cached.")
+        for note in result.notes:
+            print(f"note: {note}")
+        kept = f", {len(result.notes)} of your files kept (noted above)" if result.notes else ""
+        print(f"Pulled {uri.uri} into {args.dest}: {result.fetched} fetched, {result.skipped} already cached{kept}.")
         return 0
     if _validate(args.src, settings) != 0:
         return 3

@@ -67,7 +67,8 @@ def parse_formats(value: str) -> list[str]:
 class Settings(BaseSettings):
     """Every knob of the job. Field docs become the README table."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+    # No knob means anything at infinity or NaN (and `Infinity` is not JSON: it would break the manifest).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, allow_inf_nan=False)
 
     # --- where things are ---------------------------------------------------------------
     dataset_uri: S3Uri | None = Field(
@@ -90,17 +91,17 @@ class Settings(BaseSettings):
     # --- training -----------------------------------------------------------------------
     model: str = Field("yolo11s.pt", description="pretrained weights name, a `.yaml` (from scratch), or an `s3://` URI")
     class_names: str = Field("pogona_head", description="comma-separated class names, in class-id order")
-    epochs: int = Field(60, ge=1, description="full-training epochs")
-    sanity_epochs: int = Field(3, ge=2, description="sanity epochs run before full training")
+    epochs: int = Field(60, ge=1, le=100_000, description="full-training epochs")
+    sanity_epochs: int = Field(3, ge=2, le=1000, description="sanity epochs run before full training")
     imgsz: int = Field(640, ge=32, le=4096, description="training image size (pixels)")
-    batch: int = Field(8, ge=-1, description="batch size; `-1` lets ultralytics' AutoBatch fill the GPU")
+    batch: int = Field(8, ge=-1, le=65_536, description="batch size; `-1` lets ultralytics' AutoBatch fill the GPU")
     device: str = Field(
         "auto",
         description="`auto` (CUDA if present, else CPU - never MPS), `cpu`, `0`, `0,1`, `mps`",
     )
     allow_mps: bool = Field(False, description="permit `POGONA_DEVICE=mps` (known to train silently on zeros)")
     workers: int = Field(2, ge=0, description="dataloader workers (capped by CPU count and /dev/shm)")
-    seed: int = Field(42, description="seed for training and the train/val split")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="seed for training and the train/val split (0 to 2^32-1)")
     optimizer: Literal["SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto"] = Field(
         "AdamW", description="optimizer"
     )
@@ -225,6 +226,13 @@ class Settings(BaseSettings):
     s3_threads: int = Field(32, ge=1, le=256, description="parallel S3 transfers (one shared client)")
     s3_max_attempts: int = Field(5, ge=1, le=20, description="botocore attempts per S3 call (standard retry mode)")
     debug: bool = Field(False, description="show tracebacks and ultralytics' own output")
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be a whole number from 1, or -1 for AutoBatch")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -13,6 +13,8 @@ The policy lives on the classes, so no other module compares exit codes:
 
 from __future__ import annotations
 
+from pogona_job.redact import redact
+
 
 class JobError(Exception):
     """A failure with a documented exit code and one human sentence."""
@@ -23,6 +25,7 @@ class JobError(Exception):
     publishes_report = True
 
     def __init__(self, sentence: str) -> None:
+        sentence = redact(sentence)  # a sentence reaches stderr, the log, the manifest and report.md
         super().__init__(sentence)
         self.sentence = sentence
 

@@ -13,6 +13,8 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
+from pogona_job.redact import redact
+
 Format = Literal["auto", "json", "console"]
 CACHE_LOGGERS = True  # tests turn this off so structlog.testing.capture_logs() sees every event
 
@@ -28,6 +30,26 @@ class _CurrentStderr:
 
 
 _NO_LOCALS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redacted(v) for v in value)
+    return value
+
+
+def _redact_fields(_logger: Any, _method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """Every string field masked (URL userinfo, known secrets), whichever library's text it carries."""
+    return {k: _redacted(v) for k, v in event.items()}
+
+
+def _redact_line(_logger: Any, _method: str, line: Any) -> Any:
+    """The rendered line masked once more: tracebacks and reprs are rendered only by the renderer."""
+    return redact(line) if isinstance(line, str) else line
 
 
 def resolve_format(fmt: Format, stream: TextIO = sys.stderr) -> Literal["json", "console"]:
@@ -55,12 +77,17 @@ def configure(fmt: Format = "auto", *, debug: bool = False, stream: TextIO | Non
             # Tracebacks never carry frames' local variables (a client, a URL, a key could sit in one):
             # by construction, not by scrubbing, so POGONA_DEBUG cannot leak credentials.
             _NO_LOCALS if resolved == "json" else structlog.dev.set_exc_info,
+            _redact_fields,
             renderer,
+            _redact_line,  # after the renderer on purpose: it sees the final text
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=CACHE_LOGGERS,
     )
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryToStructlog) for h in root.handlers):
+        root.addHandler(_LibraryToStructlog(logging.WARNING))  # else logging's last resort prints them unmasked
     return resolved
 
 
@@ -88,6 +115,18 @@ class _ToStructlog(logging.Handler):
             log.warning("ultralytics", message=message)
         else:
             log.info("ultralytics", message=message)
+
+
+class _LibraryToStructlog(logging.Handler):
+    """Warnings of any other library (botocore, urllib3, ...) as structlog events: masked, one JSON object a line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().strip()
+        if message:
+            log = get_logger()
+            (log.error if record.levelno >= logging.ERROR else log.warning)(
+                "library", logger=record.name, message=message
+            )
 
 
 class _RetryToStructlog(logging.Handler):

@@ -2,7 +2,8 @@
 
 Configured by environment variables of the mitmdump process:
   FAULTS       comma list of kind:share, kinds 503 (SlowDown), 500 (InternalError), reset, slow,
-               301 / 307 (the bucket lives elsewhere), flip (one byte of a response body changed),
+               301 / 307 (the bucket lives elsewhere), 301bare (a 301 with no region header),
+               400 (InvalidRequest), flip (one byte of a response body changed),
                conflict (a listing naming keys `<prefix>a` and `<prefix>a/b`, as AWS S3 can hold)
   FAULTS_MATCH regex on "METHOD path?query" selecting which requests may fail (default: all)
   FAULTS_SEED  seed of the deterministic choice; FAULTS_SLOW_S delay of a slow response
@@ -58,6 +59,11 @@ class Faults:
             flow.kill()
         elif kind == "slow":
             await asyncio.sleep(self.slow_s)
+        elif kind == "400":
+            body = _XML.format(code="InvalidRequest", message="The request is not valid.")
+            flow.response = http.Response.make(400, body, {"Content-Type": "application/xml"})
+        elif kind == "301bare":  # the bucket lives elsewhere, and the server does not say where
+            flow.response = http.Response.make(301, b"", {})
         elif kind in ("301", "307"):
             code = "PermanentRedirect" if kind == "301" else "TemporaryRedirect"
             body = _XML.format(

@@ -180,3 +180,32 @@ def _check_no_locals(capsys: pytest.CaptureFixture[str]) -> None:
         err = capsys.readouterr().err
         assert "boom" in err and "failing" in err, err  # the traceback itself is there...
         assert "AKIA-SECRET-IN-A-LOCAL" not in err, err  # ...its locals are not
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("POGONA_SEED", "-1"),
+        ("POGONA_SEED", str(10**23)),
+        ("POGONA_EPOCHS", str(10**20)),
+        ("POGONA_BATCH", "0"),
+        ("POGONA_HOURLY_COST", "inf"),
+        ("POGONA_MAX_COST", "nan"),
+        ("POGONA_MAX_HOURS", "inf"),
+    ],
+)
+def test_out_of_range_numbers_and_infinity_stop_the_job_at_configuration_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> None:
+    from pogona_job import cli
+
+    monkeypatch.setenv(name, value)
+    assert cli.main(["config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"{name} is invalid (got {value!r})") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("name", "value"), [("POGONA_SEED", "4294967295"), ("POGONA_BATCH", "-1")])
+def test_the_largest_seed_and_autobatch_are_accepted(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    assert str(getattr(load_settings(), name.removeprefix("POGONA_").lower())) == value

@@ -158,7 +158,7 @@ def test_dot_segments_in_the_dataset_uri_stop_the_cli_with_exit_2(tmp_path: Path
     assert not (tmp_path / "dst").exists()
 
 
-def test_cached_file_changed_on_disk_is_fetched_again(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_jobs_cached_file_changed_on_disk_is_fetched_again(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _tree(tmp_path / "src", n=3)
     dest = S3Path(BUCKET, "storage/bitflip")
     storage.push_tree(client, tmp_path / "src", dest)
@@ -167,7 +167,7 @@ def test_cached_file_changed_on_disk_is_fetched_again(client, tmp_path: Path) ->
     data = bytearray(local.read_bytes())
     data[0] ^= 0xFF  # one flipped byte, same length
     local.write_bytes(bytes(data))
-    again = pull.pull_prefix(client, dest, tmp_path / "dst")
+    again = pull.pull_prefix(client, dest, tmp_path / "dst", replace=True)  # as the job pulls into its cache
     assert again.fetched == 1
     assert _digests(tmp_path / "dst") == _digests(tmp_path / "src")
 
@@ -475,3 +475,72 @@ def test_obstore_errors_are_read_for_their_s3_code_status_or_certificate() -> No
     network = read(first_line + "\nconnection refused")
     assert network.exit_code == 75 and f"({first_line[:200]})" in network.sentence
     assert "connection refused" not in network.sentence
+
+
+def test_push_refuses_a_symlink_leading_outside_src_and_uploads_nothing(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "src"
+    _tree(src, n=2)
+    (tmp_path / "credentials").write_text("aws_secret_access_key = hunter2")
+    (src / "images" / "notes.txt").symlink_to(tmp_path / "credentials")
+    dest = S3Path(BUCKET, f"storage/links-{tmp_path.name}")
+    with pytest.raises(DatasetError, match=r"1 symbolic link\(s\) lead outside it \(images/notes.txt -> ") as err:
+        storage.push_tree(client, src, dest)
+    assert err.value.exit_code == 3 and list(storage.list_objects(client, dest)) == []
+    (src / "images" / "notes.txt").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (src / "labels" / "linked").symlink_to(tmp_path / "elsewhere")  # a linked folder leaves SRC the same way
+    with pytest.raises(DatasetError, match="labels/linked -> "):
+        storage.push_tree(client, src, dest)
+    (src / "labels" / "linked").unlink()
+    (src / "images" / "again.bin").symlink_to(src / "labels" / "sub0" / "f0.bin")  # inside SRC: pushed
+    (src / "images" / "loop").symlink_to(src / "images")  # a loop inside SRC: walked once
+    assert storage.push_tree(client, src, dest) == (3, 0)
+    assert {o.rel for o in storage.list_objects(client, dest)} == {
+        "labels/sub0/f0.bin",
+        "images/sub1/f1.bin",
+        "images/again.bin",
+    }
+
+
+def test_push_of_a_non_utf8_file_name_is_exit_3_with_one_sentence(
+    s3: LocalS3,
+    client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+) -> None:
+    from pogona_job import cli
+    from pogona_job.tools.demo import write_demo
+
+    write_demo(tmp_path / "demo", n_images=12, size=64, seed=1)
+    with open(os.fsencode(tmp_path / "demo") + b"/caf\xe9.txt", "wb") as fh:  # a Latin-1 name, as old tools write
+        fh.write(b"latin-1 name")
+    monkeypatch.setenv("POGONA_DATASET_URI", f"s3://{BUCKET}/storage/latin1-{tmp_path.name}")
+    monkeypatch.setenv("POGONA_LOG_FORMAT", "json")
+    assert cli.main(["dataset", "push", str(tmp_path / "demo")]) == 3
+    err = capsys.readouterr().err
+    assert "caf\\xe9.txt" in err and "Traceback" not in err
+    dest = S3Path(BUCKET, f"storage/latin1-{tmp_path.name}")
+    assert list(storage.list_objects(client, dest)) == []
+    with pytest.raises(DatasetError, match=r"1 file name\(s\) are not UTF-8"):  # whatever validate makes of it
+        storage.push_tree(client, tmp_path / "demo", dest)
+
+
+def test_a_redirect_without_a_region_is_exit_2_not_a_recursion_error(
+    s3: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import FaultProxy
+
+    proxy = FaultProxy(s3.endpoint, "301bare:1.0", tmp_path)
+    try:
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        client = storage.make_client(threads=2, max_attempts=2)
+        with pytest.raises(ConfigError, match="the server answered 301 while listing") as err:
+            pull.pull_prefix(client, S3Path(BUCKET, "storage/anything"), tmp_path / "dst")
+        assert err.value.exit_code == 2 and proxy.faults()
+        with pytest.raises(ConfigError, match="answered 301"):  # the bucket probe itself, redirected the same way
+            storage.check_bucket(client, S3Path(BUCKET, "x"), "checking the bucket")
+    finally:
+        proxy.stop()

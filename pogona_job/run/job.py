@@ -141,10 +141,13 @@ def _execute(job: Job) -> None:
         local = job.work / "cache" / src.bucket / src.key
         console = s.log_format == "console" or (s.log_format == "auto" and sys.stderr.isatty())
         with transfer_progress("pull", console=console, check=job.stop.check) as progress:
-            result = pull.pull_prefix(job.client, src, local, threads=s.s3_threads, progress=progress)
+            # The job's own cache: a file changed there (bit rot, another process) is fetched again.
+            result = pull.pull_prefix(job.client, src, local, threads=s.s3_threads, progress=progress, replace=True)
         log.info(
             "dataset pulled", files=result.files, bytes=result.bytes, fetched=result.fetched, cached=result.skipped
         )
+        for note in result.notes:  # files in the cache the pull did not write (or that changed): kept, said
+            log.warning("dataset cache", note=note)
         rec.dataset.update(uri=s.dataset_uri, fingerprint=result.fingerprint, files=result.files, bytes=result.bytes)
 
     with job.phase("stage"), job.stop.interruptible():

@@ -2,8 +2,10 @@
 
 The listing is boto3's (storage.list_objects); the GETs are obstore's, `threads` at once on one
 event loop. What is job logic lives here: the cache index (what this pull wrote, with size, ETag
-and mtime), the content checks (size always; MD5 or the multipart ETag), the temp part files
-renamed into place only when checked, and pruning that touches only what the index names.
+and mtime; journalled a line per file, so a pull killed with -9 goes on where it stopped), the
+content checks (size always; MD5 or the multipart ETag), the temp part files renamed into place
+only when checked, and ownership: a file is the pull's only while its size and mtime are what the
+index recorded. Only those are pruned or replaced; the user's files are kept, and named.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from pogona_job.errors import DatasetError, TransientFailure
+from pogona_job.errors import ConfigError, DatasetError, TransientFailure
 from pogona_job.s3 import storage
 from pogona_job.s3.storage import CACHE_INDEX, Progress, RemoteObject, S3Path
 
@@ -31,6 +33,15 @@ else:
     S3Client = Any
 
 _PARTS = ".pogona-parts"  # temp files of a pull in progress: short names, renamed into place when complete
+# One JSON line per file placed, appended before its rename: a pull killed with -9 leaves an index that
+# still names everything it wrote, so the same command goes on (and the index is O(1) per file to keep).
+JOURNAL = CACHE_INDEX + ".journal"
+Index = dict[str, list[Any]]  # rel -> [size, etag, mtime_ns] of each file a pull wrote and checked
+
+
+def pulled_before(dest: Path) -> bool:
+    """Whether a pull (finished or killed) wrote into dest: its index, its journal or its part files are there."""
+    return any((dest / name).exists() for name in (CACHE_INDEX, JOURNAL, _PARTS))
 
 
 @dataclass
@@ -41,6 +52,7 @@ class PullResult:
     skipped: int
     fingerprint: str  # sha256 over (key, size, etag) in key order: same data, same fingerprint
     seconds: float
+    notes: list[str] = field(default_factory=list)  # the user's files kept (not replaced, not pruned), one a line
 
 
 class _Stale(Exception):
@@ -55,28 +67,41 @@ def pull_prefix(
     threads: int = 32,
     progress: Progress | None = None,
     verify: bool = True,
+    replace: bool = False,
 ) -> PullResult:
     """Mirror an S3 prefix into dest, fetching only what changed (same size, ETag and mtime = cached).
 
     Every download is checked (size, MD5 or multipart ETag) before it replaces anything; files
-    appear only complete (written under dest/.pogona-parts, then renamed). Local files the
-    index does not name are never touched: only what an earlier pull fetched is pruned.
+    appear only complete (written under dest/.pogona-parts, then renamed). A local file is the
+    pull's own only while its size and mtime are what the index recorded when the pull wrote it;
+    every other file is the user's: never pruned, and not replaced unless `replace` (the job's own
+    cache, `dataset pull --force`); each one kept is named in `notes`.
     `threads` GETs run at once; `progress` is called often, also while nothing completes, so a
     stop check inside it interrupts the pull promptly.
     """
     start = time.monotonic()
-    dest.mkdir(parents=True, exist_ok=True)
-    index_file = dest / CACHE_INDEX
-    index = _read_index(index_file)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{dest} exists and is not a folder: choose a folder to pull into.") from None
+    except OSError as exc:
+        raise ConfigError(f"Cannot create the folder {dest} to pull into: {exc.strerror}.") from None
+    index = _read_index(dest)
     shutil.rmtree(dest / _PARTS, ignore_errors=True)  # left by a killed pull
+    try:
+        _save_index(dest, index)  # the journal of a killed pull folded in
+    except OSError as exc:
+        raise ConfigError(f"Cannot write into {dest} to pull into it: {exc.strerror}.") from None
+    notes: list[str] = []
     try:
         for attempt in (1, 2):
             with storage.errors_for(src.bucket, f"listing {src.uri}"):
                 listing = sorted(storage.list_objects(client, src), key=lambda o: o.key)
             _check_tree(listing)
-            _prune(dest, index, keep={o.rel for o in listing})
+            pruned_notes = _prune(dest, index, keep={o.rel for o in listing})
             try:
-                fetched = _fetch_all(client, src, dest, listing, index, threads, progress, verify)
+                fetched, kept = _fetch_all(client, src, dest, listing, index, threads, progress, verify, replace)
+                notes = pruned_notes + kept
                 break
             except _Stale as exc:
                 if attempt == 2:
@@ -89,49 +114,78 @@ def pull_prefix(
                 get_logger().info("storage retry", message=f"{exc}; listing {src.uri} again")
     finally:
         shutil.rmtree(dest / _PARTS, ignore_errors=True)
-        _write_atomic(index_file, json.dumps(index).encode())
+        _save_index(dest, index)
     digest = hashlib.sha256()
     for obj in listing:
         digest.update(f"{obj.rel}\t{obj.size}\t{obj.etag}\n".encode())
     total = sum(o.size for o in listing)
     return PullResult(
-        len(listing), total, fetched, len(listing) - fetched, digest.hexdigest(), time.monotonic() - start
+        len(listing),
+        total,
+        fetched,
+        len(listing) - fetched - len(kept),
+        digest.hexdigest(),
+        time.monotonic() - start,
+        notes,
     )
 
 
-def _read_index(path: Path) -> dict[str, list[Any]]:
-    """rel -> [size, etag, mtime_ns] of files this pull wrote and checked ([size, etag]: an older index)."""
+def _read_index(dest: Path) -> Index:
+    """The index, with the journal of a pull that was killed before it saved the index replayed over it."""
+    index: Index = {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads((dest / CACHE_INDEX).read_text())
+        if isinstance(data, dict):
+            index = {k: v for k, v in data.items() if isinstance(v, list) and len(v) in (2, 3)}
     except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, list) and len(v) in (2, 3)} if isinstance(data, dict) else {}
-
-
-def _cached(dest: Path, obj: RemoteObject, index: dict[str, list[Any]]) -> bool:
-    entry = index.get(obj.rel)
-    if entry is None or len(entry) != 3 or entry[:2] != [obj.size, obj.etag]:
-        return False
+        pass
     try:
-        st = os.stat(dest / obj.rel)
+        lines = (dest / JOURNAL).read_text().splitlines()
     except OSError:
+        lines = []
+    for line in lines:
+        try:
+            rel, size, etag, mtime_ns = json.loads(line)
+        except (ValueError, TypeError):
+            continue  # the line a kill cut short
+        index[str(rel)] = [size, etag, mtime_ns]
+    return index
+
+
+def _save_index(dest: Path, index: Index) -> None:
+    _write_atomic(dest / CACHE_INDEX, json.dumps(index).encode())
+    (dest / JOURNAL).unlink(missing_ok=True)  # after the index names all it held
+
+
+def _ours(path: Path, entry: list[Any] | None) -> bool | None:
+    """True: the file is as the pull wrote it; False: someone changed or created it; None: there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if entry is None or st.st_size != entry[0]:
         return False
-    return st.st_size == obj.size and st.st_mtime_ns == entry[2]  # changed on disk since: fetched again
+    return len(entry) == 2 or st.st_mtime_ns == entry[2]  # [size, etag]: an older index had no mtime
 
 
-def _prune(dest: Path, index: dict[str, list[Any]], keep: set[str]) -> None:
-    """Delete files an earlier pull fetched that the bucket no longer has; nothing else."""
+def _prune(dest: Path, index: Index, keep: set[str]) -> list[str]:
+    """Delete files an earlier pull wrote that the bucket no longer has, when still as written; notes on the rest."""
     root = dest.resolve()
+    notes = []
     for rel in [r for r in index if r not in keep]:
-        del index[rel]
+        entry = index.pop(rel)
         path = (dest / rel).resolve()
         if not path.is_relative_to(root) or not path.is_file():
+            continue
+        if not _ours(path, entry):
+            notes.append(f"kept {rel}: it changed since the pull wrote it, and the bucket no longer has it")
             continue
         path.unlink()
         for folder in path.parents:
             if folder == root or any(folder.iterdir()):
                 break
             folder.rmdir()
+    return notes
 
 
 def _fetch_all(
@@ -139,17 +193,34 @@ def _fetch_all(
     src: S3Path,
     dest: Path,
     listing: list[RemoteObject],
-    index: dict[str, list[Any]],
+    index: Index,
     threads: int,
     progress: Progress | None,
     verify: bool,
-) -> int:
-    todo = [o for o in listing if not _cached(dest, o, index)]
-    done = {"files": len(listing) - len(todo), "bytes": sum(o.size for o in listing) - sum(o.size for o in todo)}
+    replace: bool,
+) -> tuple[int, list[str]]:
+    """Fetch what is not cached; (files fetched, notes on the user's files kept in place of an object)."""
+    todo, notes, kept = [], [], set()
+    for obj in listing:
+        entry = index.get(obj.rel)
+        ours = _ours(dest / obj.rel, entry)
+        if ours and entry is not None and entry[:2] == [obj.size, obj.etag]:
+            continue  # cached
+        if ours is False and not replace:
+            index.pop(obj.rel, None)  # the user's file now: neither cached nor pruned later
+            kept.add(obj.rel)
+            notes.append(
+                f"kept {obj.rel}: not as a pull wrote it (your file, or changed since); the bucket's "
+                f"{obj.key!r} was not pulled: move it away or pass --force to replace it"
+            )
+            continue
+        todo.append(obj)
+    left = [o for o in listing if o.rel not in kept]
+    done = {"files": len(left) - len(todo), "bytes": sum(o.size for o in left) - sum(o.size for o in todo)}
     if progress:
         progress(done["files"], done["bytes"])
     if not todo:
-        return 0
+        return 0, notes
     parts = dest / _PARTS
     parts.mkdir(exist_ok=True)
     store = storage.object_store(client, src.bucket)
@@ -167,10 +238,13 @@ def _fetch_all(
                     )
                 target.parent.mkdir(parents=True, exist_ok=True)
                 inside.add(target.parent)
+            entry = [obj.size, obj.etag, tmp.stat().st_mtime_ns]  # a rename keeps the mtime
+            journal.write(json.dumps([obj.rel, *entry]) + "\n")
+            journal.flush()  # in the kernel before the rename: a kill -9 after it cannot orphan the file
             os.replace(tmp, target)
         except OSError as exc:
             raise DatasetError(f"Cannot write the object {obj.key!r} to {target}: {exc.strerror}.") from None
-        index[obj.rel] = [obj.size, obj.etag, target.stat().st_mtime_ns]
+        index[obj.rel] = entry
         done["files"] += 1
         done["bytes"] += obj.size
 
@@ -246,11 +320,11 @@ def _fetch_all(
                 task.cancel()
             await asyncio.gather(*tasks, tick, return_exceptions=True)
 
-    with storage.errors_for(src.bucket, doing):
+    with storage.errors_for(src.bucket, doing), open(dest / JOURNAL, "a") as journal:
         storage.run_async(main)
     if progress:
         progress(done["files"], done["bytes"])
-    return len(todo)
+    return len(todo), notes
 
 
 def _check(client: S3Client, bucket: str, obj: RemoteObject, tmp: Path, md5: Any) -> str | None:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import urllib.request
 import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
+from botocore.awsrequest import AWSResponse, HTTPHeaders
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -113,10 +115,35 @@ def make_client(*, threads: int = 32, max_attempts: int = 5) -> S3Client:
         raise ConfigError(f"{exc}: check the spelling of AWS_PROFILE against ~/.aws/config.") from None
     except ValueError as exc:  # botocore's "Invalid endpoint"
         raise ConfigError(f"The S3 endpoint is not usable ({exc}): check AWS_ENDPOINT_URL_S3.") from None
+    _one_region_probe(client)
     from pogona_job.logs import route_botocore_retries
 
     route_botocore_retries()  # botocore's retries logged as "storage retry"
     return client
+
+
+def _one_region_probe(client: S3Client) -> None:
+    """At most one HeadBucket asking where a bucket lives: a 301 without a region ends as exit 2, not a RecursionError.
+
+    botocore answers a redirect without `x-amz-bucket-region` by sending HeadBucket to learn the region
+    (`get_bucket_region`); when that HeadBucket is redirected the same way it asks again, from inside itself,
+    until the stack runs out. A probe sent from inside a probe is answered here with the 301 it would get,
+    so the caller sees a plain 301 (`_refusal`). Read from the call stack: no state to leak between calls.
+    """
+
+    def before(**_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        frame, probes = sys._getframe(1), 0
+        while frame is not None:
+            probes += frame.f_code.co_name == "get_bucket_region"
+            frame = frame.f_back  # type: ignore[assignment]
+        if probes < 2:
+            return None
+        return AWSResponse("", 301, HTTPHeaders(), None), {
+            "Error": {"Code": "301", "Message": "Moved Permanently"},
+            "ResponseMetadata": {"HTTPStatusCode": 301, "HTTPHeaders": {}},
+        }
+
+    client.meta.events.register("before-call.s3.HeadBucket", before)  # type: ignore[arg-type]
 
 
 def _timestamp(value: str) -> datetime:
@@ -518,14 +545,12 @@ def push_tree(
     With `delete`, objects under dest that the folder does not have are removed (each named to
     `on_delete` first). Returns (uploaded, skipped).
     """
+    files = local_files(src)  # refused before anything is listed or uploaded
     remote = {o.rel: o for o in list_objects(client, dest)}
     todo: list[tuple[Path, S3Path]] = []
     local: set[str] = set()
     skipped = 0
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        rel = path.relative_to(src).as_posix()
-        if is_junk(rel):
-            continue
+    for rel, path in files:
         local.add(rel)
         have = remote.get(rel)
         if have and have.size == path.stat().st_size and have.etag == _local_etag(path, have.etag):
@@ -540,6 +565,57 @@ def push_tree(
                 on_delete(obj.key)
         delete_keys(client, dest.bucket, [o.key for o in gone])
     return len(todo), skipped
+
+
+def local_files(src: Path) -> list[tuple[str, Path]]:
+    """(key relative to src, path) of every file a push uploads, in key order; junk left out.
+
+    Symbolic links are followed only while they stay inside src: a link that leaves it (to a credentials
+    file, a home folder) is refused with every such link named, before anything is uploaded, and so is a
+    file name that is not UTF-8 (S3 keys are UTF-8). A link to a folder it is in (a loop) is not walked again.
+    """
+    root = src.resolve()
+    found: dict[str, Path] = {}
+    leaving: list[str] = []
+    undecodable: list[str] = []
+
+    def walk(folder: Path, rel_folder: str, above: frozenset[Path]) -> None:
+        real = folder.resolve()
+        if real in above:  # a link to a folder it is in: walking it again would never end
+            return
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise DatasetError(f"Cannot read the folder {folder}: {exc.strerror}.") from None
+        for entry in entries:
+            rel = f"{rel_folder}{entry.name}"
+            try:
+                rel.encode()
+            except UnicodeEncodeError:
+                undecodable.append(os.fsencode(folder / entry.name).decode("utf-8", "backslashreplace"))
+                continue
+            if is_junk(rel):  # never pushed, wherever it points
+                continue
+            path = folder / entry.name
+            if entry.is_symlink() and not path.resolve().is_relative_to(root):
+                leaving.append(f"{rel} -> {os.readlink(path)}")
+            elif entry.is_dir():
+                walk(path, f"{rel}/", above | {real})
+            elif entry.is_file():
+                found[rel] = path
+
+    walk(src, "", frozenset())
+    if leaving:
+        raise DatasetError(
+            f"Refusing to push {src}: {len(leaving)} symbolic link(s) lead outside it ({'; '.join(leaving[:5])}"
+            f"{' ...' if len(leaving) > 5 else ''}). Copy those files into {src} (e.g. `cp -L`) or remove the links."
+        )
+    if undecodable:
+        raise DatasetError(
+            f"Refusing to push {src}: {len(undecodable)} file name(s) are not UTF-8 and cannot be S3 keys "
+            f"({'; '.join(undecodable[:5])}{' ...' if len(undecodable) > 5 else ''}). Rename them (e.g. `convmv`)."
+        )
+    return sorted(found.items())
 
 
 def _local_etag(path: Path, remote_etag: str) -> str:
