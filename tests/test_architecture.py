@@ -56,9 +56,14 @@ def test_no_private_name_crosses_a_package_boundary() -> None:
                     if alias.name.startswith("_") and _package_of(node.module) != _package_of(module):
                         crossings.append(f"{module} imports {target}")
                     aliases[alias.asname or alias.name] = target
-            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-                if isinstance(node.value, ast.Name) and node.value.id in aliases:
-                    target = aliases[node.value.id]
-                    if _package_of(target) != _package_of(module):
-                        crossings.append(f"{module} uses {target}.{node.attr}")
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
+                target = aliases[node.value.id]
+                if _package_of(target) != _package_of(module):
+                    crossings.append(f"{module} uses {target}.{node.attr}")
     assert crossings == []
