@@ -9,10 +9,13 @@ Order of precedence (the first that answers wins; dataset/README.md documents it
 
 from __future__ import annotations
 
+import csv
+import io
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import numpy.typing as npt
@@ -64,10 +67,13 @@ def by_rules(rel: str, rules: list[tuple[str, re.Pattern[str]]]) -> str | None:
 
 def by_sidecar(rel: str, sidecars: dict[str, str]) -> str | None:
     """The nearest `modality.txt` in the image's folder or above it."""
-    for parent in PurePosixPath(rel).parents:
-        if parent.as_posix() in sidecars:
-            return sidecars[parent.as_posix()]
-    return None
+    folder = sidecar_folder(rel, sidecars)
+    return None if folder is None else sidecars[folder]
+
+
+def sidecar_folder(rel: str, sidecars: dict[str, str]) -> str | None:
+    """The folder of the nearest `modality.txt` that applies to the image."""
+    return next((p.as_posix() for p in PurePosixPath(rel).parents if p.as_posix() in sidecars), None)
 
 
 def by_name(rel: str, thermal: re.Pattern[str], visible: re.Pattern[str]) -> str | None:
@@ -82,27 +88,102 @@ def by_name(rel: str, thermal: re.Pattern[str], visible: re.Pattern[str]) -> str
 
 
 # --------------------------------------------------------------------------------------
+# Per-image answers: modality.csv and thumbnails
+# --------------------------------------------------------------------------------------
+
+CSV_NAME = "modality.csv"
+CSV_COLUMNS = ("path", "modality", "source", "evidence")
+GREY_SENTENCE = (
+    "The pixel rule cannot tell a greyscale visible image from a greyscale thermal one (equal channels "
+    "are evidence of grey, not of thermal): such images are `unknown` unless declared with "
+    "POGONA_MODALITY_RULES (e.g. `thermal=**/flir/**`), a `modality` column in groups.csv, or a "
+    "`modality.txt` sidecar in their folder."
+)
+
+
+@dataclass(frozen=True)
+class ModalityRecord:
+    """One image's modality as the user can check it: what was decided, how, and on what evidence."""
+
+    path: str  # relative to the dataset root, as in the split lists
+    modality: str  # thermal | visible | unknown
+    source: str  # declared | pattern | inferred | unknown
+    evidence: str  # the rule, file, name or pixel evidence behind the answer
+
+
+def modality_csv(records: Iterable[ModalityRecord]) -> str:
+    """The text of modality.csv: a header, then one row per image, sorted by path."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in sorted(records, key=lambda r: r.path):
+        writer.writerow([r.path, r.modality, r.source, r.evidence])
+    return buf.getvalue()
+
+
+def read_modality_csv(text: str) -> list[ModalityRecord]:
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return [ModalityRecord(r["path"], r["modality"], r["source"], r["evidence"]) for r in rows]
+
+
+def contact_sheets(
+    records: Iterable[ModalityRecord],
+    image_of: Mapping[str, Path],
+    dest: Path,
+    *,
+    per_modality: int = 8,
+    side: int = 96,
+) -> dict[str, Path]:
+    """One PNG strip per modality of images whose modality came from their pixels (inferred or unknown):
+    `modality-thermal.png`, `modality-visible.png`, `modality-unknown.png` under dest, each with up to
+    `per_modality` thumbnails, evenly spread over the sorted paths. {modality: path of its sheet}.
+    """
+    by_modality: dict[str, list[ModalityRecord]] = {}
+    for r in sorted(records, key=lambda r: r.path):
+        if r.source in ("inferred", "unknown") and r.path in image_of:
+            by_modality.setdefault(r.modality, []).append(r)
+    dest.mkdir(parents=True, exist_ok=True)
+    sheets = {}
+    for name, rows in sorted(by_modality.items()):
+        step = max(1, len(rows) // per_modality)
+        chosen = rows[::step][:per_modality]
+        sheet = Image.new("RGB", (side * len(chosen), side), (255, 255, 255))
+        for i, r in enumerate(chosen):
+            with Image.open(image_of[r.path]) as im:
+                im.draft("RGB", (side, side))
+                thumb = im.convert("RGB")
+                thumb.thumbnail((side, side))
+                sheet.paste(thumb, (i * side + (side - thumb.width) // 2, (side - thumb.height) // 2))
+        sheets[name] = dest / f"modality-{name}.png"
+        sheet.save(sheets[name])
+    return sheets
+
+
+# --------------------------------------------------------------------------------------
 # Pixels: thermal only on positive evidence
 # --------------------------------------------------------------------------------------
+
+
+def _points(text: str) -> list[tuple[int, int, int]]:
+    """ "0 4 13, 1 1 40" -> [(0, 4, 13), (1, 1, 40)]."""
+    rgb = [tuple(int(v) for v in part.split()) for part in text.split(",")]
+    return [(r, g, b) for r, g, b in rgb]
+
 
 # Colour maps thermal cameras and thermal software ship, cold to hot, as control points. Spectra is
 # sampled from the palette bar of a Seek Compact XR export; ironbow ... arctic are approximations of
 # the published swatches of FLIR / InfiRay / Hikmicro palettes; the rest are OpenCV's colour maps.
 _CONTROL_POINTS: dict[str, list[tuple[int, int, int]]] = {
-    "spectra": [
-        (0, 4, 13), (1, 1, 40), (1, 6, 64), (0, 10, 92), (1, 14, 109), (4, 33, 144), (3, 60, 179),
-        (6, 77, 205), (0, 103, 236), (2, 115, 231), (0, 121, 202), (1, 131, 152), (1, 143, 101),
-        (2, 152, 52), (4, 162, 6), (51, 178, 4), (104, 195, 10), (150, 207, 2), (187, 221, 8),
-        (223, 235, 4), (253, 248, 15), (250, 213, 3), (252, 175, 11), (248, 142, 3), (251, 99, 8),
-        (250, 60, 5), (246, 38, 7), (253, 75, 65), (253, 118, 115), (251, 156, 154), (253, 194, 192),
-        (250, 229, 225), (250, 253, 245),
-    ],  # fmt: skip
+    "spectra": _points(
+        "0 4 13, 1 1 40, 1 6 64, 0 10 92, 1 14 109, 4 33 144, 3 60 179, 6 77 205, 0 103 236, "
+        "2 115 231, 0 121 202, 1 131 152, 1 143 101, 2 152 52, 4 162 6, 51 178 4, 104 195 10, "
+        "150 207 2, 187 221 8, 223 235 4, 253 248 15, 250 213 3, 252 175 11, 248 142 3, 251 99 8, "
+        "250 60 5, 246 38 7, 253 75 65, 253 118 115, 251 156 154, 253 194 192, 250 229 225, "
+        "250 253 245"
+    ),
     "ironbow": [(0, 0, 0), (20, 0, 80), (90, 0, 150), (170, 20, 120), (225, 70, 20), (250, 160, 0), (255, 240, 160)],
     "rainbow": [(0, 0, 40), (0, 0, 200), (0, 170, 230), (0, 200, 60), (230, 230, 0), (255, 120, 0), (230, 0, 0)],
-    "rainbow_hc": [
-        (10, 10, 10), (90, 0, 160), (0, 60, 255), (0, 220, 255), (0, 230, 0), (255, 255, 0), (255, 0, 0),
-        (255, 255, 255),
-    ],  # fmt: skip
+    "rainbow_hc": _points("10 10 10, 90 0 160, 0 60 255, 0 220 255, 0 230 0, 255 255 0, 255 0 0, 255 255 255"),
     "lava": [(0, 0, 0), (0, 30, 120), (90, 0, 130), (200, 0, 40), (255, 120, 0), (255, 230, 60), (255, 255, 255)],
     "arctic": [(0, 0, 60), (0, 60, 180), (60, 160, 230), (180, 100, 200), (255, 150, 60), (255, 220, 120)],
 }
@@ -166,9 +247,10 @@ def judge(image: Image.Image) -> Verdict:
     bands = [b for b in image.getbands() if b != "A"]
     if len(bands) == 1 and image.mode != "P":
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            lo, hi = image.getextrema()  # type: ignore[misc]
-            if float(hi) > 255:
-                return Verdict("thermal", f"16-bit single channel (values up to {float(hi):.0f}): radiometric data")
+            extrema = image.getextrema()
+            hi = float(extrema[1]) if isinstance(extrema[1], int | float) else 0.0
+            if hi > 255:
+                return Verdict("thermal", f"16-bit single channel (values up to {hi:.0f}): radiometric data")
         return Verdict("unknown", "one grey channel: a grey thermal frame and a greyscale photo look alike")
     rgb_image = image.convert("RGB")
     sample = np.asarray(rgb_image.resize((_SAMPLE_SIDE, _SAMPLE_SIDE), Image.Resampling.NEAREST), np.float32)
@@ -184,7 +266,7 @@ def judge(image: Image.Image) -> Verdict:
         return Verdict("thermal", fit)
     near = nearest_palette(pixels)
     e = evidence_of(pixels, np.asarray(rgb_image.resize((64, 64), Image.Resampling.BILINEAR), np.float32))
-    curve_like = e.coloured >= 0.3 and (e.curve <= 0.2 and e.chroma >= 0.75 or e.curve <= 0.04 and e.chroma >= 0.4)
+    curve_like = e.coloured >= 0.3 and ((e.curve <= 0.2 and e.chroma >= 0.75) or (e.curve <= 0.04 and e.chroma >= 0.4))
     photo = (e.chroma <= 0.5 and e.curve >= 0.05) or e.curve >= 0.3
     numbers = f"curve residual {e.curve:.2f}, chroma change per brightness change {e.chroma:.2f}"
     if near[1] >= 0.8:
@@ -281,6 +363,8 @@ def evidence_of(pixels: Rgb, smooth: Rgb) -> Evidence:
         curve=_curve_residual(pixels),
         chroma=_chroma_per_brightness(smooth),
     )
+
+
 def _chroma_per_brightness(rgb: Rgb) -> float:
     total = rgb.sum(axis=2) + 1e-3
     chroma = rgb[:, :, :2] / total[:, :, None]  # (r, g) / (r + g + b): brightness divided out

@@ -25,7 +25,7 @@ import hashlib
 import itertools
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 from typing import Any
@@ -138,9 +138,16 @@ def assign_splits(
     splits = {it.rel: "test" for it in items if it.split == "test"}  # an export's test split stays test
     pool = [it for it in items if it.split != "test"]
     test_share = 0.0 if splits else test_fraction
-    by_modality: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    # Stratified by modality, but a group is never cut: it goes with the modality most of its images
+    # have (siblings judged apart, one "visible" and one "unknown", still stay on one side).
+    members: dict[str, list[ImageItem]] = defaultdict(list)
     for it in pool:
-        by_modality[it.modality][it.group or it.rel].append(it.rel)
+        members[it.group or it.rel].append(it)
+    by_modality: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for key, its in members.items():
+        votes = Counter(it.modality for it in its)
+        main = max(sorted(votes), key=lambda m: (votes[m], m != "unknown"))
+        by_modality[main][key] = [it.rel for it in its]
     for groups in by_modality.values():
         order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
         total = sum(len(rels) for rels in groups.values())

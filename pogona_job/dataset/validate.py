@@ -28,7 +28,7 @@ MIN_IMAGE_SIDE = 10  # ultralytics rejects images with a side of 9 px or less
 MAX_IMAGE_PIXELS = 100_000_000
 MAX_LABEL_LINES = 10_000
 _MAX_LINE_CHARS = 4096  # a label line is ~50 characters; longer is garbage, not worth reading
-_ANALYSIS_SIDE = 64  # JPEGs are decoded at reduced scale (DCT scaling) to about this size: cheap
+_ANALYSIS_SIDE = 128  # JPEGs are decoded at reduced scale (DCT scaling) to about this size: a palette bar survives
 _COORD_TOLERANCE = 1e-6  # annotation tools round; 1.0000001 is not an error
 # Pillow's format name for each extension; a file whose content is another format gets a note.
 _FORMAT_OF = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "tif": "TIFF"}
@@ -64,6 +64,7 @@ class _ImageResult:
     phash: int | None
     problems: list[Problem]
     notes: list[Problem] = field(default_factory=list)
+    evidence: str = ""
 
 
 def inspect_dataset(
@@ -89,21 +90,31 @@ def inspect_dataset(
     thermal = re.compile(opts.thermal_pattern, re.IGNORECASE)
     visible = re.compile(opts.visible_pattern, re.IGNORECASE)
 
-    def modality_of(rel: str) -> tuple[str | None, str]:
-        declared = modality.by_rules(rel, rules) or table.modality.get(rel) or modality.by_sidecar(rel, sidecars)
-        if declared:
-            return declared, "declared"
+    def modality_of(rel: str) -> tuple[str | None, str, str]:
+        """(modality or None, source, evidence): declared, then named; None leaves it to the pixels."""
+        ruled = modality.by_rules(rel, rules)
+        if ruled:
+            return ruled, "declared", f"POGONA_MODALITY_RULES: {ruled}"
+        if rel in table.modality:
+            return table.modality[rel], "declared", "groups.csv modality column"
+        folder = modality.sidecar_folder(rel, sidecars)
+        if folder is not None:
+            return sidecars[folder], "declared", f"{(PurePosixPath(folder) / modality.SIDECAR).as_posix()}"
         named = modality.by_name(rel, thermal, visible)
-        return (named, "pattern") if named else (None, "inferred")
+        if named:
+            return named, "pattern", f"the path matches the {named} name pattern"
+        return None, "inferred", ""
 
     def check(rel: str) -> _ImageResult:
         label = label_of.get(rel)
         boxes, problems = (0, []) if label is None else check_label(root / label, label, names, opts.max_label_lines)
-        known, source = modality_of(rel)
+        known, source, why = modality_of(rel)
         res = _check_image(root / rel, rel, opts.max_image_pixels, known is None)
         modality_ = known or res.modality
         source = source if known else ("unknown" if modality_ == "unknown" else "inferred")
-        return _ImageResult(rel, modality_, source, boxes, res.phash, res.problems + problems, res.notes)
+        return _ImageResult(
+            rel, modality_, source, boxes, res.phash, res.problems + problems, res.notes, why or res.evidence
+        )
 
     # Threads overlap file reads (network disks, cold caches); the decoding itself is mostly GIL-bound.
     # Pillow warns (palette transparency, EXIF, huge images) through `warnings`, which would print
@@ -126,7 +137,8 @@ def inspect_dataset(
             boxes=res.boxes,
             split=layout.split_of.get(res.rel),
             modality_source=res.source,
-            group=f"{res.modality}:{groups[res.rel]}",  # one group never spans modalities
+            modality_evidence=res.evidence,
+            group=groups[res.rel],  # a group is never cut, whatever modalities its images were judged
             phash=res.phash,
         )
         for res in results
@@ -338,6 +350,7 @@ class _Decoded:
     phash: int | None
     problems: list[Problem]
     notes: list[Problem]
+    evidence: str = ""
 
 
 def _check_image(path: Path, rel: str, max_pixels: int, infer: bool) -> _Decoded:
@@ -357,7 +370,9 @@ def _check_image(path: Path, rel: str, max_pixels: int, infer: bool) -> _Decoded
         with Image.open(path) as im:
             im.draft("RGB", (_ANALYSIS_SIDE, _ANALYSIS_SIDE))  # JPEG: decode at 1/2..1/8 scale
             im.load()  # decodes all the data: a truncated file fails here
-            out.modality = modality.pixel_modality(im) if infer else "unknown"
+            if infer:
+                verdict = modality.judge(im)
+                out.modality, out.evidence = verdict.modality, verdict.evidence
             out.phash = int(str(imagehash.phash(im)), 16)
     except Image.DecompressionBombError:
         out.problems.append(_pixels_problem(rel, 0, 0, max_pixels))
