@@ -44,7 +44,7 @@ class ImageItem:
 @dataclass
 class DatasetInventory:
     root: Path
-    layout: str  # short key: ultralytics, roboflow, cvat, label-studio, flat
+    layout: str  # short key: ultralytics, roboflow, cvat, darknet, label-studio, flat
     items: list[ImageItem]
     problems: list[Problem]
     junk_ignored: int

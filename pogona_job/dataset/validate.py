@@ -149,7 +149,8 @@ def inspect_dataset(
     problems += [_extension_problem(rel) for rel in found.unsupported]
     problems += _dataset_problems(root, found, items, opts.min_val_images)
     problems.sort(key=lambda p: (not p.fatal, p.path, p.line or 0, p.kind))
-    notes = sorted([n for res in results for n in res.notes] + table.notes, key=lambda n: (n.path, n.line or 0))
+    notes = [n for res in results for n in res.notes] + table.notes + layout.notes
+    notes.sort(key=lambda n: (n.path, n.line or 0))
     return DatasetInventory(
         root=root,
         layout=layout.key,
@@ -485,9 +486,7 @@ def parse_line(
     if not cls.is_integer():
         return problem("class-id", f"class id {fields[0]} is not a whole number")
     if not 0 <= cls < nc:
-        configured = f"{nc} class{'es' if nc != 1 else ''} ({', '.join(class_names)}) "
-        verb = "are" if nc != 1 else "is"
-        return problem("class-id", f"class id {int(cls)} but only {configured}{verb} configured")
+        return problem("class-id", f"class id {int(cls)} is not valid: {valid_ids(class_names)}")
     if not (w > 0 and h > 0):
         return problem("size", f"box width and height must be positive, found width={fields[3]} height={fields[4]}")
     names = ("x_center", "y_center", "width", "height")
@@ -495,6 +494,17 @@ def parse_line(
         if not -_COORD_TOLERANCE <= value <= 1 + _COORD_TOLERANCE:
             return problem("coords", f"{name}={text} is outside [0, 1] (coordinates are normalised to the image)")
     return values, None
+
+
+def valid_ids(class_names: list[str]) -> str:
+    """ "valid ids are 0-7 (names '1' ... '8')": ids and names apart, so numeric names cannot mislead."""
+    if not class_names:
+        return "no classes are configured"
+    if len(class_names) == 1:
+        return f"the only valid id is 0 (name {class_names[0]!r})"
+    shown = [repr(n) for n in class_names]
+    names = ", ".join(shown) if len(shown) <= 4 else f"{shown[0]}, {shown[1]} ... {shown[-1]}"
+    return f"valid ids are 0-{len(class_names) - 1} (names {names})"
 
 
 def _is_number(text: str) -> bool:
