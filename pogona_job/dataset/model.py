@@ -99,6 +99,22 @@ class StagedDataset:
         image_of = {rel: self.root / staged for rel, staged in self.staged.items()}
         return contact_sheets(self.modality_records, image_of, dest, per_modality=per_modality)
 
+    def leakage_thumbnails(self, dest: Path) -> dict[str, Path]:
+        """Near-duplicate pairs side by side: `leakage-pairs.png` (counted as leaks) and
+        `leakage-alike-labels-differ.png` (alike as whole images, not where the labels are), when any."""
+        from pogona_job.dataset.split import pair_sheet
+
+        image_of = {rel: self.root / staged for rel, staged in self.staged.items()}
+        out = {}
+        for key, name in (
+            ("examples", "leakage-pairs.png"),
+            ("alike_but_labels_differ_examples", "leakage-alike-labels-differ.png"),
+        ):
+            sheet = pair_sheet(self.leakage.get(key) or [], image_of, dest / name)
+            if sheet is not None:
+                out[key] = sheet
+        return out
+
     def split_of(self, rel: str) -> str:
         """ "train", "val" or "test"."""
         return PurePosixPath(self.staged[rel]).parts[1]
