@@ -82,6 +82,25 @@ def test_cvat_subsets_are_the_split_and_list_entries_must_exist(tmp_path: Path) 
     assert [(p.kind, p.path, p.line) for p in problems] == [("layout", "valid.txt", 5)]
 
 
+def test_a_darknet_style_folder_is_named_as_such_and_unlisted_images_are_listed(tmp_path: Path) -> None:
+    """obj.names + train.txt at the root, images beside it, no obj.data, no obj_train_data/: not CVAT."""
+    root = tmp_path / "darknet"
+    exports.cvat(root, {"train": 9})
+    (root / "obj.data").unlink()
+    for f in sorted((root / "obj_train_data").iterdir()):
+        f.rename(root / f.name)
+    (root / "obj_train_data").rmdir()
+    listed = [line.replace("data/obj_train_data/", "") for line in (root / "train.txt").read_text().splitlines()]
+    (root / "train.txt").write_text("\n".join(listed[:6]) + "\n")  # 3 images in no list
+    inv = inspect_dataset(root)
+    assert inv.layout == "darknet" and inv.problems == []
+    assert inv.layout_label == "darknet-style folder (obj.names and train list; no obj.data)"
+    assert len(inv.items) == 9  # trained on, and said so
+    unlisted = [n for n in inv.notes if n.kind == "unlisted"]
+    assert sorted(n.path for n in unlisted) == sorted(listed[6:])
+    assert unlisted[0].message == f"{unlisted[0].path}: in no list file (train.txt); trained on all the same"
+
+
 def test_an_image_outside_the_split_folders_of_a_split_export_is_reported(tmp_path: Path) -> None:
     exports.ultralytics(tmp_path / "ul", {"train": 3, "val": 2})
     src = next((tmp_path / "ul" / "images" / "train").iterdir())

@@ -7,6 +7,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,6 +17,7 @@ from pogona_job.errors import DatasetError
 from pogona_job.tools.demo import write_demo
 from tests.fixtures import exports
 from tests.fixtures.files import CLASSES, flat_dataset, inspect
+from tests.fixtures.realdata import CHEQUE_FIELDS, cheque
 
 # --- groups -------------------------------------------------------------------------------------
 
@@ -232,3 +234,32 @@ def test_the_group_and_modality_rule_variables_are_checked_at_start(field: str, 
     else:
         with pytest.raises(ValidationError):
             Settings(**{field: value})
+
+
+def test_filled_in_forms_on_one_template_are_not_leaks_but_a_real_copy_is(tmp_path: Path) -> None:
+    """Cheques on one bank template hash alike (distance 0); their labelled fields differ, a copy's do not."""
+    root = tmp_path / "cheques"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for i in range(n):
+            cheque(rng).save(root_file(root / "images" / split / f"{split}_{i}.jpg"), quality=90)
+            (root_file(root / "labels" / split / f"{split}_{i}.txt")).write_text(CHEQUE_FIELDS)
+    copy = root / "images" / "val" / "copy_of_train_0.jpg"
+    Image.open(root / "images" / "train" / "train_0.jpg").save(copy, quality=70)  # re-encoded: a real leak
+    (root / "labels" / "val" / "copy_of_train_0.txt").write_text(CHEQUE_FIELDS)
+    names = ["payee", "amount", "signature"]
+    staged = stage_dataset(inspect_dataset(root, names), tmp_path / "s", names)
+    leak = staged.leakage
+    assert [(a, b) for a, b, _ in leak["examples"]] == [("images/train/train_0.jpg", "images/val/copy_of_train_0.jpg")]
+    assert leak["pairs"] == 1 and leak["share"] == round(1 / 5, 4)
+    assert leak["alike_but_labels_differ"] >= 10  # every template twin was compared, and set aside
+    assert "labelled regions" in leak["compared"] and "pHash" in leak["compared"]
+    sheets = staged.leakage_thumbnails(tmp_path / "thumbs")
+    assert set(sheets) == {"examples", "alike_but_labels_differ_examples"}
+    with Image.open(sheets["examples"]) as im:
+        assert im.size == (2 * 96 + 8, 96)  # one pair, side by side
+
+
+def root_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -83,7 +83,7 @@ CASES = [
         "class-id",
         "labels/img0.txt",
         3,
-        "labels/img0.txt line 3: class id 4 but only 1 class (pogona_head) is configured",
+        "labels/img0.txt line 3: class id 4 is not valid: the only valid id is 0 (name 'pogona_head')",
         IMG0,
     ),
     Case("class-negative", _bad_line("-1 0.5 0.5 0.2 0.2\n"), "class-id", "labels/img0.txt", 3, "id -1", IMG0),
@@ -189,6 +189,20 @@ def _kind(line: str, nc: int = 1) -> str | None:
 def test_a_class_id_is_valid_exactly_when_it_is_below_the_number_of_classes(nc: int, cls: int) -> None:
     expected = None if 0 <= cls < nc else "class-id"
     assert _kind(f"{cls} 0.5 0.5 0.2 0.2", nc) == expected
+
+
+@pytest.mark.parametrize(
+    ("names", "cls", "sentence"),
+    [
+        ([str(i) for i in range(1, 9)], -1, "class id -1 is not valid: valid ids are 0-7 (names '1', '2' ... '8')"),
+        ([str(i) for i in range(1, 9)], 8, "class id 8 is not valid: valid ids are 0-7 (names '1', '2' ... '8')"),
+        (["cat", "dog"], 2, "class id 2 is not valid: valid ids are 0-1 (names 'cat', 'dog')"),
+    ],
+)
+def test_a_bad_class_id_says_the_valid_ids_apart_from_the_names(names: list[str], cls: int, sentence: str) -> None:
+    """With numeric class names ('1' ... '8'), ids and names must not read alike."""
+    _, problem = parse_line(f"{cls} 0.5 0.5 0.2 0.2", "l.txt", 1, names)
+    assert problem is not None and problem.message == f"l.txt line 1: {sentence}"
 
 
 TOLERANCE = 1e-6  # documented: coordinates off by 1e-6 are rounding, not errors

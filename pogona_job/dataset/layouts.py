@@ -60,6 +60,7 @@ class Layout:
     problems: list[Problem] = field(default_factory=list)
     # Where the names may come from, in the order they are believed.
     name_files: list[str] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)  # worth knowing, never a reason to stop
 
 
 def scan(root: Path) -> Scan:
@@ -178,7 +179,10 @@ def _cvat(root: Path, found: Scan) -> Layout | None:
         rel = _strip_data_prefix(keys[key]) if key in keys else f"{key}.txt"
         if rel in found.texts:
             lists[rel] = SPLIT_ALIASES[key]
-    layout = Layout("cvat", "", list_files=set(lists), name_files=["obj.names", *_name_files(found)])
+    # CVAT writes obj.data and obj_<subset>_data/; obj.names and list files alone are darknet's own layout.
+    is_cvat = (root / "obj.data").is_file() or any(re.fullmatch(r"obj_\w+_data", d) for d in found.dirs)
+    key = "cvat" if is_cvat else "darknet"
+    layout = Layout(key, "", list_files=set(lists), name_files=["obj.names", *_name_files(found)])
     images = set(found.images)
     by_name = {PurePosixPath(rel).name: rel for rel in found.images}
     for list_rel, split in lists.items():
@@ -202,9 +206,19 @@ def _cvat(root: Path, found: Scan) -> Layout | None:
                 Problem(rel, None, "layout", f"{rel}: not listed in any of {', '.join(sorted(lists))}")
             )
     else:  # CVAT always writes train.txt; one list alone is no split
+        unlisted = sorted(images - set(layout.split_of)) if lists else []
+        named = ", ".join(sorted(lists))
+        layout.notes += [
+            Problem(rel, None, "unlisted", f"{rel}: in no list file ({named}); trained on all the same")
+            for rel in unlisted
+        ]
         layout.split_of = {rel: s for rel, s in layout.split_of.items() if s == "test"}
     subsets = sorted({s for s in lists.values()}, key=["train", "val", "test"].index)
-    layout.label = f"CVAT YOLO 1.1 export ({'/'.join(subsets) or 'no'} list{'s' if len(subsets) != 1 else ''})"
+    listed = f"{'/'.join(subsets) or 'no'} list{'s' if len(subsets) != 1 else ''}"
+    if is_cvat:
+        layout.label = f"CVAT YOLO 1.1 export ({listed})"
+    else:
+        layout.label = f"darknet-style folder (obj.names and {listed}; no obj.data)"
     return layout
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pogona_job.dataset.modality import ModalityRecord, contact_sheets
+
 SPLITS = ("train", "val", "test")
 # Folder names tools use for a split: Roboflow writes `valid`, some people `validation`.
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -34,6 +36,7 @@ class ImageItem:
     boxes: int
     split: str | None  # the export's own split, None when it carries none
     modality_source: str = "inferred"
+    modality_evidence: str = ""  # the rule, file or pixel evidence behind the modality
     group: str = ""  # images of one group always land in the same split
     phash: int | None = None  # 64-bit perceptual hash, for near-duplicate leakage
 
@@ -41,7 +44,7 @@ class ImageItem:
 @dataclass
 class DatasetInventory:
     root: Path
-    layout: str  # short key: ultralytics, roboflow, cvat, label-studio, flat
+    layout: str  # short key: ultralytics, roboflow, cvat, darknet, label-studio, flat
     items: list[ImageItem]
     problems: list[Problem]
     junk_ignored: int
@@ -82,6 +85,35 @@ class StagedDataset:
     modality_sources: dict[str, dict[str, int]] = field(default_factory=dict)
     leakage: dict[str, Any] = field(default_factory=dict)
     notes: list[Problem] = field(default_factory=list)
+    # Per image: modality, how it was decided and on what evidence; written to `modality_file`.
+    modality_records: list[ModalityRecord] = field(default_factory=list)
+    modality_file: Path | None = None  # <root>/modality.csv, beside the split lists
+
+    @property
+    def published_files(self) -> list[Path]:
+        """What a run publishes under `dataset/`: the split lists, then modality.csv."""
+        return [*self.split_files, *([self.modality_file] if self.modality_file else [])]
+
+    def modality_thumbnails(self, dest: Path, per_modality: int = 8) -> dict[str, Path]:
+        """A strip of thumbnails per modality inferred from pixels (`modality-<m>.png` under dest)."""
+        image_of = {rel: self.root / staged for rel, staged in self.staged.items()}
+        return contact_sheets(self.modality_records, image_of, dest, per_modality=per_modality)
+
+    def leakage_thumbnails(self, dest: Path) -> dict[str, Path]:
+        """Near-duplicate pairs side by side: `leakage-pairs.png` (counted as leaks) and
+        `leakage-alike-labels-differ.png` (alike as whole images, not where the labels are), when any."""
+        from pogona_job.dataset.split import pair_sheet
+
+        image_of = {rel: self.root / staged for rel, staged in self.staged.items()}
+        out = {}
+        for key, name in (
+            ("examples", "leakage-pairs.png"),
+            ("alike_but_labels_differ_examples", "leakage-alike-labels-differ.png"),
+        ):
+            sheet = pair_sheet(self.leakage.get(key) or [], image_of, dest / name)
+            if sheet is not None:
+                out[key] = sheet
+        return out
 
     def split_of(self, rel: str) -> str:
         """ "train", "val" or "test"."""

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from pogona_job.dataset.modality import CSV_NAME, ModalityRecord, modality_csv
 from pogona_job.dataset.model import (
     MODALITY_SOURCES,
     SPLIT_ALIASES,
@@ -68,6 +69,9 @@ def stage_dataset(
             _link_or_copy(item.label, out_dir / "labels" / split / (PurePosixPath(name).stem + ".txt"))
 
     split_files = _write_split_lists(out_dir, splits)
+    records = modality_records(inv.items)
+    modality_file = out_dir / CSV_NAME
+    modality_file.write_text(modality_csv(records), encoding="utf-8")
     data_yaml = _write_data_yaml(out_dir, names_list, set(splits.values()))
     leakage = near_duplicates(inv.items, splits)
     leakage["warn"] = leakage["share"] > leakage_warn
@@ -92,7 +96,14 @@ def stage_dataset(
         modality_sources=modality_sources(inv.items),
         leakage=leakage,
         notes=list(inv.notes),
+        modality_records=records,
+        modality_file=modality_file,
     )
+
+
+def modality_records(items: list[ImageItem]) -> list[ModalityRecord]:
+    """Per image: path, modality, source (declared / pattern / inferred / unknown) and evidence."""
+    return [ModalityRecord(it.rel, it.modality, it.modality_source, it.modality_evidence) for it in items]
 
 
 def modality_sources(items: list[ImageItem]) -> dict[str, dict[str, int]]:

@@ -28,7 +28,7 @@ MIN_IMAGE_SIDE = 10  # ultralytics rejects images with a side of 9 px or less
 MAX_IMAGE_PIXELS = 100_000_000
 MAX_LABEL_LINES = 10_000
 _MAX_LINE_CHARS = 4096  # a label line is ~50 characters; longer is garbage, not worth reading
-_ANALYSIS_SIDE = 64  # JPEGs are decoded at reduced scale (DCT scaling) to about this size: cheap
+_ANALYSIS_SIDE = 128  # JPEGs are decoded at reduced scale (DCT scaling) to about this size: a palette bar survives
 _COORD_TOLERANCE = 1e-6  # annotation tools round; 1.0000001 is not an error
 # Pillow's format name for each extension; a file whose content is another format gets a note.
 _FORMAT_OF = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "tif": "TIFF"}
@@ -64,6 +64,7 @@ class _ImageResult:
     phash: int | None
     problems: list[Problem]
     notes: list[Problem] = field(default_factory=list)
+    evidence: str = ""
 
 
 def inspect_dataset(
@@ -89,21 +90,31 @@ def inspect_dataset(
     thermal = re.compile(opts.thermal_pattern, re.IGNORECASE)
     visible = re.compile(opts.visible_pattern, re.IGNORECASE)
 
-    def modality_of(rel: str) -> tuple[str | None, str]:
-        declared = modality.by_rules(rel, rules) or table.modality.get(rel) or modality.by_sidecar(rel, sidecars)
-        if declared:
-            return declared, "declared"
+    def modality_of(rel: str) -> tuple[str | None, str, str]:
+        """(modality or None, source, evidence): declared, then named; None leaves it to the pixels."""
+        ruled = modality.by_rules(rel, rules)
+        if ruled:
+            return ruled, "declared", f"POGONA_MODALITY_RULES: {ruled}"
+        if rel in table.modality:
+            return table.modality[rel], "declared", "groups.csv modality column"
+        folder = modality.sidecar_folder(rel, sidecars)
+        if folder is not None:
+            return sidecars[folder], "declared", f"{(PurePosixPath(folder) / modality.SIDECAR).as_posix()}"
         named = modality.by_name(rel, thermal, visible)
-        return (named, "pattern") if named else (None, "inferred")
+        if named:
+            return named, "pattern", f"the path matches the {named} name pattern"
+        return None, "inferred", ""
 
     def check(rel: str) -> _ImageResult:
         label = label_of.get(rel)
         boxes, problems = (0, []) if label is None else check_label(root / label, label, names, opts.max_label_lines)
-        known, source = modality_of(rel)
+        known, source, why = modality_of(rel)
         res = _check_image(root / rel, rel, opts.max_image_pixels, known is None)
         modality_ = known or res.modality
         source = source if known else ("unknown" if modality_ == "unknown" else "inferred")
-        return _ImageResult(rel, modality_, source, boxes, res.phash, res.problems + problems, res.notes)
+        return _ImageResult(
+            rel, modality_, source, boxes, res.phash, res.problems + problems, res.notes, why or res.evidence
+        )
 
     # Threads overlap file reads (network disks, cold caches); the decoding itself is mostly GIL-bound.
     # Pillow warns (palette transparency, EXIF, huge images) through `warnings`, which would print
@@ -126,7 +137,8 @@ def inspect_dataset(
             boxes=res.boxes,
             split=layout.split_of.get(res.rel),
             modality_source=res.source,
-            group=f"{res.modality}:{groups[res.rel]}",  # one group never spans modalities
+            modality_evidence=res.evidence,
+            group=groups[res.rel],  # a group is never cut, whatever modalities its images were judged
             phash=res.phash,
         )
         for res in results
@@ -137,7 +149,8 @@ def inspect_dataset(
     problems += [_extension_problem(rel) for rel in found.unsupported]
     problems += _dataset_problems(root, found, items, opts.min_val_images)
     problems.sort(key=lambda p: (not p.fatal, p.path, p.line or 0, p.kind))
-    notes = sorted([n for res in results for n in res.notes] + table.notes, key=lambda n: (n.path, n.line or 0))
+    notes = [n for res in results for n in res.notes] + table.notes + layout.notes
+    notes.sort(key=lambda n: (n.path, n.line or 0))
     return DatasetInventory(
         root=root,
         layout=layout.key,
@@ -338,6 +351,7 @@ class _Decoded:
     phash: int | None
     problems: list[Problem]
     notes: list[Problem]
+    evidence: str = ""
 
 
 def _check_image(path: Path, rel: str, max_pixels: int, infer: bool) -> _Decoded:
@@ -357,7 +371,9 @@ def _check_image(path: Path, rel: str, max_pixels: int, infer: bool) -> _Decoded
         with Image.open(path) as im:
             im.draft("RGB", (_ANALYSIS_SIDE, _ANALYSIS_SIDE))  # JPEG: decode at 1/2..1/8 scale
             im.load()  # decodes all the data: a truncated file fails here
-            out.modality = modality.pixel_modality(im) if infer else "unknown"
+            if infer:
+                verdict = modality.judge(im)
+                out.modality, out.evidence = verdict.modality, verdict.evidence
             out.phash = int(str(imagehash.phash(im)), 16)
     except Image.DecompressionBombError:
         out.problems.append(_pixels_problem(rel, 0, 0, max_pixels))
@@ -470,9 +486,7 @@ def parse_line(
     if not cls.is_integer():
         return problem("class-id", f"class id {fields[0]} is not a whole number")
     if not 0 <= cls < nc:
-        configured = f"{nc} class{'es' if nc != 1 else ''} ({', '.join(class_names)}) "
-        verb = "are" if nc != 1 else "is"
-        return problem("class-id", f"class id {int(cls)} but only {configured}{verb} configured")
+        return problem("class-id", f"class id {int(cls)} is not valid: {valid_ids(class_names)}")
     if not (w > 0 and h > 0):
         return problem("size", f"box width and height must be positive, found width={fields[3]} height={fields[4]}")
     names = ("x_center", "y_center", "width", "height")
@@ -480,6 +494,17 @@ def parse_line(
         if not -_COORD_TOLERANCE <= value <= 1 + _COORD_TOLERANCE:
             return problem("coords", f"{name}={text} is outside [0, 1] (coordinates are normalised to the image)")
     return values, None
+
+
+def valid_ids(class_names: list[str]) -> str:
+    """ "valid ids are 0-7 (names '1' ... '8')": ids and names apart, so numeric names cannot mislead."""
+    if not class_names:
+        return "no classes are configured"
+    if len(class_names) == 1:
+        return f"the only valid id is 0 (name {class_names[0]!r})"
+    shown = [repr(n) for n in class_names]
+    names = ", ".join(shown) if len(shown) <= 4 else f"{shown[0]}, {shown[1]} ... {shown[-1]}"
+    return f"valid ids are 0-{len(class_names) - 1} (names {names})"
 
 
 def _is_number(text: str) -> bool:
