@@ -7,6 +7,7 @@ Configured by environment variables of the mitmdump process:
   FAULTS_MATCH regex on "METHOD path?query" selecting which requests may fail (default: all)
   FAULTS_SEED  seed of the deterministic choice; FAULTS_SLOW_S delay of a slow response
   FAULTS_MAX   stop injecting after this many faults (default: no limit)
+  FAULTS_ONCE  "1": at most one fault per distinct "METHOD path" (each object's first read fails once)
 Every injected fault is printed as one line "FAULT <kind> <METHOD> <path>".
 """
 
@@ -31,15 +32,19 @@ class Faults:
         self.rng = random.Random(int(os.environ.get("FAULTS_SEED", "0")))
         self.slow_s = float(os.environ.get("FAULTS_SLOW_S", "2"))
         self.left = int(os.environ.get("FAULTS_MAX", "-1"))
+        self.once = os.environ.get("FAULTS_ONCE") == "1"
+        self.faulted: set[str] = set()
 
     def _pick(self, flow: http.HTTPFlow) -> str | None:
-        if self.left == 0 or not self.match.search(f"{flow.request.method} {flow.request.path}"):
+        line = f"{flow.request.method} {flow.request.path}"
+        if self.left == 0 or not self.match.search(line) or (self.once and line in self.faulted):
             return None
         roll, edge = self.rng.random(), 0.0
         for kind, share in self.rules:
             edge += share
             if roll < edge:
                 self.left -= 1
+                self.faulted.add(line)
                 return kind
         return None
 

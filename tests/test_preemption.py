@@ -229,8 +229,10 @@ def test_a_holder_whose_lease_is_taken_stops_with_75_and_publishes_nothing(
     assert job.proc.wait(120) == 75, "".join(job.lines[-15:])
     assert "lost the lease" in job.lines[-1]
     keys = _keys(s3_client, run)
-    assert not {run + "manifest.json", run + "report.md", run + "config.json"} & set(keys)
-    assert set(keys) == set(at_theft)  # no checkpoint, no pointer: nothing at all after the theft
+    assert not {run + "report.md", run + "config.json"} & set(keys)
+    manifest = pointers.read(s3_client, S3Path(BUCKET, run + "manifest.json")).value or {}
+    assert manifest["status"] == "interrupted"  # only the holder's claim at its start: never a result
+    assert keys == at_theft  # no checkpoint, no pointer, no progress: no object changed after the theft
     assert pointers.read(s3_client, path).value == thief  # and it did not delete the new holder's lease
 
 
