@@ -50,7 +50,7 @@ CRASH_POINTS = [
     ("the manifest", r"^PUT .*/manifest\.json", 2),  # the 1st is the holder's claim at the start,
     ("latest.json", r"^PUT .*/latest\.json", 1),
     ("champion.json", r"^PUT .*/champion\.json", 1),
-    ("the checkpoint clean-up", r"^DELETE .*/checkpoint/", 1),
+    ("the checkpoint clean-up", r"^POST .*\?delete", 1),
 ]
 
 

@@ -8,9 +8,11 @@ A's lease renewal succeeded and before A's conditional request goes out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +33,7 @@ from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
 from pogona_job.tools.locals3 import LocalS3
 from pogona_job.training import checkpoint
-from tests.conftest import BUCKET, ROOT, FaultProxy
+from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, output_uri, run_cli
 
 TTL = 1.0
 
@@ -370,3 +372,89 @@ def test_a_signal_delivered_twice_at_once_counts_once_and_a_forced_exit_releases
     assert done.stdout.splitlines()[0] == "alive True", done.stderr
     assert done.returncode == 143 and "not exited" not in done.stdout
     assert marker.read_text() == "released"
+
+
+# --- the harness with real jobs: pause one at a chosen request, take over, continue it ------------
+
+
+def _objects(s3_client: Any, prefix: str) -> dict[str, str]:
+    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_a_job_paused_at_its_report_and_continued_after_a_takeover_exits_75_having_changed_nothing(
+    s3: LocalS3, s3_client: Any, demo_uri: str, tmp_path: Path
+) -> None:
+    """Job A is held at its PUT of report.md and SIGSTOPped past its lease TTL; job B takes the run
+    over and succeeds; A is continued and its held request released. Before the fix A logged
+    `run succeeded`, exited 0 and its report.md replaced B's."""
+    release = tmp_path / "release"
+    pause = {"PAUSE_MATCH": r"^PUT .*/paused/report\.md", "PAUSE_RELEASE": str(release)}
+    proxy = FaultProxy(s3.endpoint, "", tmp_path, addon="pause_addon.py", env=pause)
+    output = output_uri(tmp_path)
+    common = {"POGONA_DATASET_URI": demo_uri, "POGONA_RUN_ID": "paused", "POGONA_OUTPUT_URI": output}
+    env_a = job_env(s3, tmp_path / "a", **common, POGONA_LEASE_TTL_S="8", AWS_ENDPOINT_URL_S3=proxy.endpoint)
+    a = subprocess.Popen(
+        [sys.executable, "-m", "pogona_job", "run"],
+        env=env_a,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "a.log", "wb"),  # noqa: SIM115
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while "PAUSED " not in proxy.log.read_text(errors="replace"):
+            assert a.poll() is None and time.monotonic() < deadline, (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(a.pid, signal.SIGSTOP)
+        time.sleep(9)  # past A's TTL on the server's clock
+        b = run_cli(["run"], job_env(s3, tmp_path / "b", **common))
+        assert b.code == 0, b.stderr[-3000:]
+        run = out_key(common | {"POGONA_OUTPUT_URI": output}, "paused") + "/"
+        after_b = _objects(s3_client, run)
+        latest = _body(s3_client, S3Path(BUCKET, out_key({"POGONA_OUTPUT_URI": output}, "latest.json")))
+        os.killpg(a.pid, signal.SIGCONT)
+        release.touch()
+        assert a.wait(180) == 75, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, signal.SIGKILL)
+            a.wait()
+        proxy.stop()
+    a_log = (tmp_path / "a.log").read_text()
+    assert "run succeeded" not in a_log and "lost the lease" in a_log.strip().splitlines()[-1]
+    assert _objects(s3_client, run) == after_b  # not one object written or deleted by A
+    assert _body(s3_client, S3Path(BUCKET, out_key({"POGONA_OUTPUT_URI": output}, "latest.json"))) == latest
+    manifest = json.loads(_body(s3_client, S3Path(BUCKET, run + "manifest.json")))
+    assert manifest["status"] == "succeeded"
+    for key, meta in manifest["artifacts"].items():
+        assert hashlib.sha256(_body(s3_client, S3Path(BUCKET, run + key))).hexdigest() == meta["sha256"], key
+
+
+def test_the_ddp_rank_0_checkpoints_follow_the_jobs_spec_and_stop_when_the_lease_is_taken(
+    s3_client: Any, run: S3Path, tmp_path: Path
+) -> None:
+    """Rank 0 once built its own sync from a hand-copied dict: default attempt limit, no lease guard,
+    plain `<epoch>/` keys. Now it is the job's own spec, sent to the workers as JSON."""
+    holder = Lease(s3_client, run / "lease.json", 600)
+    holder.acquire("r")
+    job_sync = checkpoint.CheckpointSync(
+        s3_client, run, tmp_path / "job", every_epochs=2, min_interval_s=7, guard=holder.confirm,
+        tag=holder.token, lease=holder.path, max_attempts=3,
+    )  # fmt: skip
+    rank0 = checkpoint.CheckpointSync.from_spec(json.loads(json.dumps(job_sync.spec())), tmp_path / "rank0")
+    job_sync.close()
+    assert (rank0.run, rank0.every_epochs, rank0.min_interval_s) == (run, 2, 7)
+    assert (rank0.tag, rank0.lease, rank0.max_attempts) == (holder.token, holder.path, 3)
+    assert rank0.client.meta.config.retries["total_max_attempts"] == 4  # botocore counts the first try too
+    rank0.offer("full", 2, 4, _weights(tmp_path / "save", 2), {})
+    assert rank0.flush(30)
+    assert storage.head(s3_client, run / f"checkpoint/full/2-{holder.token}/last.pt") is not None
+    taker = {"holder": "taker", "run_id": "r", "ttl_s": 600, "beat": 1}
+    assert pointers.write(s3_client, run / "lease.json", taker, expected=holder.etag)
+    rank0.offer("full", 4, 4, _weights(tmp_path / "save", 4), {})
+    with pytest.raises(LeaseLost):
+        rank0.flush(30)
+    rank0.close()
+    assert json.loads(_body(s3_client, run / "checkpoint/full/pointer.json"))["epoch"] == 2
