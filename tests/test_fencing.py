@@ -328,6 +328,19 @@ def test_multipart_uploads_left_by_a_killed_upload_are_aborted_at_start(s3_clien
     assert left == []
 
 
+def test_a_re_push_after_a_killed_push_leaves_no_open_multipart_upload(
+    s3_client: Any, run: S3Path, tmp_path: Path
+) -> None:
+    key = f"{run.key}/data/images/big.jpg"
+    upload = s3_client.create_multipart_upload(Bucket=run.bucket, Key=key)
+    s3_client.upload_part(Bucket=run.bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    (tmp_path / "src" / "images").mkdir(parents=True)
+    (tmp_path / "src" / "images" / "big.jpg").write_bytes(b"y" * 2048)
+    storage.push_tree(s3_client, tmp_path / "src", run / "data", threads=2)
+    left = s3_client.list_multipart_uploads(Bucket=run.bucket, Prefix=f"{run.key}/").get("Uploads", [])
+    assert left == []
+
+
 def test_a_sigterm_checkpoints_the_last_completed_epoch_despite_the_minimum_interval(
     s3_client: Any, run: S3Path, tmp_path: Path
 ) -> None:

@@ -598,6 +598,7 @@ def push_tree(
     With `delete`, objects under dest that the folder does not have are removed (each named to
     `on_delete` first). Returns (uploaded, skipped).
     """
+    abort_multipart_uploads(client, dest)  # a push killed mid-part left them open: billed, never listed
     remote = {o.rel: o for o in list_objects(client, dest)}
     todo: list[tuple[Path, S3Path]] = []
     local: set[str] = set()
