@@ -43,8 +43,9 @@ class Faults:
         for kind, share in self.rules:
             edge += share
             if roll < edge:
-                self.left -= 1
-                self.faulted.add(line)
+                if kind != "flip":  # a flip counts once it is applied (a 404 has no body to flip)
+                    self.left -= 1
+                    self.faulted.add(line)
                 return kind
         return None
 
@@ -52,7 +53,8 @@ class Faults:
         kind = self._pick(flow)
         if kind is None:
             return
-        print(f"FAULT {kind} {flow.request.method} {flow.request.path}", flush=True)
+        if kind != "flip":
+            print(f"FAULT {kind} {flow.request.method} {flow.request.path}", flush=True)
         if kind == "503":
             body = _XML.format(code="SlowDown", message="Please reduce your request rate.")
             flow.response = http.Response.make(503, body, {"Content-Type": "application/xml"})
@@ -88,8 +90,15 @@ class Faults:
 
     def response(self, flow: http.HTTPFlow) -> None:
         body = flow.response.content if flow.response is not None else None
-        if flow.metadata.get("flip") and flow.response is not None and body:
+        ok = flow.response is not None and flow.response.status_code == 200  # an object's body, not an error
+        line = f"{flow.request.method} {flow.request.path}"
+        fresh = not self.once or line not in self.faulted
+        if flow.metadata.get("flip") and ok and flow.response is not None and body and fresh:
             flow.response.content = bytes([body[0] ^ 0xFF]) + body[1:]
+            self.left -= 1
+            if self.once:
+                self.faulted.add(line)
+            print(f"FAULT flip {line}", flush=True)
 
 
 addons = [Faults()]

@@ -470,3 +470,32 @@ def test_the_ddp_rank_0_checkpoints_follow_the_jobs_spec_and_stop_when_the_lease
         rank0.flush(30)
     rank0.close()
     assert json.loads(_body(s3_client, run / "checkpoint/full/pointer.json"))["epoch"] == 2
+
+
+def test_a_job_whose_every_small_json_read_comes_back_damaged_once_completes_and_its_retry_changes_nothing(
+    s3: LocalS3, s3_client: Any, demo_uri: str, tmp_path: Path
+) -> None:
+    """Before: a flipped byte in the pointer was exit 6 and the failure path deleted every checkpoint;
+    in latest.json or champion.json it was read as absent and overwritten."""
+    proxy = FaultProxy(s3.endpoint, "flip:1.0", tmp_path, match=r"^GET [^?]*\.json(\?|$)", env={"FAULTS_ONCE": "1"})
+    output = output_uri(tmp_path)
+    common = {"POGONA_DATASET_URI": demo_uri, "POGONA_RUN_ID": "flipped", "POGONA_OUTPUT_URI": output}
+    try:
+        first = run_cli(["run"], job_env(s3, tmp_path / "m1", **common, AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        assert first.code == 0, first.stderr[-3000:]
+        base = {"POGONA_OUTPUT_URI": output}
+        pointers_after = {k: _body(s3_client, S3Path(BUCKET, out_key(base, k))) for k in ("latest.json",)}
+        run = out_key(base, "flipped") + "/"
+        objects = _objects(s3_client, run)
+        again = run_cli(["run"], job_env(s3, tmp_path / "m2", **common, AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        assert again.code == 0 and "already succeeded" in again.stderr, again.stderr[-3000:]
+    finally:
+        proxy.stop()
+    flipped = {line.split()[-1].rsplit("/", 1)[-1] for line in proxy.faults()}
+    assert {"manifest.json", "pointer.json", "accounting.json", "latest.json"} <= flipped, flipped
+    assert _objects(s3_client, run) == objects
+    assert {k: _body(s3_client, S3Path(BUCKET, out_key(base, k))) for k in pointers_after} == pointers_after
+    manifest = json.loads(_body(s3_client, S3Path(BUCKET, run + "manifest.json")))
+    assert manifest["status"] == "succeeded"
+    for key, meta in manifest["artifacts"].items():
+        assert hashlib.sha256(_body(s3_client, S3Path(BUCKET, run + key))).hexdigest() == meta["sha256"], key
