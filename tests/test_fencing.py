@@ -394,18 +394,26 @@ def _objects(s3_client: Any, prefix: str) -> dict[str, str]:
     return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
 
 
+# A's own settings: publishing its success, or reporting a failure nobody resumes (the gate
+# cannot pass: exit 5 and its failure path deletes the checkpoints).
+PAUSED_AT = {"its success": {}, "its failure report": {"POGONA_GATE_MIN_MAP50": "1.0"}}
+
+
+@pytest.mark.parametrize("publishing", list(PAUSED_AT))
 def test_a_job_paused_at_its_report_and_continued_after_a_takeover_exits_75_having_changed_nothing(
-    s3: LocalS3, s3_client: Any, demo_uri: str, tmp_path: Path
+    publishing: str, s3: LocalS3, s3_client: Any, demo_uri: str, tmp_path: Path
 ) -> None:
     """Job A is held at its PUT of report.md and SIGSTOPped past its lease TTL; job B takes the run
     over and succeeds; A is continued and its held request released. Before the fix A logged
-    `run succeeded`, exited 0 and its report.md replaced B's."""
+    `run succeeded`, exited 0 and its report.md replaced B's; a failing A deleted B's checkpoints
+    and published `failed`."""
     release = tmp_path / "release"
     pause = {"PAUSE_MATCH": r"^PUT .*/paused/report\.md", "PAUSE_RELEASE": str(release)}
     proxy = FaultProxy(s3.endpoint, "", tmp_path, addon="pause_addon.py", env=pause)
     output = output_uri(tmp_path)
     common = {"POGONA_DATASET_URI": demo_uri, "POGONA_RUN_ID": "paused", "POGONA_OUTPUT_URI": output}
-    env_a = job_env(s3, tmp_path / "a", **common, POGONA_LEASE_TTL_S="8", AWS_ENDPOINT_URL_S3=proxy.endpoint)
+    own = {**PAUSED_AT[publishing], "POGONA_LEASE_TTL_S": "8", "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+    env_a = job_env(s3, tmp_path / "a", **common, **own)
     a = subprocess.Popen(
         [sys.executable, "-m", "pogona_job", "run"],
         env=env_a,
@@ -436,6 +444,8 @@ def test_a_job_paused_at_its_report_and_continued_after_a_takeover_exits_75_havi
         proxy.stop()
     a_log = (tmp_path / "a.log").read_text()
     assert "run succeeded" not in a_log and "lost the lease" in a_log.strip().splitlines()[-1]
+    if PAUSED_AT[publishing]:  # it was reporting its own failure (the gate) when it was paused
+        assert '"exit_code": 5' in a_log and "failure report pushed" not in a_log
     assert _objects(s3_client, run) == after_b  # not one object written or deleted by A
     assert _body(s3_client, S3Path(BUCKET, out_key({"POGONA_OUTPUT_URI": output}, "latest.json"))) == latest
     manifest = json.loads(_body(s3_client, S3Path(BUCKET, run + "manifest.json")))
