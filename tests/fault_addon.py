@@ -8,6 +8,7 @@ Configured by environment variables of the mitmdump process:
   FAULTS_MATCH regex on "METHOD path?query" selecting which requests may fail (default: all)
   FAULTS_SEED  seed of the deterministic choice; FAULTS_SLOW_S delay of a slow response
   FAULTS_MAX   stop injecting after this many faults (default: no limit)
+  FAULTS_ONCE  "1": at most one fault per distinct "METHOD path" (each object's first read fails once)
 Every injected fault is printed as one line "FAULT <kind> <METHOD> <path>".
 """
 
@@ -32,15 +33,20 @@ class Faults:
         self.rng = random.Random(int(os.environ.get("FAULTS_SEED", "0")))
         self.slow_s = float(os.environ.get("FAULTS_SLOW_S", "2"))
         self.left = int(os.environ.get("FAULTS_MAX", "-1"))
+        self.once = os.environ.get("FAULTS_ONCE") == "1"
+        self.faulted: set[str] = set()
 
     def _pick(self, flow: http.HTTPFlow) -> str | None:
-        if self.left == 0 or not self.match.search(f"{flow.request.method} {flow.request.path}"):
+        line = f"{flow.request.method} {flow.request.path}"
+        if self.left == 0 or not self.match.search(line) or (self.once and line in self.faulted):
             return None
         roll, edge = self.rng.random(), 0.0
         for kind, share in self.rules:
             edge += share
             if roll < edge:
-                self.left -= 1
+                if kind != "flip":  # a flip counts once it is applied (a 404 has no body to flip)
+                    self.left -= 1
+                    self.faulted.add(line)
                 return kind
         return None
 
@@ -48,7 +54,8 @@ class Faults:
         kind = self._pick(flow)
         if kind is None:
             return
-        print(f"FAULT {kind} {flow.request.method} {flow.request.path}", flush=True)
+        if kind != "flip":
+            print(f"FAULT {kind} {flow.request.method} {flow.request.path}", flush=True)
         if kind == "503":
             body = _XML.format(code="SlowDown", message="Please reduce your request rate.")
             flow.response = http.Response.make(503, body, {"Content-Type": "application/xml"})
@@ -89,8 +96,15 @@ class Faults:
 
     def response(self, flow: http.HTTPFlow) -> None:
         body = flow.response.content if flow.response is not None else None
-        if flow.metadata.get("flip") and flow.response is not None and body:
+        ok = flow.response is not None and flow.response.status_code == 200  # an object's body, not an error
+        line = f"{flow.request.method} {flow.request.path}"
+        fresh = not self.once or line not in self.faulted
+        if flow.metadata.get("flip") and ok and flow.response is not None and body and fresh:
             flow.response.content = bytes([body[0] ^ 0xFF]) + body[1:]
+            self.left -= 1
+            if self.once:
+                self.faulted.add(line)
+            print(f"FAULT flip {line}", flush=True)
 
 
 addons = [Faults()]

@@ -4,6 +4,8 @@ kill -9 the job at exactly that moment (the request never reaches the server).
 Configured by environment variables of the mitmdump process:
   PAUSE_MATCH  regex on "METHOD path?query" (e.g. "^PUT .*/checkpoint/full/pointer\\.json")
   PAUSE_NTH    pause the Nth matching request (1-based, default 1); earlier ones pass
+  PAUSE_RELEASE  a file path: the held request is forwarded once that file exists (the test then
+               continues the stopped job); without it the request is held until the proxy dies
 Prints "PAUSED <METHOD> <path>" when it holds one, and "PASS <METHOD> <path>" for every request.
 """
 
@@ -29,8 +31,15 @@ class Pause:
             self.seen += 1
             if self.seen == self.nth:
                 print(f"PAUSED {line}", flush=True)
-                await asyncio.sleep(24 * 3600)  # until the test kills the job (and then this proxy)
-                return
+                release = os.environ.get("PAUSE_RELEASE")
+                deadline = asyncio.get_running_loop().time() + 24 * 3600
+                while asyncio.get_running_loop().time() < deadline:  # until released, or the test kills it
+                    await asyncio.sleep(0.1)
+                    if release and os.path.exists(release):
+                        print(f"RELEASED {line}", flush=True)
+                        break
+                else:
+                    return
         print(f"PASS {line}", flush=True)
 
 

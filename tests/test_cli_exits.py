@@ -165,8 +165,9 @@ def test_manifest_is_written_after_every_artifact_and_s3_weights_are_the_ones_tr
     # Not artifacts: the checkpoints, the lease and the live progress.json (all removed when the run ends).
     transient = (run + "checkpoint/", run + "lease", run + "progress.json")
     artifacts = [k for k in writes if k.startswith(run) and not k.startswith(transient)]
-    assert artifacts[-1] == run + "manifest.json" and artifacts.count(run + "manifest.json") == 1
-    assert {k.removeprefix(run) for k in artifacts[:-1]} == set(manifest["artifacts"])
+    # Twice: the holder's claim when it took the run (fences a stale writer), then the result LAST.
+    assert [i for i, k in enumerate(artifacts) if k == run + "manifest.json"] == [0, len(artifacts) - 1]
+    assert {k.removeprefix(run) for k in artifacts[1:-1]} == set(manifest["artifacts"])
     latest = out_key(env, "latest.json")
     assert writes.count(latest) == 1 and writes.index(latest) > writes.index(run + "manifest.json")
     # POGONA_MODEL=s3://...: the object was fetched, and the published weights are of its architecture.

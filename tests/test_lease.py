@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pogona_job.errors import LeaseLost, RunBusy
+from pogona_job.errors import LeaseLost, RunBusy, TransientFailure
 from pogona_job.run.lease import Lease
 from pogona_job.run.publish import advance_latest
 from pogona_job.s3 import pointers
@@ -203,10 +203,12 @@ def test_latest_json_names_the_last_finished_of_many_concurrent_runs(s3_client: 
     assert _latest(s3_client, prefix)["run_id"] == "r9"
 
 
-def test_an_unreadable_latest_json_is_replaced(s3_client: Any, prefix: S3Path) -> None:
+def test_an_unreadable_latest_json_is_never_taken_as_absent(s3_client: Any, prefix: S3Path) -> None:
+    """It may be a newer run's pointer damaged in transit: retried, then exit 75, never overwritten."""
     s3_client.put_object(Bucket=BUCKET, Key=f"{prefix.key}/latest.json", Body=b"{not json")
-    advance_latest(s3_client, prefix, {"run_id": "r", "finished_at": "2026-01-01T00:00:00+00:00"})
-    assert _latest(s3_client, prefix)["run_id"] == "r"
+    with pytest.raises(TransientFailure):
+        advance_latest(s3_client, prefix, {"run_id": "r", "finished_at": "2026-01-01T00:00:00+00:00"})
+    assert s3_client.get_object(Bucket=BUCKET, Key=f"{prefix.key}/latest.json")["Body"].read() == b"{not json"
 
 
 def test_every_renewal_changes_the_etag_so_a_takeover_read_before_it_fails(s3_client: Any, prefix: S3Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pogona_job.config import Settings
-from pogona_job.errors import TransientFailure
+from pogona_job.errors import LeaseLost, TransientFailure
 from pogona_job.run import job as jobmod
 from pogona_job.run import publish
 from pogona_job.run.signals import StopFlag
@@ -43,7 +43,8 @@ SUCCEEDED = {"status": "succeeded", "run_id": "r", "finished_at": "2026-01-01T00
 def test_a_succeeded_manifest_is_never_rewritten(job: Job, s3_client: Any) -> None:
     pointers.write(s3_client, job.out / "manifest.json", SUCCEEDED, expected=None)
     job.record.status, job.record.failure = "failed", "something after success"
-    publish.publish(job)
+    with pytest.raises(LeaseLost):  # only another holder can have written it: this job is not the run's
+        publish.publish(job)
     assert _read(s3_client, job.out / "manifest.json") == SUCCEEDED
 
 
@@ -67,7 +68,9 @@ def test_a_job_without_the_lease_publishes_nothing(job: Job, monkeypatch: pytest
 
 
 def test_a_retry_of_a_succeeded_run_completes_latest_json_and_the_clean_up(job: Job, s3_client: Any) -> None:
+    """Killed after the manifest, even at the DELETE of progress.json: the retry leaves only the manifest."""
     pointers.write(s3_client, job.out / "manifest.json", SUCCEEDED, expected=None)
+    pointers.write(s3_client, job.out / "progress.json", {"heartbeat_ts": 1.0, "interval_s": 1}, expected=None)
     s3_client.put_object(Bucket=BUCKET, Key=f"{job.out.key}/checkpoint/full/pointer.json", Body=b"{}")
     pointers.write(s3_client, job.out / "lease.json", {"holder": "killed-after-the-manifest"}, expected=None)
     publish.complete_finished(job, SUCCEEDED)

@@ -18,6 +18,7 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -98,6 +99,7 @@ class Tracker:
     started_at: str = field(default_factory=_now)
     prior: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str | None = None
+    guard: Callable[[], None] | None = None  # the lease's renewal, between the read and the write
     projection: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -260,7 +262,7 @@ class Tracker:
             return {"attempts": [*attempts, mine]}
 
         try:
-            pointers.update(self.client, self.path, decide)
+            pointers.update(self.client, self.path, decide, guard=self.guard)
         except JobError as exc:
             log.warning("could not record the accounting", reason=exc.sentence)
 

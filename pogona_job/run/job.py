@@ -15,7 +15,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt, scheduler_job
-from pogona_job.errors import JobError, SanityFailed, TrainingFailed
+from pogona_job.errors import JobError, LeaseLost, SanityFailed, TrainingFailed
 from pogona_job.logs import bind, get_logger
 from pogona_job.run.phases import decide_promotion, evaluate_model, fetch_model, flush_checkpoints, train
 from pogona_job.run.publish import complete_finished, final_numbers, publish, publish_failure, push_outputs, upload
@@ -112,6 +112,11 @@ def _execute(job: Job) -> None:
         )
         lease.acquire(job.run_id)
         job.lease = lease  # only now: a refused job must not publish into a run another job owns
+        from pogona_job.run.publish import claim_run
+
+        job.stop.on_force = lease.force_release  # a forced exit (second signal) still frees the run
+        claim_run(job)  # fences the manifest against a write in flight from the job that lost the run
+        storage.abort_multipart_uploads(job.client, job.out)  # parts a killed attempt left open (billed)
         import ultralytics  # noqa: F401 - after offline.prepare(); the first import is the slow part
 
         from pogona_job import logs
@@ -134,6 +139,9 @@ def _execute(job: Job) -> None:
             every_epochs=s.checkpoint_every_epochs,
             min_interval_s=s.checkpoint_min_interval_s,
             guard=lease.confirm,
+            tag=lease.token,
+            lease=lease.path,
+            max_attempts=s.s3_max_attempts,
         )
 
     with job.phase("pull"):
@@ -209,7 +217,7 @@ def _execute(job: Job) -> None:
             log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
         if not rec.verdict.passed:
             raise SanityFailed(rec.verdict.failure_sentence())
-        storage.put_json(job.client, job.out / "checkpoint" / "gate.json", rec.verdict.as_dict())
+        job.lease.fenced_json(job.out / "checkpoint" / "gate.json", rec.verdict.as_dict())
     job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
 
     with job.phase("full"):
@@ -238,7 +246,7 @@ def _execute(job: Job) -> None:
         rec.failure = job.live.tracker.stop_reason  # partial: why it stopped early
         publish(job)
         job.checkpoints.close()  # nothing in flight can land after the clean-up
-        storage.delete_prefix(job.client, job.out / "checkpoint")  # only kept while the run is in progress
+        job.lease.fenced_delete(job.out / "checkpoint")  # only kept while the run is in progress
     log.info(f"run {rec.status}", outputs=job.out.uri, **final_numbers(rec))
     from pogona_job.run import notify
 
@@ -254,12 +262,18 @@ def _finish_failed(job: Job | None, err: JobError) -> int:
         # Without the lease (refused, or lost to another job) the run is not ours; after the succeeded
         # manifest, nothing may rewrite it.
         if err.publishes_report and job.lease is not None and not job.lease.lost and not job.final:
-            publish_failure(job)
+            try:
+                publish_failure(job)
+            except LeaseLost as lost:  # lost the run while reporting: the new holder's, untouched
+                err = lost
+                rec.status, rec.exit_code, rec.failure = err.status, err.exit_code, err.sentence
+                log.error("run failed", exit_code=err.exit_code, reason=err.sentence)
         from pogona_job.run import notify
 
         notify.send(job)
-    _write_failure_file(err.sentence)
-    print(err.sentence, file=sys.stderr)
+    sentence = job.record.failure if job is not None and job.record.failure else err.sentence
+    _write_failure_file(sentence)
+    print(sentence, file=sys.stderr)
     return err.exit_code
 
 

@@ -8,6 +8,13 @@
   monotonic clock, injectable for tests): past `ttl_s` without one, it must assume a taker and stops.
 - A lost lease is not a log line: `check()` raises LeaseLost (exit 75) at the next batch or phase,
   and the job then publishes nothing.
+- Fencing that the storage enforces (see README, Reliability): every write under the run goes
+  through `fenced_put`/`fenced_delete`: read the target's ETag, renew the lease by compare-and-swap,
+  then write with If-Match on that ETag (If-None-Match: * when absent). A job paused anywhere in
+  between finds either its renewal refused (the taker changed the lease) or its write refused (the
+  taker wrote the object since): it raises LeaseLost (exit 75). At most the one request already in
+  flight can land, and only on an object the taker has not written yet; the taker's own later
+  write replaces it. `generation` counts takeovers; `token` names this holder in generation-scoped keys.
 - A newer attempt of the same scheduler job (AWS Batch attempt N+1, or another pod of the same
   Kubernetes Job) takes over at once: the scheduler starts it only after the previous one ended.
 """
@@ -20,9 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pogona_job.errors import JobError, LeaseLost, RunBusy
+from pogona_job.errors import JobError, LeaseLost, RunBusy, TransientFailure
 from pogona_job.logs import get_logger
-from pogona_job.s3 import pointers
+from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
 
 log = get_logger()
@@ -42,6 +49,7 @@ class Lease:
         self.client, self.path, self.ttl_s = client, path, ttl_s
         self.attempt, self.scheduler_job, self.clock = attempt, scheduler_job, clock
         self.token = secrets.token_hex(8)
+        self.generation = 0  # 1 + the generation of the lease this job took over (or created)
         self.etag: str | None = None
         self.lost: str | None = None  # why, once lost
         self._beats = 0
@@ -59,6 +67,7 @@ class Lease:
             "scheduler_job": self.scheduler_job,
             "ttl_s": self.ttl_s,
             "beat": self._beats,
+            "generation": self.generation,
         }
 
     def acquire(self, run_id: str) -> None:
@@ -77,6 +86,7 @@ class Lease:
                         "retry later or use another POGONA_RUN_ID."
                     )
                 log.warning("taking over the run lease", reason=reason, previous=(current.value or {}).get("holder"))
+            self.generation = int((current.value or {}).get("generation") or 0) + 1
             sent = self.clock()
             etag = pointers.put(self.client, self.path, self._body(run_id), expected=current.etag)
             if etag is not None:
@@ -115,6 +125,9 @@ class Lease:
         checkpoint pointer, the outputs), so a lease taken since the last heartbeat is noticed first."""
         self.renew()
         self.check()
+        if self.etag is None:  # never acquired, or released: this job holds nothing
+            run = getattr(self, "run_id", "?")
+            raise LeaseLost(f"This job does not hold the lease of run {run}: it writes nothing into it.")
 
     def check(self) -> None:
         """Raise LeaseLost when the lease is (or may be) someone else's now."""
@@ -126,6 +139,50 @@ class Lease:
                 f"This job lost the lease of run {self.run_id} ({self.lost}): it stops and publishes nothing."
             )
 
+    def fenced_put(
+        self,
+        path: S3Path,
+        body: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+        attempts: int = 10,
+    ) -> str:
+        """Write `path` only while holding the run; returns the new ETag, raises LeaseLost otherwise.
+
+        The ETag is read BEFORE the renewal: a taker that wrote the object after our renewal changed
+        it, so our If-Match is refused; one that takes over after our write replaces it later."""
+        for _ in range(attempts):
+            expected = pointers.etag_of(self.client, path)
+            self.confirm()
+            etag = pointers.put_bytes(
+                self.client, path, body, expected=expected, content_type=content_type, metadata=metadata
+            )
+            if etag is not None:
+                return etag
+        self.confirm()  # kept changing under us: a stale writer, or ours is not the run any more
+        raise TransientFailure(f"{path.uri} kept changing under another writer ({attempts} tries); retry the job.")
+
+    def fenced_json(self, path: S3Path, value: Any) -> str:
+        body, meta = storage.json_body(value)
+        return self.fenced_put(path, body, content_type="application/json", metadata=meta)
+
+    def fenced_delete(self, prefix: S3Path) -> int:
+        """Delete what is under `prefix` as LISTED before a renewal, each key only if unchanged since
+        (If-Match): a taker's objects written after our listing, or rewritten since, are never touched."""
+        found = [(o.key, o.etag) for o in storage.list_objects(self.client, prefix)]
+        self.confirm()
+        removed = 0
+        for key, etag in found:
+            removed += pointers.delete(self.client, S3Path(prefix.bucket, key), expected=f'"{etag}"')
+        return removed
+
+    def fenced_delete_key(self, path: S3Path) -> bool:
+        """Delete one object only while holding the run and only the version read before the renewal."""
+        expected = pointers.etag_of(self.client, path)
+        self.confirm()
+        return expected is not None and pointers.delete(self.client, path, expected=expected)
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
@@ -134,6 +191,14 @@ class Lease:
                 log.warning("lease heartbeat failed", reason=exc.sentence)
             if self.lost:
                 return
+
+    def force_release(self) -> None:
+        """On a forced exit: delete the lease if it is still ours, without the lock (the main thread
+        may hold it) and without waiting for the heartbeat. Best effort: expiry frees it anyway."""
+        self._stop.set()
+        etag = self.etag
+        if etag is not None and not self.lost:
+            pointers.delete(self.client, self.path, expected=etag)
 
     def release(self) -> None:
         self._stop.set()

@@ -31,6 +31,7 @@ from pogona_job.training.columns import METRICS
 
 log = get_logger()
 PROGRESS = "progress.json"
+_FINAL = ("succeeded", "partial", "failed")  # what no attempt continues: `interrupted` resumes
 STALL_INTERVALS = 3  # a heartbeat older than this many intervals: the run is stalled
 Callback = Callable[[Any], None]
 
@@ -50,9 +51,11 @@ class LiveStatus:
         run_id: str,
         interval_s: float,
         holds_run: Callable[[], bool] = lambda: True,
+        lease: Any = None,
     ) -> None:
         self.client, self.run, self.tracker, self.interval_s = client, run, tracker, interval_s
         self.holds_run = holds_run  # False once the lease is lost: then nothing more is written under the run
+        self.lease = lease  # run.lease.Lease: every write and delete here is fenced by it
         self.state: dict[str, Any] = {
             "run_id": run_id,
             "attempt": len(tracker.prior) + 1,
@@ -101,7 +104,10 @@ class LiveStatus:
         if not self.holds_run():
             return
         try:
-            storage.put_json(self.client, self.run / PROGRESS, self.snapshot())
+            if self.lease is not None:
+                self.lease.fenced_json(self.run / PROGRESS, self.snapshot())
+            else:
+                storage.put_json(self.client, self.run / PROGRESS, self.snapshot())
         except JobError as exc:  # live status is a courtesy: never a reason to fail training
             log.warning("could not write progress.json", reason=exc.sentence)
         self.tracker.flush("running")
@@ -122,10 +128,16 @@ class LiveStatus:
             if retryable:
                 self.tracker.flush(status)
             else:  # terminal: the manifest holds the accounting; nothing of the attempt lingers
-                self.client.delete_object(Bucket=self.run.bucket, Key=self.tracker.path.key)
-            self.client.delete_object(Bucket=self.run.bucket, Key=(self.run / PROGRESS).key)
+                self._delete(self.tracker.path)
+            self._delete(self.run / PROGRESS)
         except Exception as exc:  # the bucket may be the reason the job is ending
             log.warning("could not tidy the live status", reason=str(exc)[:200])
+
+    def _delete(self, path: S3Path) -> None:
+        if self.lease is not None:  # only the version read before a renewal: never a taker's
+            self.lease.fenced_delete_key(path)
+        else:
+            self.client.delete_object(Bucket=path.bucket, Key=path.key)
 
     # --- the epoch meter -------------------------------------------------------------------
     def callbacks(self, phase: str, epochs: int) -> dict[str, Callback]:
@@ -210,13 +222,14 @@ def start(job: Any, device: str) -> LiveStatus:
     s = job.settings
     instance = cloud.instance(override=s.instance_type)
     tracker = Tracker(job.client, job.out, s, instance, device, job.attempt, job.record.timings)
+    tracker.guard = job.lease.confirm if job.lease is not None else None
     tracker.load()
     log.info("instance", type=instance.type, lifecycle=instance.lifecycle, source=instance.source)
 
     def holds_run() -> bool:
         return job.lease is not None and not job.lease.lost
 
-    return LiveStatus(job.client, job.out, tracker, job.run_id, s.progress_interval_s, holds_run).start()
+    return LiveStatus(job.client, job.out, tracker, job.run_id, s.progress_interval_s, holds_run, job.lease).start()
 
 
 # --- runs watch --------------------------------------------------------------------------------
@@ -242,6 +255,8 @@ def latest_live_run(client: Any, output: S3Path) -> str | None:
 
 def status_of(progress: dict[str, Any] | None, manifest: dict[str, Any] | None, now: float) -> dict[str, Any]:
     """One line of `runs watch`: the live state, "stalled", or the run's final status."""
+    if manifest is not None and manifest.get("status") in _FINAL:  # never progress.json over a final manifest
+        return {"state": manifest["status"], "final": True, "manifest": manifest}
     if progress is None:
         if manifest is not None:
             return {"state": manifest.get("status", "unknown"), "final": True, "manifest": manifest}
@@ -264,7 +279,7 @@ def watch(client: Any, output: S3Path, run_id: str | None, *, once: bool = False
                 line: dict[str, Any] = {"state": "waiting", "final": False, "reason": "no live run under the prefix"}
             else:
                 progress, _ = _read(client, output / rid / PROGRESS)
-                manifest = storage.get_json(client, output / rid / "manifest.json") if progress is None else None
+                manifest = storage.get_json(client, output / rid / "manifest.json")
                 line = {"run_id": rid, **status_of(progress, manifest, time.time())}
             text = json.dumps({k: v for k, v in line.items() if k not in ("manifest", "heartbeat_age_s")}, default=str)
             if display is not None:

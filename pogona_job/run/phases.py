@@ -59,10 +59,8 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
             extra=job.extra_args,
             # Multi-GPU: rank 0 of the DDP workers uploads the checkpoints itself (pogona_job/training/trainer.py).
             ddp_checkpoint={
-                "out": job.out.uri,
+                **job.checkpoints.spec(),  # one spec: keys, interval, lease guard, attempt limit
                 "staging": str(job.work / "checkpoint-staging-rank0"),
-                "every_epochs": job.settings.checkpoint_every_epochs,
-                "min_interval_s": job.settings.checkpoint_min_interval_s,
                 "epochs": epochs,
                 "save_dir": str(save_dir),
                 "state": {"attempt": job.attempt},

@@ -5,12 +5,13 @@ Readers trust the manifest: everything it lists is uploaded (with its sha256) be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from pogona_job.errors import JobError
+from pogona_job.errors import JobError, LeaseLost, TransientFailure
 from pogona_job.logs import get_logger
 from pogona_job.run.report import render
 from pogona_job.run.state import FINAL, Job, RunRecord, now
@@ -21,11 +22,63 @@ log = get_logger()
 PLOTS = ("results.png", "BoxPR_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg")
 
 
+FENCED_MAX = 64 << 20  # single PUTs up to here are fenced one by one (see Lease.fenced_put)
+
+
 def upload(job: Job, items: list[tuple[Path, str]]) -> list[storage.Artifact]:
+    """Upload the run's outputs, each one fenced by the lease: a job that lost the run raises
+    LeaseLost before (or instead of) replacing what the new holder wrote."""
     pairs = [(path, job.out / key) for path, key in items if path.exists()]
-    artifacts = storage.upload_many(job.client, pairs, threads=job.settings.s3_threads)
+    artifacts: list[storage.Artifact] = []
+    bulky = [(p, d) for p, d in pairs if job.lease is None or p.stat().st_size >= FENCED_MAX]
+    for path, dest in pairs:
+        if (path, dest) in bulky:
+            continue
+        data = path.read_bytes()
+        job.lease.fenced_put(dest, data, content_type=_content_type(path))
+        artifacts.append(storage.Artifact(dest.key, len(data), hashlib.sha256(data).hexdigest()))
+    if bulky:  # multipart: no conditional completion everywhere; the renewal right before is the fence
+        if job.lease is not None:
+            job.lease.confirm()
+        artifacts += storage.upload_many(job.client, bulky, threads=job.settings.s3_threads)
     job.sums.update({a.key.removeprefix(job.out.key + "/"): a for a in artifacts})
     return artifacts
+
+
+def _content_type(path: Path) -> str:
+    return {
+        ".md": "text/markdown",
+        ".html": "text/html",
+        ".json": "application/json",
+        ".csv": "text/csv",
+        ".png": "image/png",
+    }.get(path.suffix, "application/octet-stream")
+
+
+def claim_run(job: Job) -> None:
+    """Right after taking the lease: stamp manifest.json with this holder's generation.
+
+    A job that lost the run may have a manifest write in flight, conditional on the ETag it read
+    before its last renewal; changing the manifest now makes that write fail, so the object readers
+    trust can only ever be written by the holder. A final manifest found here: the run is done."""
+    path = job.out / "manifest.json"
+    for _ in range(10):
+        current = pointers.read(job.client, path)
+        if (current.value or {}).get("status") in FINAL:
+            raise LeaseLost(f"Run {job.run_id} was finished by another job meanwhile: this job changes nothing.")
+        stamp = {
+            "run_id": job.run_id,
+            "attempt": job.attempt,
+            "started_at": job.record.started_at,
+            **(current.value or {}),
+            "status": "interrupted",  # will resume: this attempt is on it (an earlier `failed` is not the news)
+            "failure": f"attempt {job.attempt} is working on this run; this manifest is replaced when it ends",
+            "lease_generation": job.lease.generation,
+        }
+        job.lease.confirm()
+        if pointers.write(job.client, path, stamp, expected=current.etag):
+            return
+    raise TransientFailure(f"{path.uri} kept changing while this job took the run over; retry the job.")
 
 
 def push_outputs(job: Job, save_dir: Path, split_files: list[Path]) -> None:
@@ -62,14 +115,17 @@ def publish(job: Job) -> None:
     report_path.write_text(render(rec))
     upload(job, [(config_path, "config.json"), (report_path, "report.md")])
     manifest = manifest_of(job)
-    written = pointers.update(
-        job.client,
-        job.out / "manifest.json",
-        lambda current: None if (current or {}).get("status") in FINAL else manifest,
+    if job.lease is not None:
+        manifest["lease_generation"] = job.lease.generation
+
+    def decide(current: dict[str, Any] | None) -> dict[str, Any]:
+        if (current or {}).get("status") in FINAL:  # only a holder writes it: we are not the holder
+            raise LeaseLost(f"Run {job.run_id} was finished by another job: this job publishes nothing.")
+        return manifest
+
+    pointers.update(
+        job.client, job.out / "manifest.json", decide, guard=job.lease.confirm if job.lease is not None else None
     )
-    if written is None:
-        log.warning("the run's manifest is already final; left as it is")
-        return
     job.final = rec.status in FINAL
     if rec.status == "succeeded":
         advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
@@ -106,9 +162,13 @@ def complete_finished(job: Job, manifest: dict[str, Any]) -> None:
         advance_latest(job.client, S3Path.parse(job.settings.output_uri or ""), manifest)
         promotion.promote(job.client, job.settings.output_uri or "", manifest, job.settings.imgsz)
     storage.delete_prefix(job.client, job.out / "checkpoint")
-    lease = pointers.read(job.client, job.out / "lease.json")  # a dead attempt's, killed after the manifest
-    if lease.etag is not None:
-        pointers.delete(job.client, job.out / "lease.json", expected=lease.etag)
+    for name in ("progress.json", "lease.json"):  # a dead attempt's, killed after the manifest
+        etag = pointers.etag_of(job.client, job.out / name)
+        if etag is not None:
+            try:
+                pointers.delete(job.client, job.out / name, expected=etag)
+            except JobError as exc:  # `runs watch` trusts the final manifest anyway
+                log.warning(f"could not remove {name}", reason=exc.sentence)
 
 
 def manifest_of(job: Job) -> dict[str, Any]:
@@ -180,6 +240,16 @@ def final_numbers(rec: RunRecord) -> dict[str, float]:
     return final_of(rec.full.rows) if rec.full else {}
 
 
+def _saved_sentence(job: Job) -> str:
+    """The stop's sentence says which epoch the restart resumes from."""
+    if job.checkpoints is not None and job.checkpoints.uploaded:
+        phase, epoch = job.checkpoints.uploaded[-1]
+        saved = f"after saving the checkpoint of {phase} epoch {epoch}"
+    else:
+        saved = "with no new checkpoint (the restart resumes from the last one in the bucket, if any)"
+    return f"Stopped by a termination signal {saved}: start the job again with the same POGONA_RUN_ID to resume."
+
+
 def publish_failure(job: Job) -> None:
     """Best effort within the stop budget: newest checkpoint, then the report and a manifest that
     says `failed`/`interrupted` - never presented as complete."""
@@ -188,12 +258,18 @@ def publish_failure(job: Job) -> None:
     rec = job.record
     try:
         if job.checkpoints is not None:
+            if rec.status == "interrupted":  # the spot notice: the last completed epoch must be saved now
+                job.checkpoints.offer_last_completed()
             try:
                 if not job.checkpoints.flush(max(1.0, job.stop.left() - 5)):
                     log.warning("checkpoint upload did not finish within the stop budget")
+            except LeaseLost:
+                raise
             except JobError as exc:  # the previous complete set is still there to resume from
                 log.warning("the newest checkpoint was not saved", reason=exc.sentence)
             job.checkpoints.close()
+            if rec.status == "interrupted":
+                rec.failure = _saved_sentence(job)
         # The epochs a failed phase did finish belong in its report.
         device = str(rec.settings_used.get("device", "cpu"))
         if rec.sanity is None:
@@ -203,7 +279,9 @@ def publish_failure(job: Job) -> None:
             rec.full = partial_phase("full", job.runs / "full", device)
         publish(job)
         if not rec.retryable and not job.final:  # nobody will resume
-            storage.delete_prefix(job.client, job.out / "checkpoint")
+            job.lease.fenced_delete(job.out / "checkpoint")
         log.info("failure report pushed", report=(job.out / "report.md").uri)
+    except LeaseLost:
+        raise  # the run is another job's: its exit is 75 and it changed nothing
     except JobError as exc:
         log.error("could not push the failure report", reason=exc.sentence)

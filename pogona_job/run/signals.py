@@ -6,8 +6,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import Any
 
@@ -17,9 +17,14 @@ from pogona_job.logs import get_logger
 log = get_logger()
 
 
+DUPLICATE_S = 1.0  # a wrapper (timeout, make, a shell trap, tini -g) forwards the same signal again
+
+
 class StopFlag:
-    """SIGTERM/SIGINT ask for a stop at the next safe point; a second signal, or the budget
-    running out, exits at once (AWS Batch sends SIGKILL 30 s after SIGTERM).
+    """SIGTERM/SIGINT ask for a stop at the next safe point; a second signal a clear interval after
+    the first (DUPLICATE_S: a forwarded copy of the same one counts once), or the budget running out,
+    exits at once (AWS Batch sends SIGKILL 30 s after SIGTERM). A forced exit still releases the
+    lease on a best-effort basis (`on_force`), so a restart on the same machine is not refused.
 
     The handler only sets a field: it may interrupt any code, even a logger holding its lock,
     so logging happens later in check(), and the budget is enforced by a watcher thread that
@@ -33,6 +38,7 @@ class StopFlag:
         self.signal_name = ""
         self._logged = False
         self._previous: dict[int, Any] = {}
+        self.on_force: Callable[[], None] | None = None  # best effort before a forced exit (the lease)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -47,7 +53,9 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.requested_at is not None:
-            os._exit(143)
+            if time.monotonic() - self.requested_at < DUPLICATE_S:
+                return  # the same stop, delivered twice
+            self._force_exit()
         self.signal_name = signal.Signals(signum).name
         self.requested_at = time.monotonic()
         if self._raise_now:
@@ -71,7 +79,17 @@ class StopFlag:
         while True:
             time.sleep(0.25)
             if self.requested_at is not None and time.monotonic() - self.requested_at > self.budget_s:
-                os._exit(143)
+                self._force_exit()
+
+    def _force_exit(self) -> None:
+        """Exit 143 now; first give the lease back on another thread, for at most a few seconds
+        (the main thread may hold any lock, so nothing here may wait for it)."""
+        hook = self.on_force
+        if hook is not None:
+            worker = threading.Thread(target=_quietly, args=(hook,), name="force-release", daemon=True)
+            worker.start()
+            worker.join(3.0)
+        os._exit(143)
 
     def left(self) -> float:
         return self.budget_s if self.requested_at is None else self.budget_s - (time.monotonic() - self.requested_at)
@@ -86,6 +104,11 @@ class StopFlag:
             "Stopped by a termination signal after saving progress: start the job again with the same "
             "POGONA_RUN_ID to resume."
         )
+
+
+def _quietly(hook: Callable[[], None]) -> None:
+    with suppress(BaseException):  # best effort on the way out; the exit code says it all
+        hook()
 
 
 class _StopNow(BaseException):

@@ -8,7 +8,6 @@ writer got there first; the caller re-reads and decides again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -34,23 +33,16 @@ class Versioned:
 
 
 def read(client: Any, path: S3Path) -> Versioned:
-    with storage.errors_for(path.bucket, f"reading {path.key}"):
-        try:
-            response = client.get_object(Bucket=path.bucket, Key=path.key)
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NotFound"):
-                return Versioned(None, None)
-            raise
-        body = response["Body"].read()
-    modified = response.get("LastModified")
-    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    try:
-        value = json.loads(body)
-    except ValueError:  # an unreadable object is replaced by the next conditional write, never trusted
-        value = None
+    """The object with its ETag; a body that fails its digest or does not parse is read again and,
+    if it stays damaged, a TransientFailure (exit 75): never "absent", so never overwritten."""
+    found = storage.read_json(client, path)
+    if found.etag is None:
+        return Versioned(None, None)
+    modified = found.response.get("LastModified")
+    date = found.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     return Versioned(
-        value if isinstance(value, dict) else None,
-        str(response["ETag"]),
+        found.value,
+        found.etag,
         modified.timestamp() if modified else None,
         parsedate_to_datetime(date).timestamp() if date else None,
     )
@@ -65,12 +57,30 @@ def write(client: Any, path: S3Path, value: dict[str, Any], *, expected: str | N
 
 def put(client: Any, path: S3Path, value: dict[str, Any], *, expected: str | None) -> str | None:
     """`write`, returning the new ETag (what the next conditional write must match), or None on conflict."""
+    body, meta = storage.json_body(value)
+    return put_bytes(client, path, body, expected=expected, content_type="application/json", metadata=meta)
+
+
+def put_bytes(
+    client: Any,
+    path: S3Path,
+    body: bytes,
+    *,
+    expected: str | None,
+    content_type: str = "application/octet-stream",
+    metadata: dict[str, str] | None = None,
+) -> str | None:
+    """PUT `body` only if the object still has ETag `expected` (None: only if absent); None on conflict."""
     condition = {"IfMatch": expected} if expected is not None else {"IfNoneMatch": "*"}
-    body = json.dumps(value, indent=2, sort_keys=True).encode()
     with storage.errors_for(path.bucket, f"writing {path.key}"):
         try:
             response = client.put_object(
-                Bucket=path.bucket, Key=path.key, Body=body, ContentType="application/json", **condition
+                Bucket=path.bucket,
+                Key=path.key,
+                Body=body,
+                ContentType=content_type,
+                Metadata=metadata or {},
+                **condition,
             )
         except ClientError as exc:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in _CONFLICT:
@@ -79,17 +89,32 @@ def put(client: Any, path: S3Path, value: dict[str, Any], *, expected: str | Non
     return str(response["ETag"])
 
 
+def etag_of(client: Any, path: S3Path) -> str | None:
+    """The object's current ETag, None when absent: what a conditional replacement must match."""
+    found = storage.head(client, path)
+    return str(found["ETag"]) if found else None
+
+
 def update(
-    client: Any, path: S3Path, decide: Callable[[dict[str, Any] | None], dict[str, Any] | None], attempts: int = 20
+    client: Any,
+    path: S3Path,
+    decide: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+    attempts: int = 20,
+    *,
+    guard: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
     """Read, let `decide` return the new value (or None to leave it), write conditionally; retry on conflict.
 
+    `guard` (the lease's renewal) runs between the read and the write: a writer that lost the run
+    raises there, and one paused after it finds the object changed by the taker (412).
     Returns what was written, or None when `decide` chose to leave the object as it was."""
     for _ in range(attempts):
         current = read(client, path)
         new = decide(current.value)
         if new is None:
             return None
+        if guard is not None:
+            guard()
         if write(client, path, new, expected=current.etag):
             return new
     raise TransientFailure(

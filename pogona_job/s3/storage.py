@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import time
 import urllib.request
 import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -240,26 +241,92 @@ def errors_for(bucket: str, doing: str) -> Iterator[None]:
 # --- the control plane (boto3): small objects, listings, deletes --------------------
 
 
-def get_json(client: S3Client, path: S3Path) -> dict[str, Any] | None:
-    """The object parsed as JSON, or None when it does not exist."""
-    with errors_for(path.bucket, f"reading {path.key}"):
+@dataclass(frozen=True)
+class JsonRead:
+    """A small JSON object as read and verified: its value (None: absent) and the response."""
+
+    value: dict[str, Any] | None
+    etag: str | None
+    response: dict[str, Any]
+
+
+DIGEST_META = "sha256"  # x-amz-meta-sha256: our own digest of the body, on every JSON object we write
+_READ_TRIES = 4
+
+
+def read_json(client: S3Client, path: S3Path, *, tries: int = _READ_TRIES) -> JsonRead:
+    """GET a small JSON object and verify it; a damaged body is a transient fault, never "absent".
+
+    The body is checked against the sha256 we stored in its metadata (headers are not the body, so a
+    flipped byte cannot fix both), else against the ETag when that is a plain MD5. A body that fails
+    its digest, or does not parse as a JSON object, is read again; after `tries` reads it is a
+    TransientFailure (exit 75): the caller neither trusts nor replaces nor deletes anything."""
+    why = ""
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(min(0.2 * 2**attempt, 2.0))
+        with errors_for(path.bucket, f"reading {path.key}"):
+            try:
+                response: dict[str, Any] = dict(client.get_object(Bucket=path.bucket, Key=path.key))
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NotFound"):
+                    return JsonRead(None, None, {})
+                raise
+            body: bytes = response["Body"].read()
+        etag = str(response.get("ETag", ""))
+        digest = (response.get("Metadata") or {}).get(DIGEST_META)
+        md5 = etag.strip('"')
+        if digest is not None and hashlib.sha256(body).hexdigest() != digest:
+            why = "its body does not match its sha256"
+            continue
+        plain_md5 = digest is None and _MD5.fullmatch(md5) is not None
+        md5_mismatch = plain_md5 and hashlib.md5(body, usedforsecurity=False).hexdigest() != md5
         try:
-            body = client.get_object(Bucket=path.bucket, Key=path.key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
-    data: dict[str, Any] = json.loads(body)
-    return data
+            value = json.loads(body)
+        except ValueError:
+            why = "it does not parse as JSON"
+            continue
+        if not isinstance(value, dict):
+            why = "it is not a JSON object"
+            continue
+        if md5_mismatch and attempt < tries - 1:  # an encrypted object's ETag is no MD5: accept it in the end
+            why = "its body does not match its ETag"
+            continue
+        return JsonRead(value, etag, response)
+    raise TransientFailure(f"{path.uri} came back damaged {tries} times ({why}): nothing was changed; retry the job.")
 
 
-def put_bytes(client: S3Client, path: S3Path, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+def get_json(client: S3Client, path: S3Path) -> dict[str, Any] | None:
+    """The object parsed as JSON, or None when it does not exist (a damaged read: TransientFailure)."""
+    return read_json(client, path).value
+
+
+def json_body(obj: Any) -> tuple[bytes, dict[str, str]]:
+    """The bytes we store for a JSON object and the metadata that lets a reader verify them."""
+    body = json.dumps(obj, indent=2, sort_keys=True).encode()
+    return body, {DIGEST_META: hashlib.sha256(body).hexdigest()}
+
+
+def put_bytes(
+    client: S3Client,
+    path: S3Path,
+    data: bytes,
+    *,
+    content_type: str = "application/octet-stream",
+    metadata: dict[str, str] | None = None,
+) -> None:
     with errors_for(path.bucket, f"writing {path.key}"):
-        client.put_object(Bucket=path.bucket, Key=path.key, Body=data, ContentType=content_type)
+        client.put_object(
+            Bucket=path.bucket, Key=path.key, Body=data, ContentType=content_type, Metadata=metadata or {}
+        )
 
 
 def put_json(client: S3Client, path: S3Path, obj: Any) -> None:
-    put_bytes(client, path, json.dumps(obj, indent=2, sort_keys=True).encode(), content_type="application/json")
+    body, meta = json_body(obj)
+    put_bytes(client, path, body, content_type="application/json", metadata=meta)
 
 
 def head(client: S3Client, path: S3Path) -> dict[str, Any] | None:
@@ -515,6 +582,19 @@ def _abort_uploads(client: S3Client, dest: S3Path, since: datetime) -> None:
                 client.abort_multipart_upload(Bucket=dest.bucket, Key=dest.key, UploadId=upload["UploadId"])
 
 
+def abort_multipart_uploads(client: S3Client, prefix: S3Path) -> int:
+    """Abort every multipart upload open under `prefix`: a process killed with -9 mid-upload never
+    ran its own abort, and the parts would be billed forever. Called by the lease holder at start."""
+    base = f"{prefix.key}/" if prefix.key else ""
+    aborted = 0
+    with errors_for(prefix.bucket, f"listing the open uploads under {prefix.uri}"):
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=prefix.bucket, Prefix=base):
+            for upload in page.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=prefix.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+    return aborted
+
+
 # Never pushed: secrets, version control, editor and OS droppings, caches.
 _JUNK_NAMES = {"__pycache__", "Thumbs.db", "desktop.ini", "node_modules"}
 
@@ -546,6 +626,7 @@ def push_tree(
     `on_delete` first). Returns (uploaded, skipped).
     """
     files = local_files(src)  # refused before anything is listed or uploaded
+    abort_multipart_uploads(client, dest)  # a push killed mid-part left them open: billed, never listed
     remote = {o.rel: o for o in list_objects(client, dest)}
     todo: list[tuple[Path, S3Path]] = []
     local: set[str] = set()

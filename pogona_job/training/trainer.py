@@ -76,18 +76,11 @@ class Hooks:
         return hooks
 
     def _offer_checkpoint(self, epoch: int, _values: dict[str, float]) -> None:
-        from pogona_job.s3 import storage
         from pogona_job.training.checkpoint import CheckpointSync
 
         spec = self.checkpoint or {}
-        if self._sync is None:
-            self._sync = CheckpointSync(
-                storage.make_client(),
-                storage.S3Path.parse(spec["out"]),
-                Path(spec["staging"]),
-                every_epochs=int(spec["every_epochs"]),
-                min_interval_s=float(spec["min_interval_s"]),
-            )
+        if self._sync is None:  # the job's own spec (CheckpointSync.spec): same keys, guard and limits
+            self._sync = CheckpointSync.from_spec(spec, Path(spec["staging"]))
         self._sync.offer(self.watchdog.phase, epoch, int(spec["epochs"]), Path(spec["save_dir"]), spec["state"])
 
     def finish(self) -> None:
