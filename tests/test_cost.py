@@ -278,7 +278,9 @@ def test_a_retry_that_finds_the_budget_spent_trains_no_further_and_publishes_par
     assert [int(r["epoch"]) for r in _rows(s3_client, prefix + "results.csv")] == list(range(1, done + 1))
     body = _get(s3_client, prefix + "weights/best.pt")
     assert hashlib.sha256(body).hexdigest() == manifest["artifacts"]["weights/best.pt"]["sha256"]
-    assert manifest["metrics"]["map50"] == float(_rows(s3_client, prefix + "results.csv")[-1]["metrics/mAP50(B)"])
+    assert manifest["last_epoch_metrics"]["map50"] == float(
+        _rows(s3_client, prefix + "results.csv")[-1]["metrics/mAP50(B)"]
+    )
 
 
 def test_gate_failure_and_a_failed_run_each_send_one_message(

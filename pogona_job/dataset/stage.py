@@ -92,6 +92,7 @@ def stage_dataset(
         modality_sources=modality_sources(inv.items),
         leakage=leakage,
         notes=list(inv.notes),
+        group_of={it.rel: it.group or f"img:{it.rel}" for it in inv.items},
     )
 
 

@@ -18,7 +18,8 @@ from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
 
 log = get_logger()
-PLOTS = ("results.png", "BoxPR_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg")
+# val_batch0_labels beside val_batch0_pred: the same validation batch with its labels and best.pt's predictions.
+PLOTS = ("results.png", "BoxPR_curve.png", "confusion_matrix.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg")
 
 
 def upload(job: Job, items: list[tuple[Path, str]]) -> list[storage.Artifact]:
@@ -127,7 +128,10 @@ def manifest_of(job: Job) -> dict[str, Any]:
         "started_at": rec.started_at,
         "finished_at": rec.finished_at or now(),
         "timings_s": rec.timings,
-        "metrics": final_numbers(rec),
+        # The headline (evaluation/headline.Headline): best.pt on val, with its interval and epoch; results.csv's
+        # last row only under its own name.
+        "metrics": rec.headline.as_dict() if rec.headline else {},
+        "last_epoch_metrics": final_numbers(rec),
         "sanity_metrics": final_of(rec.sanity.rows) if rec.sanity else {},
         "verdict": rec.verdict.as_dict() if rec.verdict else None,
         "parity": rec.parity.__dict__ if rec.parity else None,
