@@ -138,8 +138,8 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write", action="store_true")
-    parser.add_argument("--reps", type=int, default=120)
-    parser.add_argument("--aa-pairs", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--aa-pairs", type=int, default=60)
     parser.add_argument("--resamples", type=int, default=400)
     parser.add_argument("--pool-groups", type=int, default=2000)
     parser.add_argument("--procs", type=int, default=2)

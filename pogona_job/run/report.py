@@ -121,8 +121,9 @@ def _training_advice(record: RunRecord) -> list[str]:
     rose_late = n > tail and max(fit[-tail:]) > max(fit[:-tail]) + 1e-9
     if head.map50 < 0.5:
         out.append(
-            f"best.pt's mAP@0.5 on val is {head.metric('map50')}: train longer (POGONA_EPOCHS, now {n}), use "
-            "pretrained weights, or check the labels."
+            f"best.pt's mAP@0.5 on val is {head.metric('map50')}: train longer (POGONA_EPOCHS, now {n}"
+            + (f"; {FITNESS_LABEL}, which picks best.pt, still rose at the end" if rose_late else "")
+            + f"; best.pt is epoch {head.epoch} by {FITNESS_LABEL}), use pretrained weights, or check the labels."
         )
     elif rose_late:
         out.append(
