@@ -206,5 +206,7 @@ def test_a_model_that_cannot_learn_fails_the_final_verdict_with_exit_5_and_moves
     report = _body(s3_client, out_key(env, "cannot-learn", "report.md")).decode()
     assert "working" not in report.lower()
     assert "Final verdict: FAILED" in report and manifest["failure"] in report
+    assert manifest["export"]["meaningful"] is False and not manifest["export"]["verified"]
+    assert "Export check **not meaningful**" in report  # 0 vs 0 proves nothing
     message = cannot_learn.messages[-1]
     assert message is not None and message.state == "final-verdict-failed"

@@ -124,9 +124,9 @@ def decide(
         return out(True, "Promoted by force (POGONA_PROMOTE=always), whatever the comparison says.", forced=True)
     if not succeeded:
         return out(False, "Not promoted: the run did not succeed.")
-    if export and export.get("meaningful") is False:
-        return out(False, "Not promoted: best.pt predicts nothing on val, so its export check is not meaningful.")
-    if export and not export.get("verified"):
+    # An export check on a model that predicts nothing is not meaningful (0 vs 0): it neither verifies nor
+    # blocks; such a model is stopped by the final verdict (POGONA_MIN_FINAL_MAP50) before it gets here.
+    if export and export.get("meaningful") is not False and not export.get("verified"):
         return out(
             False,
             f"Not promoted: the ONNX export differs from best.pt by {export.get('max_abs_delta_map50', 0):.3f} "
