@@ -136,6 +136,8 @@ def _training_advice(record: RunRecord) -> list[str]:
             f"in the {n - head.epoch} epochs after: early-stopping patience (POGONA_PATIENCE) near "
             f"{max(5, n - head.epoch - 1)} would have saved that time with the same best.pt."
         )
+    elif n < 5:
+        out.append(f"Only {n} epochs: too few to tell whether more would pay off.")
     else:
         out.append(f"{FITNESS_LABEL} has levelled off at best.pt (epoch {head.epoch} of {n}).")
     if head.map50_ci and head.map50_ci[1] - head.map50_ci[0] > 0.2:
@@ -244,18 +246,20 @@ def _headline_lines(record: RunRecord) -> list[str]:
     shipped = "best.pt, shipped" if record.status == "succeeded" else "best.pt, published for inspection only"
     out = ["", f"**Model ({shipped}):** {head.line()}."]
     if record.final_verdict and not record.final_verdict.get("passed", True):
-        out.append(
+        out += [
+            "",
             f"**Final verdict: FAILED** - below the floor POGONA_MIN_FINAL_MAP50 "
-            f"{record.final_verdict.get('floor')}: this model does not find what it was trained for."
-        )
+            f"{record.final_verdict.get('floor')}: this model does not find what it was trained for.",
+        ]
     elif record.final_verdict:
-        out.append(
+        out += [
+            "",
             "**Final verdict: passed** (mAP@0.5 at or above POGONA_MIN_FINAL_MAP50 "
-            f"{record.final_verdict.get('floor')})."
-        )
+            f"{record.final_verdict.get('floor')}).",
+        ]
     for extra in (head.last_epoch_text(), head.which_is_which()):
         if extra:
-            out.append(f"*{extra}*")
+            out += ["", f"*{extra}*"]
     return out
 
 
@@ -390,7 +394,7 @@ def render(record: RunRecord) -> str:
         else:
             final = f"{_num(rows[-1].get(METRICS['map50']))} last epoch" if rows else "-"
         status = _status(result, ok)
-        if not verdict_ok:  # never "working" beside a model that failed the final verdict
+        if not verdict_ok and result is not None:  # never "working" beside a model that failed the final verdict
             status = "❌ NOT LEARNING (final verdict)" if name == "Full" else "gate passed"
         out.append(f"| {name} | {backend} | {_trend(rows)} | {final} | {status} |")
     out.append("")
