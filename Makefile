@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 export YOLO_OFFLINE := true
 
-.PHONY: setup tools run-local test unit lint format readme infra-validate bench mutants gpu-proof docker-build docker-run docker-push clean
+.PHONY: setup tools run-local test unit lint format readme infra-validate bench bench-stats mutants gpu-proof docker-build docker-run docker-push clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ infra-validate: tools
 
 bench: setup
 	$(PY) benchmarks/bench.py
+
+# Interval coverage and the A/A promotion test (issue #21): simulated per-image results, ~10 min on 2 cores;
+# rewrites the coverage_bench.py section of BENCHMARKS.md.
+bench-stats: setup
+	$(PY) benchmarks/coverage_bench.py --write
 
 IMAGE    ?= pogona-train
 TAG      ?= 0.1.0-$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)

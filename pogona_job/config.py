@@ -148,6 +148,20 @@ class Settings(BaseSettings):
     modality_lag_margin: float = Field(
         0.1, ge=0, le=1, description="report: flag a modality whose mAP@0.5 trails the best one by more than this"
     )
+    min_final_map50: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="final verdict: best.pt's mAP@0.5 on val below this fails the run (exit 5; weights and "
+        "report still published, latest.json and champion.json untouched); 0 turns the verdict off",
+    )
+    conf: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="deployment confidence: the confusion matrix, precision/recall in the report, the error "
+        "gallery and `predict` count only detections at or above it",
+    )
 
     # --- export and promotion -----------------------------------------------------------
     export_formats: str = Field(

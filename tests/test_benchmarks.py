@@ -211,3 +211,11 @@ def test_gate_bench_table_judges_abort_time_and_batches(tmp_path: Path) -> None:
     assert (abort[1], abort[3], abort[5]) == ("3.60", "6.0%", "yes")
     batches = rows["MPS signature: batches seen before the abort"]
     assert (batches[1], batches[2], batches[5]) == ("7", "149 per epoch", "yes")
+
+
+def test_the_coverage_and_aa_benchmark_runs_in_smoke_size_and_prints_both_tables() -> None:
+    out = _run(
+        [BENCHMARKS / "coverage_bench.py", "--reps", "2", "--aa-pairs", "2", "--resamples", "50", "--pool-groups", "60"]
+    )
+    assert out.count("| 20 | ") == 2 and "| 200 | 40 sequences of 5 |" in out
+    assert "| 50 | " in out.split("A/A:")[1] and "smallest detectable" in out

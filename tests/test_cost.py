@@ -148,13 +148,16 @@ def test_watch_follows_a_live_run_and_a_dead_notify_endpoint_does_not_fail_it(
     assert len(undelivered) == 1 and undelivered[0]["url_index"] == 0 and "down" not in json.dumps(undelivered)
     assert len(hook.messages) == 1
     msg = hook.messages[0]
-    last = _rows(s3_client, prefix + "results.csv")[-1]
-    map50 = float(next(v for k, v in last.items() if k.strip() == "metrics/mAP50(B)"))
+    from pogona_job.evaluation.headline import Headline
+
     assert (msg["type"], msg["title"]) == ("success", f"pogona-train run {run}: succeeded")
-    promotion = json.loads(_get(s3_client, prefix + "manifest.json"))["promotion"]
+    manifest = json.loads(_get(s3_client, prefix + "manifest.json"))
+    promotion = manifest["promotion"]
     assert promotion["decision"] == "promote"  # the first run of its output prefix
+    head = Headline.from_dict(manifest["metrics"])  # the shipped best.pt on val, not results.csv's last row
+    assert head is not None
     assert msg["message"].splitlines() == [
-        f"mAP@0.5: {map50:.3f}",
+        f"Model: {head.line()}",
         f"Champion: promoted: {promotion['reason']}",
         f"Cost: {acc['summary']}",
         f"Report: s3://{BUCKET}/{prefix}report.md",
@@ -278,7 +281,9 @@ def test_a_retry_that_finds_the_budget_spent_trains_no_further_and_publishes_par
     assert [int(r["epoch"]) for r in _rows(s3_client, prefix + "results.csv")] == list(range(1, done + 1))
     body = _get(s3_client, prefix + "weights/best.pt")
     assert hashlib.sha256(body).hexdigest() == manifest["artifacts"]["weights/best.pt"]["sha256"]
-    assert manifest["metrics"]["map50"] == float(_rows(s3_client, prefix + "results.csv")[-1]["metrics/mAP50(B)"])
+    assert manifest["last_epoch_metrics"]["map50"] == float(
+        _rows(s3_client, prefix + "results.csv")[-1]["metrics/mAP50(B)"]
+    )
 
 
 def test_gate_failure_and_a_failed_run_each_send_one_message(

@@ -344,3 +344,67 @@ def test_runs_lists_every_run_with_its_interval_and_marks_the_champion(
         assert f"{overall['map50']:.3f} ({lo:.2f}-{hi:.2f})" in line and "succeeded" in line
     assert three_runs["show"].code == 0
     assert "Run good-1: succeeded" in three_runs["show"].stdout and "thermal" in three_runs["show"].stdout
+
+
+def test_a_champion_of_other_classes_is_another_task_and_the_reason_says_what_to_do() -> None:
+    d = promotion.decide(
+        mode="auto",
+        succeeded=True,
+        export={},
+        dropped=0,
+        allow_lenient=False,
+        champion={"run_id": "cats-1", "classes": ["cat", "dog"]},
+        comparison=None,
+        classes=["pogona_head"],
+    )
+    assert d["decision"] == "keep" and d["other_task"]
+    assert d["reason"] == (
+        "Not promoted: the champion cats-1 detects other classes (cat, dog; this run: pogona_head), so it is "
+        "another task: give this task its own POGONA_OUTPUT_URI, or POGONA_PROMOTE=always to replace that champion."
+    )
+
+
+def test_a_champion_trained_on_another_dataset_version_is_compared_and_the_reason_says_so() -> None:
+    comparison = {
+        "margin": 0.01,
+        "splits": {"val": {"images": 40}},
+        "checks": [
+            {
+                "split": "val",
+                "scope": "overall",
+                "metric": "map50_95",
+                "delta": 0.0,
+                "low": -0.001,
+                "high": 0.001,
+                "challenger": 0.5,
+                "champion": 0.5,
+                "verdict": "ok",
+            }
+        ],
+    }
+    d = promotion.decide(
+        mode="auto",
+        succeeded=True,
+        export={},
+        dropped=0,
+        allow_lenient=False,
+        champion={"run_id": "c1", "classes": ["head"], "dataset_fingerprint": "aaaaaaaaaaaaaaaa"},
+        comparison=comparison,
+        classes=["head"],
+        dataset_fingerprint="bbbbbbbbbbbbbbbb",
+    )
+    assert d["decision"] == "promote"
+    assert "another version of the dataset (fingerprint aaaaaaaaaaaa, this run bbbbbbbbbbbb)" in d["reason"]
+
+
+def test_an_export_check_that_is_not_meaningful_neither_verifies_nor_blocks() -> None:
+    d = promotion.decide(
+        mode="auto",
+        succeeded=True,
+        export={"verified": False, "meaningful": False, "max_abs_delta_map50": 0.0, "tolerance": 0.01},
+        dropped=0,
+        allow_lenient=False,
+        champion=None,
+        comparison=None,
+    )
+    assert d["decision"] == "promote" and "export" not in d["reason"]  # the final verdict is what stops it

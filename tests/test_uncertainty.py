@@ -112,3 +112,42 @@ def test_two_classes_average_over_the_classes_a_resample_has_labels_for() -> Non
     weights = np.stack([np.bincount(row, minlength=len(per)) for row in draws]).astype(float)
     for row, idx in zip(uncertainty.weighted_maps(per, weights), draws, strict=True):
         assert row[0] == pytest.approx(uncertainty.score(per, idx)["map50"], abs=1e-12)
+
+
+def _sequences(n_groups: int, frames: int, seed: int) -> tuple[PerImage, dict[str, str]]:
+    """Frames of one scene repeat the scene's outcome: as consecutive video frames do."""
+    base = _synthetic(n_groups, seed=seed)
+    idx = [g for g in range(n_groups) for _ in range(frames)]
+    per = base.subset(idx)
+    per.files = [f"/data/seq{g:03d}_{k}.jpg" for g in range(n_groups) for k in range(frames)]
+    return per, {f: f.split("_")[0] for f in per.files}
+
+
+def test_resampling_whole_sequences_widens_the_interval_that_single_frames_make_too_narrow() -> None:
+    per, groups = _sequences(12, 5, seed=2)
+    by_image = uncertainty.bootstrap(per, count=400, seed=1, method="percentile")["map50"]
+    by_group = uncertainty.bootstrap(per, count=400, seed=1, groups=groups)["map50"]
+    assert by_group[1] - by_group[0] > 1.5 * (by_image[1] - by_image[0])
+    assert uncertainty.n_groups(per.files, groups) == 12
+
+
+def test_the_bca_interval_holds_its_point_estimate_even_when_resamples_sit_on_one_side() -> None:
+    for seed in range(6):
+        per = _synthetic(8, seed=seed, skill=0.9)
+        point = uncertainty.score(per)
+        for key, (lo, hi) in uncertainty.bootstrap(per, count=300, seed=seed).items():
+            assert 0.0 <= lo <= point[key] <= hi <= 1.0
+
+
+def test_precision_and_recall_at_a_confidence_are_the_confusion_counts() -> None:
+    per = _synthetic(30, seed=9)
+    at = uncertainty.at_conf(per, 0.5)
+    kept = sum(int((c >= 0.5).sum()) for c in per.conf)
+    hits = sum(int(t[c >= 0.5, 0].sum()) for t, c in zip(per.tp, per.conf, strict=True))
+    labels = sum(len(t) for t in per.target_cls)
+    assert (at["tp"], at["fp"], at["fn"]) == (hits, kept - hits, labels - hits)
+    assert at["precision"] == hits / kept and at["recall"] == hits / labels
+    from pogona_job.evaluation.plots import matrix
+
+    names, m = matrix(at)
+    assert names == ["head", "background"] and m.tolist() == [[hits, kept - hits], [labels - hits, 0]]

@@ -85,6 +85,9 @@ class StagedDataset:
     modality_sources: dict[str, dict[str, int]] = field(default_factory=dict)
     leakage: dict[str, Any] = field(default_factory=dict)
     notes: list[Problem] = field(default_factory=list)
+    # rel path -> the group the split kept together (groups.csv, Roboflow siblings, frame sequence, folder);
+    # the evaluation's bootstrap resamples these groups, not single images.
+    group_of: dict[str, str] = field(default_factory=dict)
     # Per image: modality, how it was decided and on what evidence; written to `modality_file`.
     modality_records: list[ModalityRecord] = field(default_factory=list)
     modality_file: Path | None = None  # <root>/modality.csv, beside the split lists

@@ -98,6 +98,7 @@ def stage_dataset(
         notes=list(inv.notes),
         modality_records=records,
         modality_file=modality_file,
+        group_of={it.rel: it.group or f"img:{it.rel}" for it in inv.items},
     )
 
 

@@ -77,8 +77,16 @@ def verify(
         groups = [d["overall"], *d["per_modality"].values(), *d.get("per_class", {}).values()]
         worst = max([worst, *(abs(g["map50"]) for g in groups)])
     result["max_abs_delta_map50"] = worst
-    result["verified"] = bool(result["splits"]) and worst <= tolerance
+    # A model that finds nothing agrees with its export trivially (0 vs 0): that proves nothing.
+    result["meaningful"] = any(uncertainty_map50(ref) > 0 for ref in reference.values())
+    result["verified"] = bool(result["splits"]) and worst <= tolerance and result["meaningful"]
     return result
+
+
+def uncertainty_map50(run: SplitRun) -> float:
+    from pogona_job.evaluation import uncertainty
+
+    return uncertainty.score(run.per)["map50"]
 
 
 def export_and_verify(
@@ -106,6 +114,14 @@ def report_lines(export: dict[str, Any]) -> list[str]:
     if not export:
         return []
     ok = export.get("verified")
+    if export.get("meaningful") is False:
+        return [
+            "### Export (ONNX, onnxruntime)",
+            "",
+            "Export check **not meaningful**: best.pt scores mAP@0.5 0 on these images, so the ONNX model agreeing "
+            "with it (0 vs 0) proves nothing. Published, not verified.",
+            "",
+        ]
     out = [
         "### Export (ONNX, onnxruntime)",
         "",

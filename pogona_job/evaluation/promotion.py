@@ -46,9 +46,11 @@ def compare(
     splits: dict[str, Any] = {}
     for split, new in challenger.items():
         old = champion[split]
-        overall = uncertainty.paired_deltas(new.per, old.per, count=resamples)
+        overall = uncertainty.paired_deltas(new.per, old.per, count=resamples, groups=new.groups)
         modalities = {
-            m: uncertainty.paired_deltas(per, old.per.aligned(per.files), keys=("map50",), count=resamples)
+            m: uncertainty.paired_deltas(
+                per, old.per.aligned(per.files), keys=("map50",), count=resamples, groups=new.groups
+            )
             for m, per in new.by_modality().items()
         }
         splits[split] = {"images": len(new.per), "overall": overall, "per_modality": modalities}
@@ -61,10 +63,14 @@ def compare(
 def _check(
     split: str, scope: str, metric: str, d: dict[str, float], *, limit: float, tolerance: float
 ) -> dict[str, Any]:
-    """Point delta must be >= limit; the paired interval's lower bound must be >= -tolerance."""
-    if d["delta"] < limit - 1e-12:
+    """Point delta must be >= limit; the paired interval's lower bound must be >= -tolerance.
+
+    "regressed" only when the interval itself says worse (its upper bound below 0): a point estimate past
+    the limit with an interval that still holds "no difference" is noise at this size ("unsure": the
+    champion stays either way, and the reason says too few images instead of claiming a regression)."""
+    if d["delta"] < limit - 1e-12 and d["high"] < 0:
         verdict = "regressed"
-    elif d["low"] < -tolerance - 1e-12:
+    elif d["delta"] < limit - 1e-12 or d["low"] < -tolerance - 1e-12:
         verdict = "unsure"
     else:
         verdict = "ok"
@@ -83,15 +89,30 @@ def decide(
     allow_lenient: bool,
     champion: dict[str, Any] | None,
     comparison: dict[str, Any] | None,
+    classes: list[str] | None = None,
+    dataset_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The decision and its reason in one sentence (pure: every input is a recorded fact)."""
+    """The decision and its reason in one sentence (pure: every input is a recorded fact).
+
+    A champion is compared only with runs on the same task (the same class names, in order); a run on
+    another task under the same output prefix is told so. A champion trained on another version of the
+    dataset is still compared (both evaluated on this run's images) and the reason says so."""
     against = champion.get("run_id") if champion else None
+    other_task = champion is not None and classes is not None and list(champion.get("classes") or []) != classes
+    note = ""
+    theirs = champion.get("dataset_fingerprint") if champion else None
+    if theirs and dataset_fingerprint and theirs != dataset_fingerprint and not other_task:
+        note = (
+            f" The champion was trained on another version of the dataset (fingerprint {str(theirs)[:12]}, this "
+            f"run {dataset_fingerprint[:12]}); both models were evaluated on this run's images."
+        )
 
     def out(promote: bool, reason: str, forced: bool = False) -> dict[str, Any]:
         return {
             "decision": "promote" if promote else "keep",
             "forced": forced,
-            "reason": reason,
+            "reason": reason + (note if champion is not None and comparison is not None else ""),
+            "other_task": other_task,
             "compared_against": against,
             "mode": mode,
             "comparison": comparison,
@@ -103,7 +124,9 @@ def decide(
         return out(True, "Promoted by force (POGONA_PROMOTE=always), whatever the comparison says.", forced=True)
     if not succeeded:
         return out(False, "Not promoted: the run did not succeed.")
-    if export and not export.get("verified"):
+    # An export check on a model that predicts nothing is not meaningful (0 vs 0): it neither verifies nor
+    # blocks; such a model is stopped by the final verdict (POGONA_MIN_FINAL_MAP50) before it gets here.
+    if export and export.get("meaningful") is not False and not export.get("verified"):
         return out(
             False,
             f"Not promoted: the ONNX export differs from best.pt by {export.get('max_abs_delta_map50', 0):.3f} "
@@ -117,6 +140,14 @@ def decide(
         )
     if champion is None:
         return out(True, "Promoted: the first successful run becomes champion.")
+    if other_task:
+        return out(
+            False,
+            f"Not promoted: the champion {against} detects other classes "
+            f"({', '.join(champion.get('classes') or []) or 'none recorded'}; this run: {', '.join(classes or [])}), "
+            "so it is another task: give this task its own POGONA_OUTPUT_URI, or POGONA_PROMOTE=always to "
+            "replace that champion.",
+        )
     if comparison is None:
         return out(False, f"Not promoted: the champion {against} could not be evaluated on this run's data.")
     checks = comparison["checks"]
@@ -161,6 +192,8 @@ def pointer_for(manifest: dict[str, Any], out: S3Path, imgsz: int) -> dict[str, 
         "onnx_sha256": art["weights/best.onnx"]["sha256"] if onnx else None,
         "metrics": {k: val.get(k) for k in ("map50", "map50_95")} | {"ci": val.get("ci", {})},
         "classes": manifest.get("classes"),
+        "dataset_fingerprint": (manifest.get("dataset") or {}).get("fingerprint"),
+        "headline": manifest.get("metrics"),  # evaluation/headline.Headline.as_dict(): best.pt on val
         "imgsz": imgsz,
         "forced": bool(promotion.get("forced")),
         "reason": promotion.get("reason"),

@@ -39,6 +39,7 @@ class SplitRun:
     per: PerImage
     modality: dict[str, str]  # image file -> modality
     ultralytics: dict[str, float]
+    groups: dict[str, str] | None = None  # image file -> the split's group (None: every image its own)
 
     def by_modality(self) -> dict[str, PerImage]:
         groups: dict[str, list[int]] = {}
@@ -101,6 +102,15 @@ def validate(
     return per, official
 
 
+def split_groups(staged: StagedDataset, split: str) -> dict[str, str]:
+    """{absolute staged image path: group key} for one split (the groups the split kept together)."""
+    return {
+        os.path.realpath(staged.root / staged.staged[rel]): staged.group_of.get(rel, f"img:{rel}")
+        for rel in sorted(staged.staged)
+        if staged.split_of(rel) == split
+    }
+
+
 def split_images(staged: StagedDataset, split: str) -> dict[str, str]:
     """{absolute staged image path: modality} for one split."""
     return {
@@ -129,7 +139,7 @@ def run_split(
     per, official = validate(
         weights, data_yaml, imgsz=imgsz, batch=batch, device=device, work_dir=work_dir, name=f"{split}-{tag}"
     )
-    return SplitRun(split, per, images, official)
+    return SplitRun(split, per, images, official, split_groups(staged, split))
 
 
 def write_listing_yaml(source_yaml: Path, images: list[str], work_dir: Path, name: str) -> Path:
@@ -145,22 +155,33 @@ def write_listing_yaml(source_yaml: Path, images: list[str], work_dir: Path, nam
     return path
 
 
-def summarise(run: SplitRun, *, resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> dict[str, Any]:
-    """The figures the report and the manifest show for one split, each mAP with its 95% interval."""
+def summarise(
+    run: SplitRun, *, resamples: int = uncertainty.RESAMPLES, seed: int = 0, conf: float = 0.25
+) -> dict[str, Any]:
+    """The figures the report and the manifest show for one split, each mAP with its 95% interval over the
+    split's groups, and precision/recall counted at the deployment confidence `conf`."""
     overall = uncertainty.score(run.per)
+    groups = uncertainty.n_groups(run.per.files, run.groups)
     out: dict[str, Any] = {
         "images": len(run.per),
-        "overall": overall | {"ci": uncertainty.bootstrap(run.per, count=resamples, seed=seed)},
+        "groups": groups,
+        # Resample groups only when some group holds more than one image (else they are the images).
+        "interval_unit": "groups" if groups < len(run.per) else "images",
+        "interval_method": "BCa bootstrap",
+        "overall": overall | {"ci": uncertainty.bootstrap(run.per, count=resamples, seed=seed, groups=run.groups)},
+        "at_conf": uncertainty.at_conf(run.per, conf),
         "per_modality": {},
         "ultralytics": run.ultralytics,
         # The per-image route must reproduce ultralytics' own figures for the same pass.
         "matches_ultralytics": all(abs(overall[k] - v) < 1e-6 for k, v in run.ultralytics.items()),
     }
     for modality, per in run.by_modality().items():
+        point = uncertainty.at_conf(per, conf)
         out["per_modality"][modality] = (
-            {"images": float(len(per))}
+            {"images": float(len(per)), "groups": float(uncertainty.n_groups(per.files, run.groups))}
             | uncertainty.score(per)
-            | {"ci": uncertainty.bootstrap(per, count=resamples, seed=seed)}
+            | {"ci": uncertainty.bootstrap(per, count=resamples, seed=seed, groups=run.groups)}
+            | {"precision_at_conf": point["precision"], "recall_at_conf": point["recall"]}
         )
     if len(run.per.names) > 1:
         out["per_class"] = uncertainty.per_class(run.per)
@@ -213,8 +234,16 @@ def report_lines(evaluation: dict[str, Any]) -> list[str]:
     ci = uncertainty.with_interval
     splits = list(evaluation)
     scopes = ["overall", *sorted({m for ev in evaluation.values() for m in ev["per_modality"]})]
+    units = ", ".join(
+        f"{s}: {evaluation[s].get('groups', evaluation[s]['images'])} {evaluation[s].get('interval_unit', 'images')}"
+        for s in splits
+    )
     out = [
-        f"### Evaluation of best.pt on {' and '.join(splits)} (95% bootstrap intervals over images)",
+        f"### Evaluation of best.pt on {' and '.join(splits)}",
+        "",
+        f"95% intervals: BCa bootstrap resampling whole groups of the split ({units}); consecutive frames "
+        "and siblings of one source image are drawn together, so the interval reflects how many independent "
+        "samples there are.",
         "",
         "| Scope | " + " | ".join(f"{s} images | {s} mAP@0.5 | {s} mAP@0.5-0.95" for s in splits) + " |",
         "|---" * (1 + 3 * len(splits)) + "|",

@@ -6,16 +6,28 @@ resample of images is then scored with ultralytics' `ap_per_class`, exactly as `
 whole set, without running the model again. So 1,000 bootstrap resamples cost seconds, not 1,000
 validations.
 
-Percentile bootstrap: resample the images with replacement, score each resample, and take the 2.5th
-and 97.5th percentiles. The paired version draws the same images for two models evaluated on the same
-set, so the interval is on their difference (the image-to-image noise they share cancels out).
+Resampling unit: the GROUPS the split used (groups.csv, Roboflow siblings, frame sequences, recording
+folders: dataset/split.py), whenever a group holds more than one image. Consecutive frames are not
+independent; resampling them one by one makes the interval too narrow. Each resample draws whole groups
+with replacement, every image of a drawn group counted as often as its group was drawn.
+
+Interval: BCa (bias-corrected and accelerated, Efron 1987) by default. AP is bounded in [0, 1], skewed
+near its bounds, and biased on small sets (a resample with duplicated images is not distributed around
+the full set's AP): the plain percentile interval then sits beside the point estimate (a real export
+printed 0.167 (0.16-0.21)). BCa shifts the percentiles by the bootstrap's median bias (z0) and by the
+skewness of the jackknife-over-groups (a), so it stays transformation-respecting and within [0, 1].
+The point estimate is finally kept inside its interval (a stated guarantee of the report: with very few
+groups z0 is itself noisy). `method="percentile"` keeps the plain percentile interval (tests, benchmarks).
+The paired version draws the same groups for two models evaluated on the same set, so the interval is on
+their difference (the image-to-image noise they share cancels out).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from statistics import NormalDist
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +35,10 @@ import numpy.typing as npt
 RESAMPLES = 1000
 LEVEL = 0.95
 KEYS = ("precision", "recall", "map50", "map50_95")
+JACKKNIFE_MAX_GROUPS = (
+    1500  # above: the acceleration is left at 0 (bias-corrected only); its cost is one score per group
+)
+Method = Literal["bca", "percentile"]
 
 IntArray = npt.NDArray[np.int64]
 
@@ -170,20 +186,94 @@ def weighted_maps(per: PerImage, weights: npt.NDArray[np.float64], chunk: int = 
     return out
 
 
-def _weights(n: int, count: int, seed: int) -> npt.NDArray[np.float64]:
-    draws = resamples(n, count, seed)
-    return np.stack([np.bincount(row, minlength=n) for row in draws]).astype(float)
+def group_index(files: Sequence[str], groups: dict[str, str] | None) -> IntArray:
+    """Each image's group number (images without a group are their own group)."""
+    keys: dict[str, int] = {}
+    return np.array([keys.setdefault((groups or {}).get(f, f"img:{f}"), len(keys)) for f in files], np.int64)
+
+
+def n_groups(files: Sequence[str], groups: dict[str, str] | None) -> int:
+    return int(group_index(files, groups).max()) + 1 if len(files) else 0
+
+
+def _weights(n: int, count: int, seed: int, groups: IntArray | None = None) -> npt.NDArray[np.float64]:
+    """(count, n) image weights: how often each image is in each resample. With `groups`, whole groups are
+    drawn (as many draws as there are groups) and every image weighs what its group drew."""
+    if groups is None:
+        groups = np.arange(n, dtype=np.int64)
+    g = int(groups.max()) + 1 if n else 0
+    draws = resamples(g, count, seed)
+    per_group = np.stack([np.bincount(row, minlength=g) for row in draws]).astype(float)
+    return per_group[:, groups]
+
+
+def _jackknife(per: PerImage, groups: IntArray) -> npt.NDArray[np.float64] | None:
+    """(groups, 2) mAPs with one group left out at a time; None when there are too many groups to afford it."""
+    g = int(groups.max()) + 1
+    if g < 3 or g > JACKKNIFE_MAX_GROUPS:
+        return None
+    w = np.ones((g, len(per)))
+    w[groups, np.arange(len(per))] = 0.0  # row k leaves out group k
+    return weighted_maps(per, w)
+
+
+def _bounds(
+    values: npt.NDArray[np.float64],
+    point: float,
+    jack: npt.NDArray[np.float64] | None,
+    method: Method,
+    level: float = LEVEL,
+) -> tuple[float, float]:
+    """The interval of one statistic from its bootstrap values; BCa unless `method="percentile"`."""
+    if method == "percentile":
+        return interval(values, level)
+    values = np.asarray(values, float)
+    if np.ptp(values) < 1e-12:  # every resample scored the same: nothing varies at this sample size
+        return point, point
+    norm = NormalDist()
+    # Median bias: share of resamples below the point (ties count half), clipped away from 0 and 1.
+    below = float(np.sum(values < point) + 0.5 * np.sum(np.isclose(values, point, atol=1e-12)))
+    share = float(np.clip(below / len(values), 1 / len(values), 1 - 1 / len(values)))
+    z0 = norm.inv_cdf(share)
+    a = 0.0
+    if jack is not None:
+        d = jack.mean() - jack
+        denom = 6.0 * float(np.sum(d**2)) ** 1.5
+        a = float(np.sum(d**3)) / denom if denom > 0 else 0.0
+    qs = []
+    for alpha in ((1 - level) / 2, 1 - (1 - level) / 2):
+        z = z0 + norm.inv_cdf(alpha)
+        qs.append(norm.cdf(z0 + z / (1 - a * z)) * 100)
+    lo, hi = (float(v) for v in np.percentile(values, qs))
+    # The report promises the point estimate inside its interval; with very few groups z0 itself is noisy.
+    return min(lo, point), max(hi, point)
+
+
+_COLUMNS = {"map50": 0, "map50_95": 1}
 
 
 def bootstrap(
-    per: PerImage, keys: Sequence[str] = ("map50", "map50_95"), count: int = RESAMPLES, seed: int = 0
+    per: PerImage,
+    keys: Sequence[str] = ("map50", "map50_95"),
+    count: int = RESAMPLES,
+    seed: int = 0,
+    *,
+    groups: dict[str, str] | None = None,
+    method: Method = "bca",
 ) -> dict[str, tuple[float, float]]:
-    """Percentile-bootstrap 95% interval of mAP@0.5 and mAP@0.5-0.95 over images."""
+    """95% interval of mAP@0.5 and mAP@0.5-0.95, resampling `groups` ({file: group}) or single images."""
     if len(per) == 0 or count == 0:
         return {}
-    maps = weighted_maps(per, _weights(len(per), count, seed))
-    columns = {"map50": 0, "map50_95": 1}
-    return {k: interval(maps[:, columns[k]]) for k in keys}
+    gi = group_index(per.files, groups)
+    maps = weighted_maps(per, _weights(len(per), count, seed, gi))
+    point = weighted_maps(per, np.ones((1, len(per))))[0]
+    jack = _jackknife(per, gi) if method == "bca" else None
+    return {
+        k: _bounds(
+            maps[:, _COLUMNS[k]], float(point[_COLUMNS[k]]), None if jack is None else jack[:, _COLUMNS[k]], method
+        )
+        for k in keys
+    }
 
 
 def paired_deltas(
@@ -192,20 +282,68 @@ def paired_deltas(
     keys: Sequence[str] = ("map50", "map50_95"),
     count: int = RESAMPLES,
     seed: int = 0,
+    *,
+    groups: dict[str, str] | None = None,
+    method: Method = "bca",
 ) -> dict[str, dict[str, float]]:
-    """challenger - champion on the same images: the point delta and its paired-bootstrap 95% interval."""
+    """challenger - champion on the same images: the point delta and its paired-bootstrap 95% interval
+    (the same groups drawn for both models)."""
     champion = champion.aligned(challenger.files)
     if len(challenger) == 0:
         return {}
     a, b = score(challenger), score(champion)
-    w = _weights(len(challenger), count, seed)  # the same draws for both models
+    gi = group_index(challenger.files, groups)
+    w = _weights(len(challenger), count, seed, gi)  # the same draws for both models
     diff = weighted_maps(challenger, w) - weighted_maps(champion, w)
-    columns = {"map50": 0, "map50_95": 1}
+    jack = None
+    if method == "bca":
+        ja, jb = _jackknife(challenger, gi), _jackknife(champion, gi)
+        jack = None if ja is None or jb is None else ja - jb
     out: dict[str, dict[str, float]] = {}
     for k in keys:
-        lo, hi = interval(diff[:, columns[k]])
-        out[k] = {"challenger": a[k], "champion": b[k], "delta": a[k] - b[k], "low": lo, "high": hi}
+        c = _COLUMNS[k]
+        delta = a[k] - b[k]
+        lo, hi = _bounds(diff[:, c], delta, None if jack is None else jack[:, c], method)
+        out[k] = {"challenger": a[k], "champion": b[k], "delta": delta, "low": lo, "high": hi}
     return out
+
+
+def counts_at(per: PerImage, conf: float) -> dict[str, dict[str, int]]:
+    """{class name: tp, fp, fn} at IoU 0.50 counting only predictions with confidence >= `conf`.
+
+    The matching is ultralytics' own (the validation pass's true-positive rows: a prediction matches a
+    label of the same class), so a wrong-class detection counts as a false alarm of the predicted class
+    and a miss of the true one."""
+    out: dict[str, dict[str, int]] = {}
+    classes = sorted({int(c) for t in per.target_cls for c in t} | {int(c) for p in per.pred_cls for c in p})
+    for c in classes:
+        tp = fp = n = 0
+        for i in range(len(per)):
+            keep = (per.conf[i] >= conf) & (per.pred_cls[i] == c)
+            hits = int(per.tp[i][keep, 0].sum()) if keep.any() else 0
+            tp += hits
+            fp += int(keep.sum()) - hits
+            n += int((per.target_cls[i] == c).sum())
+        out[per.names.get(c, str(c))] = {"tp": tp, "fp": fp, "fn": n - tp}
+    return out
+
+
+def at_conf(per: PerImage, conf: float) -> dict[str, Any]:
+    """Precision and recall at the deployment confidence, from the same counts as the confusion matrix:
+    all classes pooled (micro average), so the matrix and the numbers printed beside it agree exactly."""
+    per_class = counts_at(per, conf)
+    tp = sum(c["tp"] for c in per_class.values())
+    fp = sum(c["fp"] for c in per_class.values())
+    fn = sum(c["fn"] for c in per_class.values())
+    return {
+        "conf": conf,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "per_class": per_class,
+    }
 
 
 def with_interval(value: float, bounds: tuple[float, float] | list[float] | None) -> str:

@@ -17,8 +17,15 @@ from pathlib import Path
 from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt, scheduler_job
 from pogona_job.errors import JobError, LeaseLost, SanityFailed, TrainingFailed
 from pogona_job.logs import bind, get_logger
-from pogona_job.run.phases import decide_promotion, evaluate_model, fetch_model, flush_checkpoints, train
-from pogona_job.run.publish import complete_finished, final_numbers, publish, publish_failure, push_outputs, upload
+from pogona_job.run.phases import (
+    decide_promotion,
+    evaluate_model,
+    fetch_model,
+    final_verdict,
+    flush_checkpoints,
+    train,
+)
+from pogona_job.run.publish import complete_finished, publish, publish_failure, push_outputs, upload
 from pogona_job.run.signals import StopFlag
 from pogona_job.run.state import FINAL, Job, RunRecord, now
 from pogona_job.s3 import pull, storage
@@ -162,6 +169,9 @@ def _execute(job: Job) -> None:
         inventory = dataset.inspect_dataset(local, s.configured_classes, dataset.Options.from_settings(s))
         staged_root = job.work / "staged"
         rec.dataset.update(problems=len(inventory.problems), junk_ignored=inventory.junk_ignored)
+        # What the export said, kept even when staging refuses it (a failure report names its real classes).
+        rec.classes = list(inventory.class_names) or rec.classes
+        rec.dataset.update(images=len(inventory.items), boxes=sum(it.boxes for it in inventory.items))
         try:
             staged = dataset.stage_dataset(
                 inventory,
@@ -175,6 +185,7 @@ def _execute(job: Job) -> None:
             if (staged_root / "problems.txt").exists():
                 upload(job, [(staged_root / "problems.txt", "dataset/problems.txt")])
         rec.classes = staged.class_names  # POGONA_CLASS_NAMES, else the export's own
+        upload(job, [(f, f"dataset/{f.name}") for f in staged.published_files])  # a later failure still shows the split
         rec.dataset.update(
             images=staged.images, boxes=staged.boxes, backgrounds=staged.backgrounds, counts=staged.counts
         )
@@ -235,11 +246,12 @@ def _execute(job: Job) -> None:
     with job.phase("evaluate"), job.stop.interruptible():
         best = rec.full.save_dir / "weights" / "best.pt"
         runs = evaluate_model(job, best, staged, device)  # val/test metrics, intervals, ONNX export check
+        final_verdict(job, rec.full.save_dir, staged.published_files)  # below POGONA_MIN_FINAL_MAP50: exit 5
         rec.promotion = decide_promotion(job, staged, runs, device)
 
     with job.phase("push"):
         pushed = time.monotonic()
-        push_outputs(job, rec.full.save_dir, staged.split_files)
+        push_outputs(job, rec.full.save_dir, staged.published_files)
         rec.timings["push"] = round(time.monotonic() - pushed, 2)  # the manifest must carry its own phase
         job.check()  # before the manifest: an interrupted push is redone on restart, never half-published
         rec.status, rec.finished_at = job.live.tracker.final_status(), now()
@@ -247,7 +259,7 @@ def _execute(job: Job) -> None:
         publish(job)
         job.checkpoints.close()  # nothing in flight can land after the clean-up
         job.lease.fenced_delete(job.out / "checkpoint")  # only kept while the run is in progress
-    log.info(f"run {rec.status}", outputs=job.out.uri, **final_numbers(rec))
+    log.info(f"run {rec.status}", outputs=job.out.uri, headline=rec.headline.line() if rec.headline else None)
     from pogona_job.run import notify
 
     notify.send(job)

@@ -1,7 +1,8 @@
 """One message per terminal state, through apprise (Slack, Teams, Discord, email, SNS, ntfy,
 `json://` webhooks ...): POGONA_NOTIFY holds one or more apprise URLs.
 
-States: succeeded (mAP, champion decision when known), failed (the sentence, exit code, phase),
+States: succeeded (the headline: best.pt on val with its interval and epoch, champion decision when
+known), final-verdict-failed (best.pt below POGONA_MIN_FINAL_MAP50), failed (the sentence, exit code, phase),
 partial (the budget's reason), gate failure (the failed criteria: the signature of a model that
 is not learning), interrupted-and-will-resume (only from the second preemption on, so spot churn
 does not spam). Every message carries the report and manifest links and the cost line.
@@ -17,14 +18,13 @@ from typing import Any
 from pogona_job.config import notify_urls
 from pogona_job.errors import SanityFailed
 from pogona_job.logs import get_logger
-from pogona_job.training.columns import METRICS
 
 log = get_logger()
 
 
 @dataclass
 class Message:
-    state: str  # succeeded | partial | failed | gate-failed | interrupted
+    state: str  # succeeded | partial | failed | final-verdict-failed | gate-failed | interrupted
     title: str
     body: str
     kind: str  # apprise NotifyType value: success | warning | failure | info
@@ -38,10 +38,10 @@ def compose(job: Any) -> Message | None:
     links = [f"Report: {base}/report.md", f"Manifest: {base}/manifest.json"]
     cost = [f"Cost: {acc['summary']}"] if acc.get("summary") else []
     name = f"pogona-train run {job.run_id}"
+    head = getattr(rec, "headline", None)
+    headline = [f"Model: {head.line()}"] if head is not None else []
     if rec.status == "succeeded" or rec.status == "partial":
-        final = rec.full.rows[-1] if rec.full and rec.full.rows else {}
-        map50 = final.get(METRICS["map50"])
-        lines = [f"mAP@0.5: {map50:.3f}" if map50 is not None else "mAP@0.5: -"]
+        lines = headline or ["Model: not evaluated (no best.pt evaluation on val)"]
         if rec.status == "succeeded":
             lines.append(f"Champion: {_champion_text(rec.promotion)}")
             return Message("succeeded", f"{name}: succeeded", "\n".join([*lines, *cost, *links]), "success")
@@ -57,6 +57,15 @@ def compose(job: Any) -> Message | None:
             f"Phase: {rec.failed_phase or '-'}",
         ]
         return Message("interrupted", f"{name}: interrupted, will resume", "\n".join([*lines, *cost, *links]), "info")
+    if rec.failed_phase == "final verdict":
+        lines = [f"Why: {rec.failure}", "Exit code: 5, phase: final verdict", *headline]
+        lines.append("Champion and latest.json: untouched (a run below the floor is never promoted)")
+        return Message(
+            "final-verdict-failed",
+            f"{name}: failed the final verdict",
+            "\n".join([*lines, *cost, *links]),
+            "failure",
+        )
     if rec.exit_code == SanityFailed.exit_code:
         lines = [f"Why: {rec.failure}", f"Exit code: 5, phase: {rec.failed_phase or 'verdict'}"]
         lines += _signature(rec)

@@ -9,7 +9,8 @@ from typing import Any
 
 from pogona_job.dataset import StagedDataset
 from pogona_job.errors import TransientFailure
-from pogona_job.evaluation import export, scoring
+from pogona_job.evaluation import export, plots, scoring
+from pogona_job.evaluation.headline import Headline
 from pogona_job.evaluation.promotion import champion_path, compare, decide
 from pogona_job.evaluation.scoring import SplitRun, evaluate, lagging_modalities, summarise
 from pogona_job.logs import get_logger
@@ -103,11 +104,18 @@ def evaluate_model(job: Job, best: Path, staged: StagedDataset, device: str) -> 
     s, rec = job.settings, job.record
     batch = max(s.batch, 1)
     runs = evaluate(best, staged, imgsz=s.imgsz, batch=batch, device=device, work_dir=job.runs / "eval")
-    rec.evaluation = {split: summarise(run, seed=s.seed) for split, run in runs.items()}
+    rec.evaluation = {split: summarise(run, seed=s.seed, conf=s.conf) for split, run in runs.items()}
     rec.per_modality = rec.evaluation.get("val", {}).get("per_modality", {})
     rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)
     for split, figures in rec.evaluation.items():
         get_logger().info("evaluation", split=split, images=figures["images"], **figures["overall"])
+    if "val" in rec.evaluation and rec.full is not None:
+        rec.headline = Headline.build(rec.evaluation["val"], rec.full.rows, conf=s.conf)
+        get_logger().info("headline", line=rec.headline.line())
+        # Ultralytics' own confusion_matrix.png counts every box above 0.001; the published one is at POGONA_CONF.
+        plots.confusion_matrix(
+            rec.evaluation["val"]["at_conf"], best.parent.parent / "confusion_matrix.png", conf=s.conf
+        )
     rec.export = export.export_and_verify(
         best,
         staged,
@@ -120,6 +128,47 @@ def evaluate_model(job: Job, best: Path, staged: StagedDataset, device: str) -> 
         tolerance=s.export_tolerance,
     )
     return runs
+
+
+def final_verdict(job: Job, save_dir: Path, dataset_files: list[Path]) -> None:
+    """After full training: best.pt below POGONA_MIN_FINAL_MAP50 on val is not a success.
+
+    Its weights and report are still published for inspection (the failure path publishes a `failed`
+    manifest: never latest.json, never champion.json); the run ends with exit 5 and one sentence."""
+    from pogona_job.errors import SanityFailed
+    from pogona_job.run.publish import push_outputs
+
+    s, rec, head = job.settings, job.record, job.record.headline
+    if head is None or head.map50 >= s.min_final_map50:
+        rec.final_verdict = {"passed": True, "map50": head.map50 if head else None, "floor": s.min_final_map50}
+        return
+    device = str(rec.settings_used.get("device", "cpu"))
+    causes = _likely_causes(s.model, device, head.epochs, float(rec.config.get("POGONA_LR0") or 0.0))
+    sentence = (
+        f"Final verdict: best.pt scored mAP@0.5 {head.map50:.3f} on val ({head.images} images, "
+        f"{head.epoch_text()}), below POGONA_MIN_FINAL_MAP50 {s.min_final_map50:g}: {causes}; the weights and "
+        "report are published for inspection, latest.json and champion.json were not moved."
+    )
+    rec.final_verdict = {"passed": False, "map50": head.map50, "floor": s.min_final_map50, "sentence": sentence}
+    rec.failed_phase = "final verdict"
+    push_outputs(job, save_dir, dataset_files)
+    raise SanityFailed(sentence)
+
+
+def _likely_causes(model: str, device: str, epochs: int, lr0: float) -> str:
+    """What usually makes a finished training score nothing, for this model and device."""
+    causes = []
+    if lr0 < 1e-6:
+        causes.append(f"POGONA_LR0 is {lr0:g}, effectively 0, so the weights barely moved")
+    if model.endswith(".yaml"):
+        causes.append(
+            f"{model} trains from scratch and scores 0 for its first ~10 epochs (this run had {epochs}): "
+            "use pretrained weights or many more epochs"
+        )
+    if device == "mps":
+        causes.append("Apple MPS is known to train on silent zeros: run on the CPU or a CUDA GPU")
+    causes.append("or the labels do not match the images (check with `pogona-job dataset validate`)")
+    return "; ".join(causes)
 
 
 def decide_promotion(job: Job, staged: StagedDataset, runs: dict[str, SplitRun], device: str) -> dict[str, Any]:
@@ -150,6 +199,8 @@ def decide_promotion(job: Job, staged: StagedDataset, runs: dict[str, SplitRun],
         allow_lenient=s.promote_lenient,
         champion=champion,
         comparison=comparison,
+        classes=rec.classes,
+        dataset_fingerprint=rec.dataset.get("fingerprint"),
     )
     log.info("promotion decision", decision=decision["decision"], reason=decision["reason"])
     return decision

@@ -19,7 +19,8 @@ from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
 
 log = get_logger()
-PLOTS = ("results.png", "BoxPR_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg")
+# val_batch0_labels beside val_batch0_pred: the same validation batch with its labels and best.pt's predictions.
+PLOTS = ("results.png", "BoxPR_curve.png", "confusion_matrix.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg")
 
 
 FENCED_MAX = 64 << 20  # single PUTs up to here are fenced one by one (see Lease.fenced_put)
@@ -81,13 +82,13 @@ def claim_run(job: Job) -> None:
     raise TransientFailure(f"{path.uri} kept changing while this job took the run over; retry the job.")
 
 
-def push_outputs(job: Job, save_dir: Path, split_files: list[Path]) -> None:
+def push_outputs(job: Job, save_dir: Path, dataset_files: list[Path]) -> None:
     items: list[tuple[Path, str]] = [
         (save_dir / "results.csv", "results.csv"),
         (save_dir / "weights" / "best.pt", "weights/best.pt"),
         (save_dir / "weights" / "last.pt", "weights/last.pt"),
         (save_dir / "weights" / "best.onnx", "weights/best.onnx"),  # when exported (export.py)
-        *[(f, f"dataset/{f.name}") for f in split_files],
+        *[(f, f"dataset/{f.name}") for f in dataset_files],  # split lists, modality.csv
     ]
     for name in PLOTS:
         src = save_dir / name
@@ -187,7 +188,10 @@ def manifest_of(job: Job) -> dict[str, Any]:
         "started_at": rec.started_at,
         "finished_at": rec.finished_at or now(),
         "timings_s": rec.timings,
-        "metrics": final_numbers(rec),
+        # The headline (evaluation/headline.Headline): best.pt on val, with its interval and epoch; results.csv's
+        # last row only under its own name.
+        "metrics": rec.headline.as_dict() if rec.headline else {},
+        "last_epoch_metrics": final_numbers(rec),
         "sanity_metrics": final_of(rec.sanity.rows) if rec.sanity else {},
         "verdict": rec.verdict.as_dict() if rec.verdict else None,
         "parity": rec.parity.__dict__ if rec.parity else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pogona_job.evaluation.headline import FITNESS_LABEL, fitness
 from pogona_job.run.budget import report_lines
 from pogona_job.run.state import RunRecord
 from pogona_job.training.columns import LOSSES, METRICS, loss_column
@@ -71,8 +72,20 @@ def _phase_section(title: str, result: PhaseResult, record: RunRecord) -> list[s
     ]
     if rows:
         last = rows[-1]
+        head = record.headline if result is record.full else None
+        if head is not None and head.epoch == int(last["epoch"]):
+            label = (
+                f"Last epoch ({int(last['epoch'])}, also best.pt's epoch), as ultralytics validated it during training"
+            )
+        elif head is not None:
+            label = (
+                f"Last epoch ({int(last['epoch'])}, not the shipped best.pt of epoch {head.epoch}), "
+                "as ultralytics validated it during training"
+            )
+        else:
+            label = f"Last epoch ({int(last['epoch'])}), as ultralytics validated it during training"
         out += [
-            f"**Final metrics (epoch {int(last['epoch'])}):**",
+            f"**{label}:**",
             f"- **mAP@0.5**: {_num(last.get(METRICS['map50']))}",
             f"- **Recall**: {_num(last.get(METRICS['recall']))}",
             f"- **Precision**: {_num(last.get(METRICS['precision']))}",
@@ -95,9 +108,71 @@ def _phase_section(title: str, result: PhaseResult, record: RunRecord) -> list[s
     return out
 
 
+def _training_advice(record: RunRecord) -> list[str]:
+    """From the metric that picks best.pt (mAP@0.5-0.95, headline.FITNESS_WEIGHTS) and only what the rows show."""
+    rows = record.full.rows if record.full else []
+    head = record.headline
+    if not rows or head is None:
+        return []
+    out: list[str] = []
+    fit = [fitness(r) for r in rows]
+    n = len(rows)
+    tail = max(1, math.ceil(n / 10))  # the last tenth of training
+    rose_late = n > tail and max(fit[-tail:]) > max(fit[:-tail]) + 1e-9
+    if head.map50 < 0.5:
+        out.append(
+            f"best.pt's mAP@0.5 on val is {head.metric('map50')}: train longer (POGONA_EPOCHS, now {n}"
+            + (f"; {FITNESS_LABEL}, which picks best.pt, still rose at the end" if rose_late else "")
+            + f"; best.pt is epoch {head.epoch} by {FITNESS_LABEL}), use pretrained weights, or check the labels."
+        )
+    elif rose_late:
+        out.append(
+            f"{FITNESS_LABEL} (the metric that picks best.pt) still rose in the last tenth of training (epochs "
+            f"{n - tail + 1}-{n}): more epochs should pay off."
+        )
+    elif head.epoch is not None and n - head.epoch >= max(5, 2 * tail):
+        out.append(
+            f"{FITNESS_LABEL} (the metric that picks best.pt) peaked at epoch {head.epoch} of {n} and did not rise "
+            f"in the {n - head.epoch} epochs after: early-stopping patience (POGONA_PATIENCE) near "
+            f"{max(5, n - head.epoch - 1)} would have saved that time with the same best.pt."
+        )
+    elif n < 5:
+        out.append(f"Only {n} epochs: too few to tell whether more would pay off.")
+    else:
+        out.append(f"{FITNESS_LABEL} has levelled off at best.pt (epoch {head.epoch} of {n}).")
+    if head.map50_ci and head.map50_ci[1] - head.map50_ci[0] > 0.2:
+        unit = f"{head.groups} groups" if head.interval_unit == "groups" else f"{head.images} images"
+        out.append(
+            f"The 95% interval of mAP@0.5 is {head.map50_ci[1] - head.map50_ci[0]:.2f} wide because val holds only "
+            f"{unit}: more independent val images (new recordings, not more frames of the same ones) narrow it."
+        )
+    full = record.full
+    if full is not None and full.hardware.device == "cpu" and n:
+        per_epoch = full.seconds / n
+        cfg = record.config
+        extra = " and pretrained weights instead of a from-scratch .yaml" if str(record.model).endswith(".yaml") else ""
+        out.append(
+            f"This run trained on the CPU ({per_epoch:.0f} s per epoch at imgsz {cfg.get('POGONA_IMGSZ')}). A CUDA "
+            f"GPU runs the same epochs many times faster, which makes room for more epochs, imgsz 640{extra} in "
+            "the same time; the numbers above are this CPU run's."
+        )
+    return out
+
+
 def _recommendations(record: RunRecord) -> list[str]:
     """Derived from the numbers, not canned: each line cites what triggered it."""
     recs: list[str] = []
+    if record.failed_phase == "final verdict":
+        recs.append(
+            "Do not deploy this best.pt: it scored below POGONA_MIN_FINAL_MAP50 on val (see above); latest.json and "
+            "champion.json still name the previous runs."
+        )
+        recs += _training_advice(record)
+        recs.append(
+            "Check the labels with `pogona-job dataset validate DIR` and look at plots/val_batch0_labels.png beside "
+            "plots/val_batch0_pred.png."
+        )
+        return recs
     if record.status == "failed" and record.failed_phase in ("sanity", "gate", "parity"):
         recs.append("Do not start a long run on this backend or data until the sanity check passes (see above).")
         if record.settings_used.get("device") not in (None, "cpu"):
@@ -113,25 +188,7 @@ def _recommendations(record: RunRecord) -> list[str]:
         if record.status == "interrupted":
             recs.append("Start it again with the same POGONA_RUN_ID to resume from the last checkpoint.")
         return recs
-    full = record.full.rows if record.full else []
-    if full:
-        map50 = full[-1].get(METRICS["map50"], 0.0)
-        best_epoch = max(full, key=lambda r: r.get(METRICS["map50"], 0.0))
-        gain_last5 = map50 - full[max(0, len(full) - 6)].get(METRICS["map50"], 0.0)
-        if map50 < 0.5:
-            recs.append(
-                f"mAP@0.5 is {map50:.3f}: train longer (POGONA_EPOCHS, now {len(full)}), use pretrained weights, "
-                "or check the labels."
-            )
-        elif len(full) >= 6 and gain_last5 > 0.02:
-            recs.append(f"mAP@0.5 still rose by {gain_last5:.3f} over the last 5 epochs: more epochs should pay off.")
-        elif int(best_epoch["epoch"]) < len(full) - 5:
-            recs.append(
-                f"The best mAP@0.5 came at epoch {int(best_epoch['epoch'])} of {len(full)}: fewer epochs (or "
-                "early-stopping patience) would save GPU time."
-            )
-        else:
-            recs.append(f"mAP@0.5 {map50:.3f} has levelled off: this model is ready to evaluate on held-out data.")
+    recs += _training_advice(record)
     for modality in record.lagging:
         recs.append(f"The {modality} images lag the others (table above): add or check {modality} labels.")
     if record.settings_used.get("workers_reason", "").startswith("0 (requested"):
@@ -154,12 +211,19 @@ def _dataset_provenance(ds: dict[str, Any]) -> list[str]:
         out += ["", "| Modality | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
         out += [f"| {m} | " + " | ".join(str(per.get(k, 0)) for k in kinds) + " |" for m, per in sources.items()]
         total = sum(sum(per.values()) for per in sources.values())
-        guessed = sum(per.get("inferred", 0) + per.get("unknown", 0) for per in sources.values())
-        if total and guessed > total / 2:
+        inferred = sum(per.get("inferred", 0) for per in sources.values())
+        unknown = sum(per.get("unknown", 0) for per in sources.values())
+        if total and inferred + unknown > total / 2:
             out += [
                 "",
-                f"Modality is mostly inferred from pixels ({guessed} of {total} images): per-modality numbers "
-                "are estimates; declare it with POGONA_MODALITY_RULES or a groups.csv `modality` column.",
+                (
+                    f"Modality is mostly inferred from pixels ({inferred} of {total} images)"
+                    if not unknown
+                    else f"Modality is mostly not declared ({inferred} of {total} images inferred from pixels, "
+                    f"{unknown} unknown)"
+                )
+                + ": per-modality numbers are estimates; declare it with POGONA_MODALITY_RULES "
+                "or a groups.csv `modality` column.",
             ]
     leak = ds.get("leakage") or {}
     if leak:
@@ -171,6 +235,58 @@ def _dataset_provenance(ds: dict[str, Any]) -> list[str]:
         if examples:
             line += " (e.g. " + "; ".join(f"`{a}` ~ `{b}`" for a, b, _ in examples[:3]) + ")"
         out += ["", ("**Warning:** " if leak.get("warn") else "") + line + "."]
+    return out
+
+
+def _headline_lines(record: RunRecord) -> list[str]:
+    """The first screen: the shipped model's numbers, its epoch and interval, and which number is which."""
+    head = record.headline
+    if head is None:
+        return []
+    shipped = "best.pt, shipped" if record.status == "succeeded" else "best.pt, published for inspection only"
+    out = ["", f"**Model ({shipped}):** {head.line()}."]
+    if record.final_verdict and not record.final_verdict.get("passed", True):
+        out += [
+            "",
+            f"**Final verdict: FAILED** - below the floor POGONA_MIN_FINAL_MAP50 "
+            f"{record.final_verdict.get('floor')}: this model does not find what it was trained for.",
+        ]
+    elif record.final_verdict:
+        out += [
+            "",
+            "**Final verdict: passed** (mAP@0.5 at or above POGONA_MIN_FINAL_MAP50 "
+            f"{record.final_verdict.get('floor')}).",
+        ]
+    for extra in (head.last_epoch_text(), head.which_is_which()):
+        if extra:
+            out += ["", f"*{extra}*"]
+    return out
+
+
+def _plot_lines(record: RunRecord) -> list[str]:
+    """Each plot once; the confusion matrix with its confidence and counts, the val batch labels beside predictions."""
+    plots = [k for k in record.artifacts if k.startswith("plots/")]
+    if not plots:
+        return []
+    out = ["## Plots", ""]
+    pair = ("plots/val_batch0_labels.png", "plots/val_batch0_pred.png")
+    at = (record.evaluation.get("val") or {}).get("at_conf")
+    for k in plots:
+        if k in pair and all(p in plots for p in pair):
+            if k == pair[0]:
+                out += [
+                    "| Labels (val batch 0) | best.pt's predictions (same batch) |",
+                    "|---|---|",
+                    f"| ![labels]({pair[0]}) | ![predictions]({pair[1]}) |",
+                    "",
+                ]
+            continue
+        out.append(f"![{k.removeprefix('plots/')}]({k})")
+        if k == "plots/confusion_matrix.png" and at:
+            from pogona_job.evaluation.plots import caption
+
+            out += ["", f"*{caption(at)}*", ""]
+    out.append("")
     return out
 
 
@@ -187,6 +303,7 @@ def render(record: RunRecord) -> str:
     ]
     if record.failure:
         out += ["", f"> **What went wrong:** {record.failure}"]
+    out += _headline_lines(record)
     if record.accounting:
         out += ["", f"**Cost and time:** {record.accounting['summary']}"]
     out += [
@@ -260,23 +377,36 @@ def render(record: RunRecord) -> str:
     out += [
         "## Analysis",
         "",
-        "| Phase | Backend | Losses | Final mAP@0.5 | Learning Status |",
+        "| Phase | Backend | Losses | mAP@0.5 | Learning Status |",
         "|---|---|---|---|---|",
     ]
     sanity_ok = bool(record.verdict and record.verdict.passed) and not record.watchdog.get("tripped")
+    verdict_ok = record.final_verdict.get("passed", True) if record.final_verdict else True
+    head = record.headline
     for name, result, ok in (
         ("Sanity", record.sanity, sanity_ok),
-        ("Full", record.full, record.status == "succeeded"),
+        ("Full", record.full, record.status == "succeeded" and verdict_ok),
     ):
         rows = result.rows if result else []
         backend = result.hardware.device if result else record.settings_used.get("device", "-")
-        final = _num(rows[-1].get(METRICS["map50"])) if rows else "-"
-        out.append(f"| {name} | {backend} | {_trend(rows)} | {final} | {_status(result, ok)} |")
+        if name == "Full" and head is not None:
+            final = f"{head.metric('map50')} best.pt, epoch {head.epoch}"
+        else:
+            final = f"{_num(rows[-1].get(METRICS['map50']))} last epoch" if rows else "-"
+        status = _status(result, ok)
+        if not verdict_ok and result is not None:  # never "working" beside a model that failed the final verdict
+            status = "❌ NOT LEARNING (final verdict)" if name == "Full" else "gate passed"
+        out.append(f"| {name} | {backend} | {_trend(rows)} | {final} | {status} |")
     out.append("")
+    best_row = next((r for r in full_rows if head is not None and int(r["epoch"]) == head.epoch), None)
     if sanity_rows and full_rows:
-        s, f = sanity_rows[-1], full_rows[-1]
+        s, f = sanity_rows[-1], best_row or full_rows[-1]
+        which = f"epoch {int(f['epoch'])}" + (", best.pt" if best_row else ", last")
         out += [
             "### Full run against the sanity baseline",
+            "",
+            "Both as ultralytics validated them during training (the sanity run's last epoch; the full run's "
+            f"{which}).",
             "",
             "| Metric | Sanity | Full | Change |",
             "|---|---|---|---|",
@@ -296,6 +426,10 @@ def render(record: RunRecord) -> str:
         out += [
             "### Per-modality validation (best.pt)",
             "",
+            f"Precision and recall at confidence {record.headline.conf:g} (POGONA_CONF), as in the headline."
+            if record.headline
+            else "",
+            "",
             "| Modality | Images | Precision | Recall | mAP@0.5 | mAP@0.5-0.95 | Flag |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -303,7 +437,8 @@ def render(record: RunRecord) -> str:
             flag = "⚠️ lags" if modality in record.lagging else ""
             ci = m.get("ci", {})
             out.append(
-                f"| {modality} | {int(m.get('images', 0))} | {_num(m.get('precision'))} | {_num(m.get('recall'))} | "
+                f"| {modality} | {int(m.get('images', 0))} | {_num(m.get('precision_at_conf', m.get('precision')))} | "
+                f"{_num(m.get('recall_at_conf', m.get('recall')))} | "
                 f"{with_interval(m['map50'], ci.get('map50'))} | {with_interval(m['map50_95'], ci.get('map50_95'))} | "
                 f"{flag} |"
             )
@@ -324,9 +459,5 @@ def render(record: RunRecord) -> str:
         out += ["## File Locations", ""]
         out += [f"- `{base}/{key}`" for key in record.artifacts]
         out.append("")
-    plots = [k for k in record.artifacts if k.startswith("plots/")]
-    if plots:
-        out += ["## Plots", ""]
-        out += [f"![{k.removeprefix('plots/')}]({k})" for k in plots]
-        out.append("")
+    out += _plot_lines(record)
     return "\n".join(out)

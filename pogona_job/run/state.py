@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pogona_job.config import Settings
+from pogona_job.evaluation.headline import Headline
 from pogona_job.logs import bind, get_logger
 from pogona_job.run.signals import StopFlag
 from pogona_job.s3 import storage
@@ -55,6 +56,8 @@ class RunRecord:
     per_modality: dict[str, dict[str, Any]] = field(default_factory=dict)
     lagging: list[str] = field(default_factory=list)
     evaluation: dict[str, Any] = field(default_factory=dict)  # scoring.summarise() per split (val, test)
+    headline: Headline | None = None  # best.pt on val: what every surface quotes (evaluation/headline.py)
+    final_verdict: dict[str, Any] = field(default_factory=dict)  # {"passed", "map50", "floor", "sentence"}
     export: dict[str, Any] = field(default_factory=dict)  # export.verify()
     promotion: dict[str, Any] = field(default_factory=dict)  # promotion.decide()
     artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix

@@ -88,16 +88,14 @@ def _summary(local: Path) -> None:
     manifest = local / "manifest.json"
     if not manifest.exists():
         return
+    from pogona_job.evaluation.headline import Headline
+
     data = json.loads(manifest.read_text())
-    metrics = data.get("metrics") or {}
+    head = Headline.from_dict(data.get("metrics") or {})
     print(f"  Status: {data.get('status')}", end="")
-    if metrics:
-        print(
-            f"; mAP@0.5 {metrics.get('map50', 0):.3f}, mAP@0.5-0.95 {metrics.get('map50_95', 0):.3f}, "
-            f"precision {metrics.get('precision', 0):.3f}, recall {metrics.get('recall', 0):.3f}"
-        )
-    else:
-        print(f"; {data.get('failure')}")
+    print(f"; {head.line()}" if head else f"; {data.get('failure')}")
+    if head and data.get("failure"):
+        print(f"  {data['failure']}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """`pogona-job runs`: where the models stand, without opening JSON.
 
-`runs` lists the runs under POGONA_OUTPUT_URI (run id, status, date, mAP@0.5 with its 95% interval,
-champion mark); `runs show ID` prints one manifest in readable form.
+`runs` lists the runs under POGONA_OUTPUT_URI (run id, status, date, best.pt's mAP@0.5 on val with its
+95% interval and epoch - the headline, evaluation/headline.py - champion mark); `runs show ID` prints one
+manifest in readable form.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pogona_job.evaluation.headline import Headline
 from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
 
@@ -23,18 +25,21 @@ def run_ids(client: Any, out: S3Path) -> list[str]:
 
 
 def _map50(manifest: dict[str, Any]) -> str:
+    """best.pt's mAP@0.5 on val with its interval and epoch (the headline), else best.pt's evaluation."""
+    head = Headline.from_dict(manifest.get("metrics") or {})
+    if head is not None:
+        return head.short()
     overall = (manifest.get("evaluation") or {}).get("val", {}).get("overall")
     if overall:
         lo, hi = overall.get("ci", {}).get("map50") or (None, None)
         interval = f" ({lo:.2f}-{hi:.2f})" if lo is not None else ""
         return f"{overall['map50']:.3f}{interval}"
-    value = (manifest.get("metrics") or {}).get("map50")
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+    return "-"  # never results.csv's last row: that is not the shipped model
 
 
 def table(client: Any, out: S3Path) -> str:
     champion = pointers.read(client, out / "champion.json").value or {}
-    rows = [("RUN", "STATUS", "DATE", "mAP@0.5 (95% CI)", "CHAMPION")]
+    rows = [("RUN", "STATUS", "DATE", "best.pt mAP@0.5 (95% CI) epoch", "CHAMPION")]
     for run_id in run_ids(client, out):
         manifest = storage.get_json(client, out / run_id / "manifest.json")
         if manifest is None:
@@ -60,11 +65,18 @@ def show(client: Any, out: S3Path, run_id: str) -> str | None:
         f"Run {run_id}: {m.get('status')}" + (f" (exit {m['exit_code']})" if m.get("exit_code") else ""),
         f"  started {m.get('started_at')}, finished {m.get('finished_at')}",
     ]
+    head = Headline.from_dict(m.get("metrics") or {})
+    if head is not None:
+        lines.append(f"  model: {head.line()}")
+        last = head.last_epoch_text()
+        if last:
+            lines.append(f"  {last}")
     if m.get("failure"):
         lines.append(f"  failure: {m['failure']}")
     if champion.get("run_id") == run_id:
         lines.append("  ★ current champion" + (" (forced)" if champion.get("forced") else ""))
     lines.append(f"  model {m.get('model')}, dataset {(m.get('dataset') or {}).get('uri')}")
+    lines.append(f"  classes: {', '.join(m.get('classes') or []) or '-'}")
     for split, ev in (m.get("evaluation") or {}).items():
         lines.append(f"  {split} ({ev['images']} images):")
         for scope, x in [("overall", ev["overall"]), *ev.get("per_modality", {}).items()]:

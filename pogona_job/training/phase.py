@@ -314,7 +314,7 @@ def completed_phase(
             verbose=False,
         )
         val_dir = save_dir.parent / f"{phase}-val"
-        for name in ("BoxPR_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg"):
+        for name in ("BoxPR_curve.png", "confusion_matrix.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg"):
             if (val_dir / name).exists():
                 shutil.copyfile(val_dir / name, save_dir / name)
         plot_results(file=save_dir / "results.csv")
