@@ -58,7 +58,8 @@ def test_mps_signature_stops_within_k_batches_and_full_training_never_starts(
     code, events = _run("gate-signature", monkeypatch)
     assert code == 5
     failed = next(e for e in events if e["event"] == "run failed")
-    assert "no-foreground signature" in failed["reason"] and "MPS" in failed["reason"]
+    assert "no-foreground signature" in failed["reason"]
+    assert "MPS" not in failed["reason"] and "backend" not in failed["reason"]  # a CPU run: never a backend
     manifest = json.loads(
         s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "gate-signature", "manifest.json"))["Body"].read()
     )

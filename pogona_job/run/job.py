@@ -17,7 +17,14 @@ from pathlib import Path
 from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt, scheduler_job
 from pogona_job.errors import JobError, SanityFailed, TrainingFailed
 from pogona_job.logs import bind, get_logger
-from pogona_job.run.phases import decide_promotion, evaluate_model, fetch_model, flush_checkpoints, train
+from pogona_job.run.phases import (
+    decide_promotion,
+    evaluate_model,
+    fetch_model,
+    flush_checkpoints,
+    gate_context,
+    train,
+)
 from pogona_job.run.publish import complete_finished, final_numbers, publish, publish_failure, push_outputs, upload
 from pogona_job.run.signals import StopFlag
 from pogona_job.run.state import FINAL, Job, RunRecord, now
@@ -201,7 +208,15 @@ def _execute(job: Job) -> None:
         log.info("start-up", seconds_to_first_batch_excluding_pull=round(startup, 2))
 
     with job.phase("verdict"):
-        rec.verdict = verdict(rec.sanity.rows, min_loss_drop=s.gate_min_loss_drop, min_map50=s.min_map50)
+        rec.verdict = verdict(
+            rec.sanity.rows,
+            min_loss_drop=s.gate_min_loss_drop,
+            min_map50=s.min_map50,
+            batches=rec.sanity.batches,
+            labelled=rec.sanity.labelled,
+            weight_change=rec.sanity.weight_change,
+            context=gate_context(job, device),
+        )
         for c in rec.verdict.criteria:
             log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
         if not rec.verdict.passed:

@@ -16,6 +16,7 @@ from pogona_job.logs import get_logger
 from pogona_job.run.state import Job
 from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
+from pogona_job.training.gate import BatchWatchdog, Context
 
 log = get_logger()
 
@@ -24,7 +25,6 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
     """One training phase, resumed from this run's checkpoint when there is one."""
     from pogona_job import training
     from pogona_job.training import checkpoint
-    from pogona_job.training.gate import BatchWatchdog
 
     save_dir = job.runs / phase
     restored = checkpoint.restore(job.client, job.out, phase, save_dir)
@@ -38,13 +38,20 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
         assert restored
         log.info("resuming from checkpoint", from_epoch=restored.epoch + 1, epochs=epochs)
     # A SIGTERM is honoured between batches, never mid-step.
-    watchdog = BatchWatchdog(zero_batches=job.settings.gate_zero_batches, phase=phase, between_batches=job.check)
+    sanity = phase == "sanity"
+    watchdog = BatchWatchdog(
+        zero_batches=job.settings.gate_zero_batches,
+        phase=phase,
+        between_batches=job.check,
+        context=gate_context(job, device),
+        keep=1_000_000 if sanity else 0,  # the verdict reads every sanity batch's losses
+    )
 
     def on_epoch(epoch: int, _values: dict[str, float]) -> None:
         job.checkpoints.offer(phase, epoch, epochs, save_dir, {"attempt": job.attempt})
 
     try:
-        return training.train_phase(
+        result = training.train_phase(
             phase,
             model_source=model_source,
             data_yaml=data_yaml,
@@ -68,7 +75,11 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
                 "state": {"attempt": job.attempt},
             },
             callbacks=job.live.callbacks(phase, epochs),
+            weigh_after=epochs if sanity else 0,
         )
+        if sanity and not resume:  # a resumed phase saw only its last batches: the verdict reads the epochs
+            result.batches, result.labelled = list(watchdog.history), watchdog.labelled
+        return result
     finally:
         gc.collect()  # the phase's model and loaders are garbage now: free them before the next phase
         job.record.watchdog = {
@@ -77,6 +88,11 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
             "tripped": watchdog.tripped,
             "last_batches": list(watchdog.recent),
         }
+
+
+def gate_context(job: Job, device: str) -> Context:
+    s = job.settings
+    return Context(device=device, from_scratch=s.from_scratch, sanity_epochs=s.sanity_epochs)
 
 
 def fetch_model(job: Job) -> str:

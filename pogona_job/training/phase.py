@@ -11,7 +11,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -196,6 +196,9 @@ class PhaseResult:
     hardware: Hardware
     params: int
     first_batch_at: float | None  # time.monotonic() when the first training batch finished
+    weight_change: float | None = None  # relative L2 change of the weights by `weigh_after` (the gate's evidence)
+    batches: list[dict[str, float]] = field(default_factory=list)  # the sanity batches' losses, for the verdict
+    labelled: int | None = None  # of those, batches with a labelled box
 
 
 def train_phase(
@@ -214,6 +217,7 @@ def train_phase(
     extra: Mapping[str, Any] | None = None,
     ddp_checkpoint: Mapping[str, Any] | None = None,
     callbacks: Mapping[str, Callable[[Any], None]] | None = None,
+    weigh_after: int = 0,
 ) -> PhaseResult:
     """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch.
     `callbacks` (livestatus: meter, budget) run before the job's own, so the epoch event carries their fields.
@@ -226,7 +230,12 @@ def train_phase(
     model = load_model(str(last) if resume else model_source)
     hardware = describe_hardware(device)
     # Our callbacks live on the trainer class (pogona_job/training/trainer.py), so multi-GPU workers run them too.
-    hooks = Hooks(watchdog, on_epoch=on_epoch, checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None)
+    hooks = Hooks(
+        watchdog,
+        on_epoch=on_epoch,
+        checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None,
+        weights_at=weigh_after,
+    )
     for event, callback in (callbacks or {}).items():  # registered on the model: they run before the trainer's
         model.add_callback(event, process_local(callback))
     if resume:
@@ -287,6 +296,7 @@ def _fit(model: Any, phase: str, args: dict[str, Any], start: float, hardware: H
         hardware=hardware,
         params=params,
         first_batch_at=hooks.first_batch,
+        weight_change=hooks.weight_change,
     )
 
 
