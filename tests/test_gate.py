@@ -379,3 +379,78 @@ def test_all_background_batches_fail_and_the_sentence_says_what_was_seen() -> No
     assert failed["sanity batches with at least one labelled box"] == "0 of 9"
     assert "labels that ultralytics cannot see (0 of 9 sanity batches carried labelled boxes" in v.failure_sentence()
     assert "backend" not in v.failure_sentence()
+
+
+# --- no progress, and a model that stays at zero ---------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_stall_limit_is_a_multiple_of_the_longest_gap_so_far_with_a_floor() -> None:
+    from pogona_job.training.gate import StallWatchdog
+
+    clock = _Clock()
+    dog = StallWatchdog(factor=10, min_s=30, first_s=600, on_stall=lambda e: None, clock=clock)
+    dog.last = clock()
+    clock.now += 599
+    assert dog.overdue() is None and dog.limit() == 600  # the first batch may take long (model build, scan)
+    dog.beat()
+    for gap in (1.0, 5.0, 2.0):  # the longest gap so far: 5 s
+        clock.now += gap
+        dog.beat()
+    assert dog.limit() == 50
+    clock.now += 50
+    assert dog.overdue() is None
+    clock.now += 1
+    err = dog.overdue()
+    assert err is not None and err.exit_code == 75 and err.retryable
+    assert err.sentence.startswith(
+        "Training made no progress: no full batch finished for 51 s after 4 batches whose longest gap was 5.0 s "
+        "(limit 50 s: 10x that, at least 30 s)"
+    )
+    fast = StallWatchdog(factor=10, min_s=30, first_s=600, on_stall=lambda e: None, clock=clock)
+    fast.beat()
+    clock.now += 0.1
+    fast.beat()
+    assert fast.limit() == 30  # 10 x 0.1 s, floored
+
+
+def test_the_stall_thread_calls_back_once_with_the_sentence() -> None:
+    import threading
+
+    from pogona_job.errors import Stalled
+    from pogona_job.training.gate import StallWatchdog
+
+    fired: list[Stalled] = []
+    done = threading.Event()
+
+    def on_stall(err: Stalled) -> None:
+        fired.append(err)
+        done.set()
+
+    dog = StallWatchdog(factor=2, min_s=0.2, first_s=0.3, on_stall=on_stall, poll_s=0.05).start()
+    assert done.wait(5)
+    dog.stop()
+    assert len(fired) == 1 and "the first full batch has not finished" in fired[0].sentence
+
+
+def test_zero_map_stops_after_k_consecutive_zero_epochs_and_a_nonzero_one_resets() -> None:
+    from pogona_job.training.gate import ZeroMapWatch
+
+    watch = ZeroMapWatch(3)
+    for epoch, map50 in enumerate((0.0, 0.0, 0.01, 0.0, 0.0), start=1):
+        watch.check(epoch, map50)
+    with pytest.raises(SanityFailed) as err:
+        watch.check(6, 0.0)
+    assert err.value.exit_code == 5
+    assert "val mAP@0.5 stayed exactly 0 for 3 full-training epochs (to epoch 6)" in err.value.sentence
+    assert "labels that do not belong to their images" in err.value.sentence
+    off = ZeroMapWatch(0)
+    for epoch in range(1, 100):
+        off.check(epoch, 0.0)

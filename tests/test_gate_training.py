@@ -102,3 +102,56 @@ def test_nan_loss_stops_at_the_first_nan_batch(
     assert code == 5
     failed = next(e for e in events if e["event"] == "run failed")
     assert "non-finite loss" in failed["reason"] and "sanity batch 3" in failed["reason"]
+
+
+HANG = """
+import time
+from ultralytics.models.yolo.detect import DetectionTrainer
+original = DetectionTrainer.preprocess_batch
+calls = {"n": 0}
+def preprocess_batch(self, batch):
+    calls["n"] += 1
+    if calls["n"] > 4:  # four healthy batches, then the loader never delivers again
+        time.sleep(3600)
+    return original(self, batch)
+DetectionTrainer.preprocess_batch = preprocess_batch
+from pogona_job.cli import main
+raise SystemExit(main(["run"]))
+"""
+
+
+def test_a_hung_batch_is_reported_and_exits_75_within_seconds_of_the_stall_limit(
+    env: dict[str, str], s3_client: Any, tmp_path: Path
+) -> None:
+    """A real child process (os._exit from the watchdog thread): the report lands, the exit code is 75."""
+    import subprocess
+    import sys
+    import time
+
+    child = {**env, "POGONA_RUN_ID": "gate-stall", "POGONA_STALL_MIN_S": "8", "POGONA_STALL_FACTOR": "4"}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", HANG], env=child, capture_output=True, text=True, timeout=300, cwd=Path.cwd()
+    )
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "Training made no progress: no sanity batch finished for" in proc.stderr
+    manifest = json.loads(
+        s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "gate-stall", "manifest.json"))["Body"].read()
+    )
+    assert manifest["status"] == "failed" and manifest["exit_code"] == 75
+    assert "made no progress" in manifest["failure"]
+    assert time.monotonic() - started < 120  # not the hour the batch would have slept
+
+
+def test_full_training_whose_map_stays_zero_stops_after_k_epochs(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_client: Any
+) -> None:
+    """A from-scratch tiny model scores 0: with K = 2 the full phase stops after its 2nd of 4 epochs."""
+    monkeypatch.setenv("POGONA_GATE_ZERO_MAP_EPOCHS", "2")
+    monkeypatch.setenv("POGONA_EPOCHS", "4")
+    code, events = _run("gate-zero-map", monkeypatch)
+    assert code == 5
+    failed = next(e for e in events if e["event"] == "run failed")
+    assert "val mAP@0.5 stayed exactly 0 for 2 full-training epochs" in failed["reason"]
+    epochs = [e for e in events if e["event"] == "epoch" and e.get("epochs") == 4]
+    assert [e["epoch"] for e in epochs] == [1, 2]

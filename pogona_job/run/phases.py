@@ -4,11 +4,12 @@ checkpoint), the evaluation of best.pt and the champion decision."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pogona_job.dataset import StagedDataset
-from pogona_job.errors import TransientFailure
+from pogona_job.errors import Stalled, TransientFailure
 from pogona_job.evaluation import export, scoring
 from pogona_job.evaluation.promotion import champion_path, compare, decide
 from pogona_job.evaluation.scoring import SplitRun, evaluate, lagging_modalities, summarise
@@ -16,13 +17,23 @@ from pogona_job.logs import get_logger
 from pogona_job.run.state import Job
 from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
-from pogona_job.training.gate import BatchWatchdog, Context
+from pogona_job.training.gate import BatchWatchdog, Context, StallWatchdog, ZeroMapWatch
 
 log = get_logger()
 
 
-def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str, workers: int, epochs: int) -> Any:
-    """One training phase, resumed from this run's checkpoint when there is one."""
+def train(
+    job: Job,
+    phase: str,
+    model_source: str,
+    data_yaml: Path,
+    device: str,
+    workers: int,
+    epochs: int,
+    on_stall: Callable[[Stalled], None] | None = None,
+) -> Any:
+    """One training phase, resumed from this run's checkpoint when there is one.
+    `on_stall` (from the no-progress thread) must report the failure and end the process."""
     from pogona_job import training
     from pogona_job.training import checkpoint
 
@@ -47,8 +58,18 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
         keep=1_000_000 if sanity else 0,  # the verdict reads every sanity batch's losses
     )
 
-    def on_epoch(epoch: int, _values: dict[str, float]) -> None:
+    s = job.settings
+    zero_map = ZeroMapWatch(0 if sanity else s.zero_map_epochs, from_scratch=s.from_scratch)
+
+    def on_epoch(epoch: int, values: dict[str, float]) -> None:
         job.checkpoints.offer(phase, epoch, epochs, save_dir, {"attempt": job.attempt})
+        zero_map.check(epoch, values.get("map50", 0.0))
+
+    stall = (
+        StallWatchdog(s.stall_factor, s.stall_min_s, s.stall_first_batch_s, on_stall, phase=phase)
+        if on_stall is not None
+        else None
+    )
 
     try:
         result = training.train_phase(
@@ -76,6 +97,7 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
             },
             callbacks=job.live.callbacks(phase, epochs),
             weigh_after=epochs if sanity else 0,
+            stall=stall,
         )
         if sanity and not resume:  # a resumed phase saw only its last batches: the verdict reads the epochs
             result.batches, result.labelled = list(watchdog.history), watchdog.labelled

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pogona_job.errors import SanityFailed
+from pogona_job.errors import SanityFailed, Stalled
 from pogona_job.training.columns import LOSSES, METRICS, loss_column
 
 
@@ -129,6 +131,81 @@ class BatchWatchdog:
 
 def _fmt(values: Mapping[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+
+# --- no progress ------------------------------------------------------------------------
+
+
+@dataclass
+class StallWatchdog:
+    """A thread that calls `on_stall(sentence)` when no batch finishes for far longer than any gap so far.
+
+    Every finished train or val batch (and epoch) is a `beat()`. The limit is `factor` times the longest
+    gap between beats seen so far, never under `min_s`; before the first beat it is `first_s` (model
+    build, label scan, caching). The main thread may be stuck in C (a hung collective, a data loader
+    waiting on a dead worker), so it cannot be interrupted: `on_stall` must report and end the process.
+    """
+
+    factor: float
+    min_s: float
+    first_s: float
+    on_stall: Callable[[Stalled], None]
+    phase: str = "full"
+    poll_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    beats: int = 0
+    longest: float = 0.0
+    last: float = field(default_factory=time.monotonic)
+    fired: Stalled | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self) -> StallWatchdog:
+        self.last = self.clock()
+        self._thread = threading.Thread(target=self._watch, name="pogona-stall-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def beat(self) -> None:
+        now = self.clock()
+        if self.beats:
+            self.longest = max(self.longest, now - self.last)
+        self.last, self.beats = now, self.beats + 1
+
+    def limit(self) -> float:
+        return self.first_s if self.beats == 0 else max(self.min_s, self.factor * self.longest)
+
+    def overdue(self) -> Stalled | None:
+        """The failure when the wait since the last beat is past the limit (checked by the thread)."""
+        waited, limit = self.clock() - self.last, self.limit()
+        if waited <= limit:
+            return None
+        if self.beats == 0:
+            what = f"the first {self.phase} batch has not finished after {waited:.0f} s (limit {limit:.0f} s)"
+        else:
+            what = (
+                f"no {self.phase} batch finished for {waited:.0f} s after {self.beats} batches whose longest gap "
+                f"was {self.longest:.1f} s (limit {limit:.0f} s: {self.factor:g}x that, at least {self.min_s:g} s)"
+            )
+        return Stalled(
+            f"Training made no progress: {what} - a stalled data loader, a hung multi-GPU collective or a dead "
+            "worker; the run is stopped and may be retried (it resumes from its last checkpoint). If the data "
+            "loader is the cause, try POGONA_WORKERS=0; raise POGONA_STALL_FACTOR or POGONA_STALL_MIN_S if "
+            "some batches are legitimately that slow."
+        )
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            err = self.overdue()
+            if err is not None:
+                self.fired = err
+                self.on_stall(err)
+                return
 
 
 # --- backend parity probe -------------------------------------------------------------
@@ -334,3 +411,35 @@ def verdict(
     if labelled is not None and batches:
         criteria.append(Criterion(NO_LABELS, ">= 1", f"{labelled} of {len(batches)}", labelled > 0))
     return Verdict(criteria, ctx, seen)
+
+
+# --- full training that stays at zero ----------------------------------------------------
+
+
+@dataclass
+class ZeroMapWatch:
+    """Stops full training whose val mAP@0.5 is exactly 0 for `epochs` epochs after the gate passed.
+
+    Labels that do not belong to their images give a loss that falls while the mAP stays 0: the
+    sanity gate cannot tell that from a from-scratch model still in its first epochs, so the count
+    starts after it. `epochs` 0 switches it off.
+    """
+
+    epochs: int
+    from_scratch: bool = False
+    zeros: int = 0
+
+    def check(self, epoch: int, map50: float) -> None:
+        self.zeros = self.zeros + 1 if map50 == 0.0 else 0
+        if self.epochs and self.zeros >= self.epochs:
+            hint = (
+                "labels that do not belong to their images (a shuffled or mismatched export: compare a few label "
+                "files with their images), boxes in the wrong coordinate format, or val labels from another "
+                "dataset"
+            )
+            if self.from_scratch:
+                hint += "; a from-scratch model can also need longer: raise POGONA_GATE_ZERO_MAP_EPOCHS"
+            raise SanityFailed(
+                f"The model is not learning: val mAP@0.5 stayed exactly 0 for {self.zeros} full-training epochs "
+                f"(to epoch {epoch}) although the training loss passed the gate; likely causes: {hint}."
+            )

@@ -20,7 +20,7 @@ from pogona_job.errors import ConfigError, JobError, TrainingFailed
 from pogona_job.logs import get_logger
 from pogona_job.training import gpu_policy
 from pogona_job.training.columns import LOSSES, METRICS
-from pogona_job.training.gate import BatchWatchdog
+from pogona_job.training.gate import BatchWatchdog, StallWatchdog
 
 if TYPE_CHECKING:
     from pogona_job.training.trainer import Hooks
@@ -218,11 +218,59 @@ def train_phase(
     ddp_checkpoint: Mapping[str, Any] | None = None,
     callbacks: Mapping[str, Callable[[Any], None]] | None = None,
     weigh_after: int = 0,
+    stall: StallWatchdog | None = None,
 ) -> PhaseResult:
     """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch.
     `callbacks` (livestatus: meter, budget) run before the job's own, so the epoch event carries their fields.
     Under DDP they do not reach ultralytics' worker processes (only the trainer class's own hooks do), so
-    progress and budget are single-process features for now."""
+    progress and budget are single-process features for now. `stall` (the no-progress thread) watches
+    from before the model is built until training returns."""
+
+    # Multi-GPU: the batches run in ultralytics' worker processes, which this process cannot watch.
+    if stall is not None and "," not in device:
+        stall.start()
+    try:
+        return _train_phase(
+            phase,
+            model_source,
+            data_yaml,
+            settings,
+            device,
+            workers,
+            epochs,
+            save_dir,
+            watchdog,
+            on_epoch,
+            resume,
+            extra,
+            ddp_checkpoint,
+            callbacks,
+            weigh_after,
+            stall if "," not in device else None,
+        )
+    finally:
+        if stall is not None:
+            stall.stop()
+
+
+def _train_phase(
+    phase: str,
+    model_source: str,
+    data_yaml: Path,
+    settings: Settings,
+    device: str,
+    workers: int,
+    epochs: int,
+    save_dir: Path,
+    watchdog: BatchWatchdog,
+    on_epoch: EpochHook | None,
+    resume: bool,
+    extra: Mapping[str, Any] | None,
+    ddp_checkpoint: Mapping[str, Any] | None,
+    callbacks: Mapping[str, Callable[[Any], None]] | None,
+    weigh_after: int,
+    stall: StallWatchdog | None,
+) -> PhaseResult:
     from pogona_job.training.trainer import Hooks, process_local
 
     start = time.monotonic()
@@ -235,6 +283,7 @@ def train_phase(
         on_epoch=on_epoch,
         checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None,
         weights_at=weigh_after,
+        stall=stall,
     )
     for event, callback in (callbacks or {}).items():  # registered on the model: they run before the trainer's
         model.add_callback(event, process_local(callback))

@@ -32,7 +32,7 @@ from ultralytics.utils import DEFAULT_CFG, RANK
 from pogona_job.errors import SanityFailed
 from pogona_job.logs import get_logger
 from pogona_job.training.columns import METRICS
-from pogona_job.training.gate import BatchWatchdog, Context, watchdog_causes
+from pogona_job.training.gate import BatchWatchdog, Context, StallWatchdog, watchdog_causes
 
 log = get_logger()
 RANK_CONTEXT = "POGONAJOB_RANK_CONTEXT"  # not POGONA_*: the settings refuse unknown variables of that prefix
@@ -52,6 +52,7 @@ class Hooks:
     amp: bool | None = None
     weights_at: int = 0  # after this epoch, measure how far the weights moved since the start (0: never)
     weight_change: float | None = None  # relative L2 change of the weights: exactly 0 when nothing can learn
+    stall: StallWatchdog | None = None  # this process's no-progress thread (not under DDP: see train_phase)
     _initial: Any = field(default=None, repr=False)  # the weights at the start, on the CPU, until measured
     _sync: Any = field(default=None, repr=False)
 
@@ -245,6 +246,8 @@ def on_train_start(trainer: Any) -> None:
 
     trainer.preprocess_batch = counting
     hooks.amp = bool(getattr(trainer, "amp", False))
+    if getattr(trainer, "validator", None) is not None:
+        trainer.validator.pogona = hooks  # its val batches are progress too (on_val_batch_end)
     if hooks.weights_at > trainer.start_epoch and RANK in {-1, 0}:
         hooks._initial = _weights(trainer.model)
 
@@ -267,6 +270,8 @@ def weight_change(initial: Mapping[str, Any], model: Any) -> float:
 def on_train_batch_end(trainer: Any) -> None:
     """Rank 0 judges the batch; with DDP every rank learns the verdict, so all stop at the same batch."""
     hooks: Hooks = trainer.pogona
+    if hooks.stall is not None:
+        hooks.stall.beat()
     if hooks.first_batch is None:
         hooks.first_batch = time.monotonic()
     tripped: SanityFailed | None = None
@@ -291,6 +296,8 @@ def on_train_batch_end(trainer: Any) -> None:
 def on_fit_epoch_end(trainer: Any) -> None:
     if RANK not in {-1, 0}:
         return
+    if trainer.pogona.stall is not None:
+        trainer.pogona.stall.beat()
     metrics = dict(trainer.metrics)
     if trainer.epoch >= trainer.epochs or not any(k.startswith("val/") for k in metrics):
         return  # the extra call after final validation (field notes)
@@ -313,6 +320,13 @@ def on_fit_epoch_end(trainer: Any) -> None:
         hooks.on_epoch(trainer.epoch + 1, values)
 
 
+def on_val_batch_end(validator: Any) -> None:
+    """Called with the validator (ultralytics hands it the trainer's callbacks): a finished val batch."""
+    hooks: Hooks | None = getattr(validator, "pogona", None)
+    if hooks is not None and hooks.stall is not None:
+        hooks.stall.beat()
+
+
 def on_train_end(trainer: Any) -> None:
     if RANK in {-1, 0}:
         trainer.pogona.finish()
@@ -322,5 +336,6 @@ CALLBACKS: Mapping[str, Callable[[Any], None]] = {
     "on_train_start": on_train_start,
     "on_train_batch_end": on_train_batch_end,
     "on_fit_epoch_end": on_fit_epoch_end,
+    "on_val_batch_end": on_val_batch_end,
     "on_train_end": on_train_end,
 }
