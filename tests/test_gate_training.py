@@ -155,3 +155,28 @@ def test_full_training_whose_map_stays_zero_stops_after_k_epochs(
     assert "val mAP@0.5 stayed exactly 0 for 2 full-training epochs" in failed["reason"]
     epochs = [e for e in events if e["event"] == "epoch" and e.get("epochs") == 4]
     assert [e["epoch"] for e in epochs] == [1, 2]
+
+
+def test_a_zero_learning_rate_fails_the_gate_on_weights_that_did_not_move_not_on_a_backend(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lr0 = 0 (POGONA_LR0 refuses it; here it arrives as a trainer argument): the batch losses still fall
+    (ultralytics' warm-up moves the biases at its own rate), the weights do not move at all.
+    (Every layer frozen is refused by ultralytics itself before training: exit 6, its own sentence.)"""
+    from pogona_job import training
+
+    original = training.resource_plan
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        p = original(*args, **kwargs)
+        p.args["lr0"] = 0.0
+        return p
+
+    monkeypatch.setattr(training, "resource_plan", plan)
+    code, events = _run("gate-lr0", monkeypatch)
+    assert code == 5
+    criteria = {e["criterion"]: e for e in events if e["event"] == "sanity criterion"}
+    moved = criteria["the weights changed during the sanity epochs (relative L2 change)"]
+    assert (moved["observed"], moved["passed"]) == ("0", False)
+    reason = next(e for e in events if e["event"] == "run failed")["reason"]
+    assert "a learning rate of 0 (POGONA_LR0)" in reason and "backend" not in reason
