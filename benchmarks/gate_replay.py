@@ -38,6 +38,7 @@ from bench import in_process_env as environment
 REALDATA = Path(__file__).resolve().parents[1].parent.parent / "shared" / "realdata"
 ROOT = BENCH_DIR / "gate-replay"
 SANITY, FULL = 3, 2
+PRODUCTION = 63  # epochs of the default plan: 3 sanity + 60 full
 
 
 @dataclass
@@ -221,6 +222,8 @@ class Result:
     batches: int
     planned: int
     failure: str
+    per_epoch: int = 0
+    after_hang_s: float | None = None  # the stall: from the hang to the exit
 
     @property
     def stopped(self) -> bool:
@@ -243,6 +246,7 @@ def run_case(case: Case, env: dict[str, str]) -> Result:
         **case.env,
     }
     counter = Counter()
+    after_hang: float | None = None
     start = time.monotonic()
     if case.child:
         proc = subprocess.run(
@@ -253,6 +257,8 @@ def run_case(case: Case, env: dict[str, str]) -> Result:
             manifest = storage.get_json(storage.make_client(), storage.S3Path(BUCKET, f"runs/{run_id}/manifest.json"))
         stats = json.loads((work / "replay-stats.json").read_text()) if (work / "replay-stats.json").exists() else {}
         counter.batches, counter.per_epoch = int(stats.get("batches", 0)), int(stats.get("per_epoch", 0))
+        hang = stats.get("hang_at")
+        after_hang = time.monotonic() - float(hang) if hang else None  # CLOCK_MONOTONIC: one clock per machine
     else:
         with environment(full_env), counting(counter), case.inject() if case.inject else contextlib.nullcontext():
             code = job.run(load_settings())
@@ -260,7 +266,10 @@ def run_case(case: Case, env: dict[str, str]) -> Result:
             manifest = storage.get_json(storage.make_client(), storage.S3Path(BUCKET, f"runs/{run_id}/manifest.json"))
     epochs = int(full_env.get("POGONA_SANITY_EPOCHS", SANITY)) + int(full_env.get("POGONA_EPOCHS", FULL))
     failure = str((manifest or {}).get("failure") or "")
-    return Result(case, code, seconds, counter.batches, epochs * max(counter.per_epoch, 1), failure)
+    result = Result(case, code, seconds, counter.batches, epochs * max(counter.per_epoch, 1), failure)
+    result.per_epoch = counter.per_epoch
+    result.after_hang_s = after_hang if case.child else None
+    return result
 
 
 STALL = """
@@ -285,7 +294,7 @@ raise SystemExit(main(["run"]))
 """
 
 
-def cases(seeds: int) -> list[Case]:
+def cases(seeds: int, real_seeds: int) -> list[Case]:
     broken = [
         Case("mps-no-foreground", "demo", False, inject=no_foreground, expect="no-foreground signature"),
         Case("nan-at-batch-4", "demo", False, inject=lambda: nan_after(3), expect="non-finite loss"),
@@ -323,10 +332,11 @@ def cases(seeds: int) -> list[Case]:
                 f"pretrained-demo-s{seed}", "demo", True, env={"POGONA_SEED": str(seed), "POGONA_MODEL": "@pretrained"}
             ),
         ]
-    for seed in range(max(1, seeds // 2) + 1):
+    real = {"POGONA_IMGSZ": "64"}  # 142 / 90 train images: 64 px keeps the suite inside 15 minutes
+    for seed in range(real_seeds):
         healthy += [
-            Case(f"scratch-dogs-people-s{seed}", "thermal-dogs-people", True, env={"POGONA_SEED": str(seed)}),
-            Case(f"scratch-cheetah-s{seed}", "thermal-cheetah", True, env={"POGONA_SEED": str(seed)}),
+            Case(f"scratch-dogs-people-s{seed}", "thermal-dogs-people", True, env={**real, "POGONA_SEED": str(seed)}),
+            Case(f"scratch-cheetah-s{seed}", "thermal-cheetah", True, env={**real, "POGONA_SEED": str(seed)}),
         ]
     return broken + healthy
 
@@ -345,7 +355,9 @@ def measure(args: argparse.Namespace) -> list[Result]:
             sets[name] = REALDATA / name
     weights = pretrained(demo("pretrain-demo", 80, 96, seed=7), 96)
     random.seed(0)
-    chosen = [c for c in cases(args.seeds) if c.dataset in sets and (not args.only or c.name in args.only)]
+    chosen = [
+        c for c in cases(args.seeds, args.real_seeds) if c.dataset in sets and (not args.only or c.name in args.only)
+    ]
     results = []
     with LocalS3(buckets=[BUCKET]) as s3:
         with environment({**base_env(), **s3.env}):
@@ -387,6 +399,7 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
     rows = []
     for r in broken:
         share = r.batches / r.planned if r.planned else float("nan")
+        production = r.batches / (PRODUCTION * r.per_epoch) if r.per_epoch else float("nan")
         caught = r.stopped and r.case.expect.lower() in r.failure.lower()
         rows.append(
             (
@@ -394,8 +407,9 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
                 f"exit {r.code}",
                 "yes" if caught else ("stopped, other reason" if r.stopped else "**no**"),
                 f"{r.batches} of {r.planned} ({share:.0%})",
-                "yes" if share <= 0.05 else "**no**",
-                f"{r.seconds:.0f}",
+                f"{production:.1%}",
+                "yes" if production <= 0.05 else "**no**",
+                f"{r.seconds:.0f}" + (f" ({r.after_hang_s:.0f} after the hang)" if r.after_hang_s else ""),
                 r.failure[:180].replace("|", "/"),
             )
         )
@@ -418,9 +432,19 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
         f"batch 8, {SANITY} sanity + {FULL} full epochs unless the case says otherwise, export off. Demo: "
         f"{args.images} synthetic images; real: the Roboflow exports in ../shared/realdata/ as they are. "
         "Pretrained-like: yolo11n trained 40 epochs on 80 other demo images by this script. Share = train "
-        "batches run / planned (sanity + full epochs x batches per epoch)."
+        "batches run / planned (sanity + full epochs x batches per epoch); these plans are tiny, so the 5% goal is "
+        f"read against the production plan of the same data ({PRODUCTION} epochs: 3 sanity + 60 full)."
     )
-    head = ("case", "exit", "stopped by its fingerprint", "batches run / planned", "within 5%", "s", "sentence")
+    head = (
+        "case",
+        "exit",
+        "stopped by its fingerprint",
+        "batches run / this run's plan",
+        f"share of a {PRODUCTION}-epoch plan",
+        "within 5%",
+        "s",
+        "sentence",
+    )
     return (
         "\n\n".join(
             [
@@ -439,7 +463,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=40, help="demo images; 40")
     parser.add_argument("--imgsz", type=int, default=96, help="training image size; 96")
-    parser.add_argument("--seeds", type=int, default=6, help="seeds per demo healthy kind; 6 (-> 24 healthy runs)")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per demo healthy kind; 8")
+    parser.add_argument("--real-seeds", type=int, default=2, help="seeds per real export; 2 (-> 20 healthy runs)")
     parser.add_argument("--only", nargs="*", default=[], help="run only these cases")
     parser.add_argument("--output", type=Path, default=BENCHMARKS_MD, help="markdown file to update")
     return parser.parse_args(argv)

@@ -411,7 +411,8 @@ def test_the_stall_limit_is_a_multiple_of_the_longest_gap_so_far_with_a_floor() 
     err = dog.overdue()
     assert err is not None and err.exit_code == 75 and err.retryable
     assert err.sentence.startswith(
-        "Training made no progress: no full batch finished for 51 s after 4 batches whose longest gap was 5.0 s "
+        "Training made no progress: no full batch finished for 51 s after 4 finished train/val batches whose longest "
+        "gap was 5.0 s "
         "(limit 50 s: 10x that, at least 30 s)"
     )
     fast = StallWatchdog(factor=10, min_s=30, first_s=600, on_stall=lambda e: None, clock=clock)

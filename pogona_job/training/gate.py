@@ -189,8 +189,9 @@ class StallWatchdog:
             what = f"the first {self.phase} batch has not finished after {waited:.0f} s (limit {limit:.0f} s)"
         else:
             what = (
-                f"no {self.phase} batch finished for {waited:.0f} s after {self.beats} batches whose longest gap "
-                f"was {self.longest:.1f} s (limit {limit:.0f} s: {self.factor:g}x that, at least {self.min_s:g} s)"
+                f"no {self.phase} batch finished for {waited:.0f} s after {self.beats} finished train/val "
+                f"batches whose longest gap was {self.longest:.1f} s "
+                f"(limit {limit:.0f} s: {self.factor:g}x that, at least {self.min_s:g} s)"
             )
         return Stalled(
             f"Training made no progress: {what} - a stalled data loader, a hung multi-GPU collective or a dead "
