@@ -134,8 +134,9 @@ class Settings(BaseSettings):
         0.02,
         ge=0,
         lt=1,
-        description="sanity: some loss must fall by at least this fraction over the sanity batches (median of "
-        "the last third vs the first third), unless the sanity mAP meets its threshold",
+        description="sanity, pretrained weights: some loss must fall by at least this fraction over the sanity "
+        "batches (median of the last third vs the first third), unless the sanity mAP meets its threshold "
+        "(from scratch the trend is shown, not judged: every loss can rise in warm-up)",
     )
     gate_min_map50: float | None = Field(
         None,

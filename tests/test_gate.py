@@ -349,19 +349,44 @@ def test_lr0_zero_fails_on_weights_that_did_not_move_and_blames_the_learning_rat
     assert "MPS" not in sentence and "backend" not in sentence and "SANITY_EPOCHS" not in sentence
 
 
-def test_flat_batches_from_scratch_on_the_cpu_name_too_few_sanity_epochs_never_a_backend() -> None:
-    flat = [{"box_loss": 1.0, "cls_loss": 3.0, "dfl_loss": 1.0}] * 12
+def test_from_scratch_the_trend_is_shown_not_judged_because_every_loss_can_rise_in_warm_up() -> None:
+    """Measured in the gate replay: a healthy demo run at 96 px, batch medians box 2.32 -> 4.68, cls 2.29 ->
+    3.24, dfl 1.31 -> 2.60 over its 12 sanity batches (the assigner hands more anchors larger targets)."""
+    rising = [{"box_loss": 2.32 + 0.2 * i, "cls_loss": 2.29 + 0.08 * i, "dfl_loss": 1.31 + 0.11 * i} for i in range(12)]
     v = verdict(
-        RISING, min_loss_drop=0.02, min_map50=0.0, batches=flat, labelled=12, weight_change=0.1, context=SCRATCH_CPU
+        RISING, min_loss_drop=0.02, min_map50=0.0, batches=rising, labelled=12, weight_change=0.02, context=SCRATCH_CPU
     )
+    assert v.passed
+    assert v.criteria[1].threshold == "shown, not judged: from scratch all losses can rise in warm-up"
+    assert "box_loss 2.62 -> 4.22 (+61%)" in v.criteria[1].observed  # still there for a reader to check
+
+
+def test_flat_batches_with_pretrained_weights_on_the_cpu_blame_the_labels_never_a_backend() -> None:
+    flat = [{"box_loss": 1.0, "cls_loss": 3.0, "dfl_loss": 1.0}] * 12
+    v = verdict(RISING, min_loss_drop=0.02, min_map50=0.0, batches=flat, labelled=12, weight_change=0.1)
     assert not v.passed
     sentence = v.failure_sentence()
-    assert "too few sanity epochs for a from-scratch model" in sentence and "POGONA_SANITY_EPOCHS" in sentence
-    assert "MPS" not in sentence and "GPU" not in sentence
-    on_mps = verdict(
-        RISING, min_loss_drop=0.02, min_map50=0.0, batches=flat, labelled=12, context=Context("mps", from_scratch=True)
-    )
+    assert "labels that do not match their images (12 of 12 sanity batches carried labelled boxes)" in sentence
+    assert "MPS" not in sentence and "GPU" not in sentence and "backend" not in sentence
+    on_gpu = verdict(RISING, min_loss_drop=0.02, min_map50=0.0, batches=flat, labelled=12, context=Context("0"))
+    assert "the GPU backend on device 0 (compare with POGONA_DEVICE=cpu" in on_gpu.failure_sentence()
+    on_mps = verdict(RISING, min_loss_drop=0.02, min_map50=0.0, batches=flat, labelled=12, context=Context("mps"))
     assert "Apple's MPS backend" in on_mps.failure_sentence()
+
+
+def test_a_from_scratch_model_below_a_user_map_threshold_is_told_to_run_more_sanity_epochs() -> None:
+    v = verdict(
+        RISING,
+        min_loss_drop=0.02,
+        min_map50=0.05,
+        batches=BATCHES,
+        labelled=15,
+        weight_change=0.01,
+        context=SCRATCH_CPU,
+    )
+    sentence = v.failure_sentence()
+    assert "too few sanity epochs for a from-scratch model to score (3; raise POGONA_SANITY_EPOCHS" in sentence
+    assert "backend" not in sentence
 
 
 def test_pretrained_weights_with_flat_losses_pass_on_their_sanity_map() -> None:

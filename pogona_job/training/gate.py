@@ -291,12 +291,12 @@ class Verdict:
             causes.append(f"labels that ultralytics cannot see ({self.seen}; check `pogona-job dataset validate`)")
         if ZERO_EPOCHS in names or (NO_LABELS not in names and not weights_still and (trend_failed or MAP in names)):
             causes.append(backend_cause(ctx))
-        if trend_failed and not weights_still and ctx.from_scratch:
+        if MAP in names and ctx.from_scratch:
             causes.append(
-                f"too few sanity epochs for a from-scratch model in ultralytics' warm-up ({ctx.sanity_epochs}; "
-                "raise POGONA_SANITY_EPOCHS, or start from pretrained weights)"
+                f"too few sanity epochs for a from-scratch model to score ({ctx.sanity_epochs}; raise "
+                "POGONA_SANITY_EPOCHS, lower POGONA_GATE_MIN_MAP50, or start from pretrained weights)"
             )
-        if MAP in names and not ctx.from_scratch:
+        if (MAP in names or trend_failed) and not ctx.from_scratch and NO_LABELS not in names:
             causes.append(
                 f"labels that do not match their images ({self.seen}), or a threshold too strict for this data"
             )
@@ -311,6 +311,7 @@ ZERO_EPOCHS = "no epoch with box_loss = dfl_loss = 0"
 MAP = "mAP@0.5 after the sanity epochs"
 WEIGHTS = "the weights changed during the sanity epochs (relative L2 change)"
 NO_LABELS = "sanity batches with at least one labelled box"
+SHOWN = "shown, not judged: from scratch all losses can rise in warm-up"
 
 
 def train_total(row: Mapping[str, float]) -> float:
@@ -376,6 +377,11 @@ def verdict(
     map_evidence = min_map50 > 0 and map50 >= min_map50  # pretrained weights: the mAP shows learning
     criteria = [Criterion("losses finite", "all finite", "yes" if finite else "NaN/inf seen", finite)]
     trends = batch_trends(batches) if len(batches) >= 3 else []
+    # Measured (BENCHMARKS.md, gate replay): from scratch, ultralytics' task-aligned assigner gives more
+    # anchors ever larger targets as the model learns, so all three losses can RISE over healthy sanity
+    # epochs (demo at 96 px: box +102%, cls +41%, dfl +98%). No loss trend tells learning from not
+    # learning there: it is shown, not judged; the weights criterion and the zero-mAP stop do the judging.
+    judged = not ctx.from_scratch
     if trends:
         fell = any(t.change <= -min_loss_drop for t in trends)
         observed = ", ".join(t.text() for t in trends) + f" over {len(batches)} batches"
@@ -384,22 +390,22 @@ def verdict(
         criteria.append(
             Criterion(
                 TREND,
-                f"one loss <= -{min_loss_drop:.0%}, or mAP@0.5 >= {min_map50:g}",
+                f"one loss <= -{min_loss_drop:.0%}, or mAP@0.5 >= {min_map50:g}" if judged else SHOWN,
                 observed,
-                finite and (fell or map_evidence),
+                finite and (fell or map_evidence or not judged),
             )
         )
     else:
-        # First epoch against the best later one, per loss: on small data one epoch's mean is noisy.
+        # First epoch against the best later one: on small data one epoch's mean is noisy.
         first = train_total(rows[0])
         last = min((train_total(r) for r in rows[1:]), default=first)
         drop = (first - last) / first if first > 0 and math.isfinite(first) and math.isfinite(last) else 0.0
         criteria.append(
             Criterion(
                 EPOCH_TREND,
-                f">= {min_loss_drop:.0%}",
+                f">= {min_loss_drop:.0%}" if judged else SHOWN,
                 f"{drop:.1%} ({first:.4g} -> {last:.4g})",
-                finite and len(rows) >= 2 and (drop >= min_loss_drop or map_evidence),
+                finite and (not judged or (len(rows) >= 2 and (drop >= min_loss_drop or map_evidence))),
             )
         )
     zero_epochs = [
