@@ -86,9 +86,9 @@ def installed(clock: Clock) -> Iterator[None]:
         base.default_callbacks[name].insert(0, hook)
     original_trip = BatchWatchdog._trip
 
-    def trip(self: BatchWatchdog, signature: str) -> None:
+    def trip(self: BatchWatchdog, signature: str, kind: str) -> None:
         clock.tripped_at = time.monotonic()
-        original_trip(self, signature)
+        original_trip(self, signature, kind)
 
     BatchWatchdog._trip = trip  # type: ignore[method-assign]
     try:

@@ -132,7 +132,12 @@ class Settings(BaseSettings):
 
     # --- sanity gate --------------------------------------------------------------------
     gate_min_loss_drop: float = Field(
-        0.02, ge=0, lt=1, description="sanity: total train loss must fall by at least this fraction"
+        0.02,
+        ge=0,
+        lt=1,
+        description="sanity, pretrained weights: some loss must fall by at least this fraction over the sanity "
+        "batches (median of the last third vs the first third), unless the sanity mAP meets its threshold "
+        "(from scratch the trend is shown, not judged: every loss can rise in warm-up)",
     )
     gate_min_map50: float | None = Field(
         None,
@@ -144,6 +149,24 @@ class Settings(BaseSettings):
 
     gate_zero_batches: int = Field(
         6, ge=1, le=1000, description="watchdog: abort after this many consecutive labelled batches with box = dfl = 0"
+    )
+    gate_zero_map_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="stop full training whose val mAP@0.5 is exactly 0 for this many epochs after the gate; "
+        "default 3 for pretrained weights, 15 for a `.yaml` (from scratch scores 0 for its first epochs); 0: never",
+    )
+    stall_factor: float = Field(
+        20.0,
+        gt=1,
+        description="no progress: stop when no batch finishes for this many times the longest gap between "
+        "batches so far",
+    )
+    stall_min_s: float = Field(
+        300.0, gt=0, description="no progress: never stop before this many seconds without a finished batch"
+    )
+    stall_first_batch_s: float = Field(
+        1800.0, gt=0, description="no progress: the wait for the first batch (model build, label scan, caching)"
     )
     modality_lag_margin: float = Field(
         0.1, ge=0, le=1, description="report: flag a modality whose mAP@0.5 trails the best one by more than this"
@@ -310,6 +333,12 @@ class Settings(BaseSettings):
     @property
     def from_scratch(self) -> bool:
         return self.model.endswith((".yaml", ".yml"))
+
+    @property
+    def zero_map_epochs(self) -> int:
+        if self.gate_zero_map_epochs is not None:
+            return self.gate_zero_map_epochs
+        return 15 if self.from_scratch else 3
 
     @property
     def min_map50(self) -> float:

@@ -69,6 +69,12 @@ class TransientFailure(JobError):
     retryable = True
 
 
+class Stalled(TransientFailure):
+    """No training batch finished for far longer than the batches so far took (a hung data loader or
+    collective, a dead worker): the job reports and exits rather than idling until the scheduler's wall
+    time. Retryable: a fresh container usually clears it, and the retry resumes from the checkpoint."""
+
+
 class RunBusy(JobError):
     """Another live job holds this run id; retry later (the retry exits 0 once it succeeded)."""
 

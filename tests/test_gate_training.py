@@ -58,7 +58,8 @@ def test_mps_signature_stops_within_k_batches_and_full_training_never_starts(
     code, events = _run("gate-signature", monkeypatch)
     assert code == 5
     failed = next(e for e in events if e["event"] == "run failed")
-    assert "no-foreground signature" in failed["reason"] and "MPS" in failed["reason"]
+    assert "no-foreground signature" in failed["reason"]
+    assert "MPS" not in failed["reason"] and "backend" not in failed["reason"]  # a CPU run: never a backend
     manifest = json.loads(
         s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "gate-signature", "manifest.json"))["Body"].read()
     )
@@ -101,3 +102,81 @@ def test_nan_loss_stops_at_the_first_nan_batch(
     assert code == 5
     failed = next(e for e in events if e["event"] == "run failed")
     assert "non-finite loss" in failed["reason"] and "sanity batch 3" in failed["reason"]
+
+
+HANG = """
+import time
+from ultralytics.models.yolo.detect import DetectionTrainer
+original = DetectionTrainer.preprocess_batch
+calls = {"n": 0}
+def preprocess_batch(self, batch):
+    calls["n"] += 1
+    if calls["n"] > 4:  # four healthy batches, then the loader never delivers again
+        time.sleep(3600)
+    return original(self, batch)
+DetectionTrainer.preprocess_batch = preprocess_batch
+from pogona_job.cli import main
+raise SystemExit(main(["run"]))
+"""
+
+
+def test_a_hung_batch_is_reported_and_exits_75_within_seconds_of_the_stall_limit(
+    env: dict[str, str], s3_client: Any, tmp_path: Path
+) -> None:
+    """A real child process (os._exit from the watchdog thread): the report lands, the exit code is 75."""
+    import subprocess
+    import sys
+    import time
+
+    child = {**env, "POGONA_RUN_ID": "gate-stall", "POGONA_STALL_MIN_S": "8", "POGONA_STALL_FACTOR": "4"}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", HANG], env=child, capture_output=True, text=True, timeout=300, cwd=Path.cwd()
+    )
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "Training made no progress: no sanity batch finished for" in proc.stderr
+    manifest = json.loads(
+        s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "gate-stall", "manifest.json"))["Body"].read()
+    )
+    assert manifest["status"] == "failed" and manifest["exit_code"] == 75
+    assert "made no progress" in manifest["failure"]
+    assert time.monotonic() - started < 120  # not the hour the batch would have slept
+
+
+def test_full_training_whose_map_stays_zero_stops_after_k_epochs(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_client: Any
+) -> None:
+    """A from-scratch tiny model scores 0: with K = 2 the full phase stops after its 2nd of 4 epochs."""
+    monkeypatch.setenv("POGONA_GATE_ZERO_MAP_EPOCHS", "2")
+    monkeypatch.setenv("POGONA_EPOCHS", "4")
+    code, events = _run("gate-zero-map", monkeypatch)
+    assert code == 5
+    failed = next(e for e in events if e["event"] == "run failed")
+    assert "val mAP@0.5 stayed exactly 0 for 2 full-training epochs" in failed["reason"]
+    epochs = [e for e in events if e["event"] == "epoch" and e.get("epochs") == 4]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+
+
+def test_a_zero_learning_rate_fails_the_gate_on_weights_that_did_not_move_not_on_a_backend(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lr0 = 0 (POGONA_LR0 refuses it; here it arrives as a trainer argument): the batch losses still fall
+    (ultralytics' warm-up moves the biases at its own rate), the weights do not move at all.
+    (Every layer frozen is refused by ultralytics itself before training: exit 6, its own sentence.)"""
+    from pogona_job import training
+
+    original = training.resource_plan
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        p = original(*args, **kwargs)
+        p.args["lr0"] = 0.0
+        return p
+
+    monkeypatch.setattr(training, "resource_plan", plan)
+    code, events = _run("gate-lr0", monkeypatch)
+    assert code == 5
+    criteria = {e["criterion"]: e for e in events if e["event"] == "sanity criterion"}
+    moved = criteria["the weights changed during the sanity epochs (relative L2 change)"]
+    assert (moved["observed"], moved["passed"]) == ("0", False)
+    reason = next(e for e in events if e["event"] == "run failed")["reason"]
+    assert "a learning rate of 0 (POGONA_LR0)" in reason and "backend" not in reason

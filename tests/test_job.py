@@ -114,9 +114,10 @@ def test_healthy_run_passes_every_sanity_criterion_and_reports_the_table(
 ) -> None:
     report = _body(s3_client, prefix + "report.md").decode()
     table = report[report.index("| Criterion |") :].split("\n\n")[0]
-    assert table.count("✅ pass") == 4 and "❌" not in table, table
+    # finite, loss trend, no zero box/dfl epoch, mAP, the weights moved, labelled batches seen
+    assert table.count("✅ pass") == 6 and "❌" not in table, table
     manifest = json.loads(_body(s3_client, prefix + "manifest.json"))
-    assert manifest["verdict"]["passed"] and len(manifest["verdict"]["criteria"]) == 4
+    assert manifest["verdict"]["passed"] and len(manifest["verdict"]["criteria"]) == 6
     assert re.search(r"^\| Sanity \| cpu \| decreasing .* ✅ WORKING \|$", report, re.M), report
 
 

@@ -9,13 +9,15 @@ checkpoint set (checkpoint.py). Only the lease holder writes under the run (leas
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
 from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt, scheduler_job
-from pogona_job.errors import JobError, LeaseLost, SanityFailed, TrainingFailed
+from pogona_job.errors import JobError, LeaseLost, SanityFailed, Stalled, TrainingFailed
 from pogona_job.logs import bind, get_logger
 from pogona_job.run.phases import (
     decide_promotion,
@@ -23,6 +25,7 @@ from pogona_job.run.phases import (
     fetch_model,
     final_verdict,
     flush_checkpoints,
+    gate_context,
     train,
 )
 from pogona_job.run.publish import complete_finished, publish, publish_failure, push_outputs, upload
@@ -209,7 +212,9 @@ def _execute(job: Job) -> None:
         else:
             rec.parity_note = "skipped: training runs on the CPU, the reference itself"
             log.info("parity probe skipped", reason="device is the CPU")
-        rec.sanity = train(job, "sanity", model_source, staged.data_yaml, device, workers, s.sanity_epochs)
+        rec.sanity = train(
+            job, "sanity", model_source, staged.data_yaml, device, workers, s.sanity_epochs, on_stall=stalled(job)
+        )
         # The sanity checkpoint must land before full training's first one could supersede it.
         flush_checkpoints(job)
         # Uploaded by every attempt: the manifest lists it (with its hash) even on a resumed run.
@@ -223,7 +228,15 @@ def _execute(job: Job) -> None:
         log.info("start-up", seconds_to_first_batch_excluding_pull=round(startup, 2))
 
     with job.phase("verdict"):
-        rec.verdict = verdict(rec.sanity.rows, min_loss_drop=s.gate_min_loss_drop, min_map50=s.min_map50)
+        rec.verdict = verdict(
+            rec.sanity.rows,
+            min_loss_drop=s.gate_min_loss_drop,
+            min_map50=s.min_map50,
+            batches=rec.sanity.batches,
+            labelled=rec.sanity.labelled,
+            weight_change=rec.sanity.weight_change,
+            context=gate_context(job, device),
+        )
         for c in rec.verdict.criteria:
             log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
         if not rec.verdict.passed:
@@ -235,7 +248,9 @@ def _execute(job: Job) -> None:
         from pogona_job.run.budget import BudgetSpent
 
         try:
-            rec.full = train(job, "full", model_source, staged.data_yaml, device, workers, s.epochs)
+            rec.full = train(
+                job, "full", model_source, staged.data_yaml, device, workers, s.epochs, on_stall=stalled(job)
+            )
         except BudgetSpent:  # a retry found the budget spent: the checkpoint's best-so-far becomes partial
             partial = training.partial_phase("full", job.runs / "full", device)
             if partial is None:
@@ -263,6 +278,28 @@ def _execute(job: Job) -> None:
     from pogona_job.run import notify
 
     notify.send(job)
+
+
+def stalled(job: Job) -> Callable[[Stalled], None]:
+    """What the no-progress thread does: the main thread is stuck (maybe in C, where no exception reaches
+    it), so this thread writes the failure report itself and ends the process with the error's exit code."""
+
+    def report_and_exit(err: Stalled) -> None:
+        code = 6
+        try:
+            code = _finish_failed(job, err)
+            if job.live is not None:
+                job.live.close(job.record.status, retryable=job.record.retryable)
+            if job.lease is not None:
+                job.lease.release()  # the retry must not wait for the lease to expire
+        except Exception:  # a report that cannot be written must not keep a stuck process alive
+            log.debug("stall report failed", exc_info=True)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    return report_and_exit
 
 
 def _finish_failed(job: Job | None, err: JobError) -> int:

@@ -4,11 +4,12 @@ checkpoint), the evaluation of best.pt and the champion decision."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pogona_job.dataset import StagedDataset
-from pogona_job.errors import TransientFailure
+from pogona_job.errors import Stalled, TransientFailure
 from pogona_job.evaluation import export, plots, scoring
 from pogona_job.evaluation.headline import Headline
 from pogona_job.evaluation.promotion import champion_path, compare, decide
@@ -17,15 +18,25 @@ from pogona_job.logs import get_logger
 from pogona_job.run.state import Job
 from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
+from pogona_job.training.gate import BatchWatchdog, Context, StallWatchdog, ZeroMapWatch
 
 log = get_logger()
 
 
-def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str, workers: int, epochs: int) -> Any:
-    """One training phase, resumed from this run's checkpoint when there is one."""
+def train(
+    job: Job,
+    phase: str,
+    model_source: str,
+    data_yaml: Path,
+    device: str,
+    workers: int,
+    epochs: int,
+    on_stall: Callable[[Stalled], None] | None = None,
+) -> Any:
+    """One training phase, resumed from this run's checkpoint when there is one.
+    `on_stall` (from the no-progress thread) must report the failure and end the process."""
     from pogona_job import training
     from pogona_job.training import checkpoint
-    from pogona_job.training.gate import BatchWatchdog
 
     save_dir = job.runs / phase
     restored = checkpoint.restore(job.client, job.out, phase, save_dir)
@@ -39,13 +50,30 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
         assert restored
         log.info("resuming from checkpoint", from_epoch=restored.epoch + 1, epochs=epochs)
     # A SIGTERM is honoured between batches, never mid-step.
-    watchdog = BatchWatchdog(zero_batches=job.settings.gate_zero_batches, phase=phase, between_batches=job.check)
+    sanity = phase == "sanity"
+    watchdog = BatchWatchdog(
+        zero_batches=job.settings.gate_zero_batches,
+        phase=phase,
+        between_batches=job.check,
+        context=gate_context(job, device),
+        keep=1_000_000 if sanity else 0,  # the verdict reads every sanity batch's losses
+    )
 
-    def on_epoch(epoch: int, _values: dict[str, float]) -> None:
+    s = job.settings
+    zero_map = ZeroMapWatch(0 if sanity else s.zero_map_epochs, from_scratch=s.from_scratch)
+
+    def on_epoch(epoch: int, values: dict[str, float]) -> None:
         job.checkpoints.offer(phase, epoch, epochs, save_dir, {"attempt": job.attempt})
+        zero_map.check(epoch, values.get("map50", 0.0))
+
+    stall = (
+        StallWatchdog(s.stall_factor, s.stall_min_s, s.stall_first_batch_s, on_stall, phase=phase)
+        if on_stall is not None
+        else None
+    )
 
     try:
-        return training.train_phase(
+        result = training.train_phase(
             phase,
             model_source=model_source,
             data_yaml=data_yaml,
@@ -67,7 +95,12 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
                 "state": {"attempt": job.attempt},
             },
             callbacks=job.live.callbacks(phase, epochs),
+            weigh_after=epochs if sanity else 0,
+            stall=stall,
         )
+        if sanity and not resume:  # a resumed phase saw only its last batches: the verdict reads the epochs
+            result.batches, result.labelled = list(watchdog.history), watchdog.labelled
+        return result
     finally:
         gc.collect()  # the phase's model and loaders are garbage now: free them before the next phase
         job.record.watchdog = {
@@ -76,6 +109,11 @@ def train(job: Job, phase: str, model_source: str, data_yaml: Path, device: str,
             "tripped": watchdog.tripped,
             "last_batches": list(watchdog.recent),
         }
+
+
+def gate_context(job: Job, device: str) -> Context:
+    s = job.settings
+    return Context(device=device, from_scratch=s.from_scratch, sanity_epochs=s.sanity_epochs)
 
 
 def fetch_model(job: Job) -> str:

@@ -11,7 +11,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from pogona_job.errors import ConfigError, JobError, TrainingFailed
 from pogona_job.logs import get_logger
 from pogona_job.training import gpu_policy
 from pogona_job.training.columns import LOSSES, METRICS
-from pogona_job.training.gate import BatchWatchdog
+from pogona_job.training.gate import BatchWatchdog, StallWatchdog
 
 if TYPE_CHECKING:
     from pogona_job.training.trainer import Hooks
@@ -196,6 +196,9 @@ class PhaseResult:
     hardware: Hardware
     params: int
     first_batch_at: float | None  # time.monotonic() when the first training batch finished
+    weight_change: float | None = None  # relative L2 change of the weights by `weigh_after` (the gate's evidence)
+    batches: list[dict[str, float]] = field(default_factory=list)  # the sanity batches' losses, for the verdict
+    labelled: int | None = None  # of those, batches with a labelled box
 
 
 def train_phase(
@@ -214,11 +217,60 @@ def train_phase(
     extra: Mapping[str, Any] | None = None,
     ddp_checkpoint: Mapping[str, Any] | None = None,
     callbacks: Mapping[str, Callable[[Any], None]] | None = None,
+    weigh_after: int = 0,
+    stall: StallWatchdog | None = None,
 ) -> PhaseResult:
     """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch.
     `callbacks` (livestatus: meter, budget) run before the job's own, so the epoch event carries their fields.
     Under DDP they do not reach ultralytics' worker processes (only the trainer class's own hooks do), so
-    progress and budget are single-process features for now."""
+    progress and budget are single-process features for now. `stall` (the no-progress thread) watches
+    from before the model is built until training returns."""
+
+    # Multi-GPU: the batches run in ultralytics' worker processes, which this process cannot watch.
+    if stall is not None and "," not in device:
+        stall.start()
+    try:
+        return _train_phase(
+            phase,
+            model_source,
+            data_yaml,
+            settings,
+            device,
+            workers,
+            epochs,
+            save_dir,
+            watchdog,
+            on_epoch,
+            resume,
+            extra,
+            ddp_checkpoint,
+            callbacks,
+            weigh_after,
+            stall if "," not in device else None,
+        )
+    finally:
+        if stall is not None:
+            stall.stop()
+
+
+def _train_phase(
+    phase: str,
+    model_source: str,
+    data_yaml: Path,
+    settings: Settings,
+    device: str,
+    workers: int,
+    epochs: int,
+    save_dir: Path,
+    watchdog: BatchWatchdog,
+    on_epoch: EpochHook | None,
+    resume: bool,
+    extra: Mapping[str, Any] | None,
+    ddp_checkpoint: Mapping[str, Any] | None,
+    callbacks: Mapping[str, Callable[[Any], None]] | None,
+    weigh_after: int,
+    stall: StallWatchdog | None,
+) -> PhaseResult:
     from pogona_job.training.trainer import Hooks, process_local
 
     start = time.monotonic()
@@ -226,7 +278,13 @@ def train_phase(
     model = load_model(str(last) if resume else model_source)
     hardware = describe_hardware(device)
     # Our callbacks live on the trainer class (pogona_job/training/trainer.py), so multi-GPU workers run them too.
-    hooks = Hooks(watchdog, on_epoch=on_epoch, checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None)
+    hooks = Hooks(
+        watchdog,
+        on_epoch=on_epoch,
+        checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None,
+        weights_at=weigh_after,
+        stall=stall,
+    )
     for event, callback in (callbacks or {}).items():  # registered on the model: they run before the trainer's
         model.add_callback(event, process_local(callback))
     if resume:
@@ -287,6 +345,7 @@ def _fit(model: Any, phase: str, args: dict[str, Any], start: float, hardware: H
         hardware=hardware,
         params=params,
         first_batch_at=hooks.first_batch,
+        weight_change=hooks.weight_change,
     )
 
 

@@ -32,7 +32,7 @@ from ultralytics.utils import DEFAULT_CFG, RANK
 from pogona_job.errors import SanityFailed
 from pogona_job.logs import get_logger
 from pogona_job.training.columns import METRICS
-from pogona_job.training.gate import CAUSES, BatchWatchdog
+from pogona_job.training.gate import BatchWatchdog, Context, StallWatchdog, watchdog_causes
 
 log = get_logger()
 RANK_CONTEXT = "POGONAJOB_RANK_CONTEXT"  # not POGONA_*: the settings refuse unknown variables of that prefix
@@ -50,6 +50,10 @@ class Hooks:
     boxes: int = 0  # labelled boxes in the current batch
     first_batch: float | None = None  # time.monotonic() when the first batch ended
     amp: bool | None = None
+    weights_at: int = 0  # after this epoch, measure how far the weights moved since the start (0: never)
+    weight_change: float | None = None  # relative L2 change of the weights: exactly 0 when nothing can learn
+    stall: StallWatchdog | None = None  # this process's no-progress thread (not under DDP: see train_phase)
+    _initial: Any = field(default=None, repr=False)  # the weights at the start, on the CPU, until measured
     _sync: Any = field(default=None, repr=False)
 
     def context(self) -> str:
@@ -58,6 +62,11 @@ class Hooks:
             {
                 "phase": self.watchdog.phase,
                 "zero_batches": self.watchdog.zero_batches,
+                "keep": self.watchdog.keep,
+                "device": self.watchdog.context.device,
+                "from_scratch": self.watchdog.context.from_scratch,
+                "sanity_epochs": self.watchdog.context.sanity_epochs,
+                "weights_at": self.weights_at,
                 "state_file": str(self.state_file) if self.state_file else None,
                 "checkpoint": self.checkpoint,
             }
@@ -66,10 +75,20 @@ class Hooks:
     @classmethod
     def from_context(cls, text: str) -> Hooks:
         ctx = json.loads(text)
+        context = Context(
+            str(ctx.get("device", "cpu")), bool(ctx.get("from_scratch")), int(ctx.get("sanity_epochs", 3))
+        )
+        watchdog = BatchWatchdog(
+            zero_batches=int(ctx["zero_batches"]),
+            phase=str(ctx["phase"]),
+            context=context,
+            keep=int(ctx.get("keep", 0)),
+        )
         hooks = cls(
-            BatchWatchdog(zero_batches=int(ctx["zero_batches"]), phase=str(ctx["phase"])),
+            watchdog,
             state_file=Path(ctx["state_file"]) if ctx.get("state_file") else None,
             checkpoint=ctx.get("checkpoint"),
+            weights_at=int(ctx.get("weights_at", 0)),
         )
         if hooks.checkpoint and RANK in {-1, 0}:
             hooks.on_epoch = hooks._offer_checkpoint
@@ -93,7 +112,11 @@ class Hooks:
             state = {
                 "batches": self.watchdog.batches,
                 "tripped": self.watchdog.tripped,
+                "kind": self.watchdog.kind,
                 "last_batches": list(self.watchdog.recent),
+                "history": self.watchdog.history,
+                "labelled": self.watchdog.labelled,
+                "weight_change": self.weight_change,
                 "first_batch": self.first_batch,
                 "amp": self.amp,
             }
@@ -139,7 +162,8 @@ class PogonaTrainer(DetectionTrainer):  # type: ignore[misc]
         except subprocess.CalledProcessError:
             state = _read_state(hooks.state_file)
             if state.get("tripped"):
-                raise SanityFailed(_sentence(state["tripped"])) from None
+                causes = watchdog_causes(str(state.get("kind", "")), hooks.watchdog.context)
+                raise SanityFailed(_sentence(state["tripped"], causes)) from None
             if hooks.watchdog.between_batches:  # the launcher forwards SIGTERM to the workers: honour it (143)
                 hooks.watchdog.between_batches()
             raise
@@ -149,6 +173,9 @@ class PogonaTrainer(DetectionTrainer):  # type: ignore[misc]
             hooks.watchdog.batches = int(state.get("batches", hooks.watchdog.batches))
             hooks.watchdog.tripped = state.get("tripped", hooks.watchdog.tripped)
             hooks.watchdog.recent.extend(state.get("last_batches", []))
+            hooks.watchdog.history = list(state.get("history", hooks.watchdog.history))
+            hooks.watchdog.labelled = int(state.get("labelled", hooks.watchdog.labelled))
+            hooks.weight_change = state.get("weight_change", hooks.weight_change)
             hooks.first_batch = state.get("first_batch", hooks.first_batch)
             hooks.amp = state.get("amp", hooks.amp)
 
@@ -183,9 +210,8 @@ def _read_state(path: Path | None) -> dict[str, Any]:
         return {}
 
 
-def _sentence(signature: str) -> str:
-
-    return f"The model is not learning: {signature} (rank 0 of the multi-GPU run); {CAUSES}."
+def _sentence(signature: str, causes: str) -> str:
+    return f"The model is not learning: {signature} (rank 0 of the multi-GPU run); {causes}."
 
 
 def _distributed() -> bool:
@@ -213,11 +239,32 @@ def on_train_start(trainer: Any) -> None:
 
     trainer.preprocess_batch = counting
     hooks.amp = bool(getattr(trainer, "amp", False))
+    if getattr(trainer, "validator", None) is not None:
+        trainer.validator.pogona = hooks  # its val batches are progress too (on_val_batch_end)
+    if hooks.weights_at > trainer.start_epoch and RANK in {-1, 0}:
+        hooks._initial = _weights(trainer.model)
+
+
+def _weights(model: Any) -> dict[str, Any]:
+    """The weight tensors (not biases: ultralytics' warm-up moves those even at lr0 = 0), copied to the CPU."""
+    return {n: p.detach().to("cpu", copy=True).float() for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def weight_change(initial: Mapping[str, Any], model: Any) -> float:
+    """Relative L2 distance of the weights from `initial`: exactly 0 when no weight could move."""
+    import torch
+
+    now = _weights(model)
+    moved = sum(float(torch.sum((now[n] - w) ** 2)) for n, w in initial.items() if n in now)
+    size = sum(float(torch.sum(w**2)) for w in initial.values())
+    return (moved / size) ** 0.5 if size > 0 else 0.0
 
 
 def on_train_batch_end(trainer: Any) -> None:
     """Rank 0 judges the batch; with DDP every rank learns the verdict, so all stop at the same batch."""
     hooks: Hooks = trainer.pogona
+    if hooks.stall is not None:
+        hooks.stall.beat()
     if hooks.first_batch is None:
         hooks.first_batch = time.monotonic()
     tripped: SanityFailed | None = None
@@ -242,6 +289,8 @@ def on_train_batch_end(trainer: Any) -> None:
 def on_fit_epoch_end(trainer: Any) -> None:
     if RANK not in {-1, 0}:
         return
+    if trainer.pogona.stall is not None:
+        trainer.pogona.stall.beat()
     metrics = dict(trainer.metrics)
     if trainer.epoch >= trainer.epochs or not any(k.startswith("val/") for k in metrics):
         return  # the extra call after final validation (field notes)
@@ -257,8 +306,18 @@ def on_fit_epoch_end(trainer: Any) -> None:
         **getattr(trainer, "pogona_epoch_fields", {}),  # images/s, ETA, dataloader share (livestatus)
     )
     hooks: Hooks = trainer.pogona
+    if hooks._initial is not None and trainer.epoch + 1 >= hooks.weights_at:
+        hooks.weight_change = weight_change(hooks._initial, trainer.model)
+        hooks._initial = None
     if hooks.on_epoch:
         hooks.on_epoch(trainer.epoch + 1, values)
+
+
+def on_val_batch_end(validator: Any) -> None:
+    """Called with the validator (ultralytics hands it the trainer's callbacks): a finished val batch."""
+    hooks: Hooks | None = getattr(validator, "pogona", None)
+    if hooks is not None and hooks.stall is not None:
+        hooks.stall.beat()
 
 
 def on_train_end(trainer: Any) -> None:
@@ -270,5 +329,6 @@ CALLBACKS: Mapping[str, Callable[[Any], None]] = {
     "on_train_start": on_train_start,
     "on_train_batch_end": on_train_batch_end,
     "on_fit_epoch_end": on_fit_epoch_end,
+    "on_val_batch_end": on_val_batch_end,
     "on_train_end": on_train_end,
 }

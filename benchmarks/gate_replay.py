@@ -1,0 +1,489 @@
+"""Replay suite for the sanity gate (issue 22): every failure fingerprint injected into real training
+runs, and many healthy runs counting false stops.
+
+Each case is the whole job, in-process (`job.run(load_settings())`), against SeaweedFS on loopback,
+on this machine's CPU: pull, stage, sanity epochs, verdict, full training, evaluation, push. The stall
+case runs as a child process (the no-progress thread ends the process with os._exit). Per case:
+whether it was stopped, the exit code, and after what share of the planned training batches
+(sanity + full epochs x batches per epoch, counted with an ultralytics callback), plus the sentence.
+
+Healthy runs: from scratch (yolo11n.yaml) and pretrained-like (weights this script trains once on
+other demo images, so the sanity mAP is real) on the demo data, and from scratch on the two real
+Roboflow exports in ../shared/realdata/, several seeds each. A stop of any of them is a false stop.
+
+Sized for a shared 2-core machine (imgsz 64-96, tens of images, 3 + 2 epochs): run it once.
+Writes the `gate_replay.py` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import BENCH_DIR, BENCHMARKS_MD, BUCKET, base_env, markdown_grid, stamp_line, update_section
+from bench import in_process_env as environment
+
+REALDATA = Path(__file__).resolve().parents[1].parent.parent / "shared" / "realdata"
+ROOT = BENCH_DIR / "gate-replay"
+SANITY, FULL = 3, 2
+PRODUCTION = 63  # epochs of the default plan: 3 sanity + 60 full
+
+
+@dataclass
+class Counter:
+    """Train batches across the job's phases, and batches per epoch (from the loader)."""
+
+    batches: int = 0
+    per_epoch: int = 0
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.per_epoch = self.per_epoch or len(trainer.train_loader)
+
+    def on_train_batch_end(self, trainer: Any) -> None:
+        self.batches += 1
+
+
+@contextlib.contextmanager
+def counting(counter: Counter) -> Iterator[None]:
+    from ultralytics.utils.callbacks import base
+
+    hooks: dict[str, Callable[[Any], None]] = {
+        "on_train_start": lambda t: counter.on_train_start(t),
+        "on_train_batch_end": lambda t: counter.on_train_batch_end(t),
+    }
+    for name, hook in hooks.items():
+        base.default_callbacks[name].insert(0, hook)
+    try:
+        yield
+    finally:
+        for name, hook in hooks.items():
+            base.default_callbacks[name].remove(hook)
+
+
+# --- injections ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def no_foreground() -> Iterator[None]:
+    import torch
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    original = TaskAlignedAssigner.forward
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        labels, bboxes, scores, fg_mask, gt_idx = original(self, *args, **kwargs)
+        return labels, bboxes, torch.zeros_like(scores), torch.zeros_like(fg_mask), gt_idx
+
+    TaskAlignedAssigner.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        TaskAlignedAssigner.forward = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def nan_after(batches: int) -> Iterator[None]:
+    import torch
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    original = v8DetectionLoss.loss
+    calls = {"n": 0}
+
+    def loss(self: Any, preds: Any, batch: Any) -> Any:
+        total, items = original(self, preds, batch)
+        calls["n"] += 1
+        if calls["n"] > batches:
+            items = {k: torch.tensor(float("nan")) for k in items}
+        return total, items
+
+    v8DetectionLoss.loss = loss  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        v8DetectionLoss.loss = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def train_args(**extra: Any) -> Iterator[None]:
+    """Extra ultralytics arguments (lr0=0, freeze=...) the way the resource plan passes its own."""
+    from pogona_job import training
+
+    original = training.resource_plan
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        p = original(*args, **kwargs)
+        p.args.update(extra)
+        return p
+
+    training.resource_plan = plan  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        training.resource_plan = original  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def invisible_labels() -> Iterator[None]:
+    """Every image reaches the loss as background: what a labels/ folder ultralytics cannot find does."""
+    import numpy as np
+    from ultralytics.data.dataset import YOLODataset
+
+    original = YOLODataset.get_labels
+
+    def get_labels(self: Any) -> Any:
+        labels = original(self)
+        for lb in labels:
+            lb["cls"] = np.zeros((0, 1), dtype=np.float32)
+            lb["bboxes"] = np.zeros((0, 4), dtype=np.float32)
+            lb["segments"] = []
+        return labels
+
+    YOLODataset.get_labels = get_labels  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        YOLODataset.get_labels = original  # type: ignore[method-assign]
+
+
+# --- datasets -------------------------------------------------------------------------------------
+
+
+def demo(name: str, n: int, size: int, seed: int) -> Path:
+    from pogona_job.tools.demo import write_demo
+
+    folder = ROOT / name
+    if not folder.with_name(name + ".complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_demo(folder, n_images=n, size=size, seed=seed)
+        folder.with_name(name + ".complete").touch()
+    return folder
+
+
+def mislabelled(source: Path) -> Path:
+    """The same images, each with another image's label file: labels that do not belong to their images."""
+    folder = ROOT / (source.name + "-mislabelled")
+    if not folder.exists():
+        shutil.copytree(source, folder)
+        labels = sorted((folder / "labels").glob("*.txt"))
+        texts = [p.read_text() for p in labels]
+        for path, text in zip(labels, texts[1:] + texts[:1], strict=True):
+            path.write_text(text)
+    return folder
+
+
+def pretrained(data: Path, imgsz: int) -> Path:
+    """Weights trained once on other demo images, so the sanity epochs show a real mAP."""
+    best = ROOT / "pretrain" / "weights" / "best.pt"
+    if best.exists():
+        return best
+    from ultralytics import YOLO
+
+    from pogona_job import dataset
+
+    staged = dataset.stage_dataset(dataset.inspect_dataset(data, ["pogona_head"]), ROOT / "pre-st", ["pogona_head"])
+    YOLO("yolo11n.yaml").train(
+        data=str(staged.data_yaml), epochs=40, imgsz=imgsz, batch=16, workers=0, device="cpu", seed=0,
+        optimizer="AdamW", lr0=0.002, project=str(ROOT), name="pretrain", exist_ok=True, plots=False, verbose=False,
+    )  # fmt: skip
+    return best
+
+
+# --- one case -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    dataset: str  # key into the pushed datasets
+    healthy: bool
+    env: dict[str, str] = field(default_factory=dict)
+    inject: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    child: str = ""  # python source to run as a child process instead (the stall)
+    expect: str = ""  # the fingerprint that should stop it
+
+
+@dataclass
+class Result:
+    case: Case
+    code: int
+    seconds: float
+    batches: int
+    planned: int
+    failure: str
+    per_epoch: int = 0
+    after_hang_s: float | None = None  # the stall: from the hang to the exit
+
+    @property
+    def stopped(self) -> bool:
+        return self.code != 0
+
+
+def run_case(case: Case, env: dict[str, str]) -> Result:
+    from pogona_job.config import load_settings
+    from pogona_job.run import job
+    from pogona_job.s3 import storage
+
+    run_id = f"replay-{case.name}"
+    work = ROOT / "work" / run_id
+    shutil.rmtree(work, ignore_errors=True)
+    full_env = {
+        **env,
+        "POGONA_DATASET_URI": f"s3://{BUCKET}/datasets/{case.dataset}",
+        "POGONA_RUN_ID": run_id,
+        "POGONA_WORK_DIR": str(work),
+        **case.env,
+    }
+    counter = Counter()
+    after_hang: float | None = None
+    start = time.monotonic()
+    if case.child:
+        proc = subprocess.run(
+            [sys.executable, "-c", case.child], env=full_env, capture_output=True, text=True, timeout=600
+        )
+        code, seconds = proc.returncode, time.monotonic() - start
+        with environment(full_env):
+            manifest = storage.get_json(storage.make_client(), storage.S3Path(BUCKET, f"runs/{run_id}/manifest.json"))
+        stats = json.loads((work / "replay-stats.json").read_text()) if (work / "replay-stats.json").exists() else {}
+        counter.batches, counter.per_epoch = int(stats.get("batches", 0)), int(stats.get("per_epoch", 0))
+        hang = stats.get("hang_at")
+        after_hang = time.monotonic() - float(hang) if hang else None  # CLOCK_MONOTONIC: one clock per machine
+    else:
+        with environment(full_env), counting(counter), case.inject() if case.inject else contextlib.nullcontext():
+            code = job.run(load_settings())
+            seconds = time.monotonic() - start
+            manifest = storage.get_json(storage.make_client(), storage.S3Path(BUCKET, f"runs/{run_id}/manifest.json"))
+    epochs = int(full_env.get("POGONA_SANITY_EPOCHS", SANITY)) + int(full_env.get("POGONA_EPOCHS", FULL))
+    failure = str((manifest or {}).get("failure") or "")
+    result = Result(case, code, seconds, counter.batches, epochs * max(counter.per_epoch, 1), failure)
+    result.per_epoch = counter.per_epoch
+    result.after_hang_s = after_hang if case.child else None
+    return result
+
+
+STALL = """
+import json, os, time
+from pathlib import Path
+from ultralytics.models.yolo.detect import DetectionTrainer
+original = DetectionTrainer.preprocess_batch
+stats = {"batches": 0, "per_epoch": 0, "hang_at": None}
+out = Path(os.environ["POGONA_WORK_DIR"]) / "replay-stats.json"
+def preprocess_batch(self, batch):
+    stats["per_epoch"] = stats["per_epoch"] or len(self.train_loader)
+    if stats["batches"] == HANG:  # a data loader that never delivers again
+        stats["hang_at"] = time.monotonic()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(stats))
+        time.sleep(3600)
+    stats["batches"] += 1
+    return original(self, batch)
+DetectionTrainer.preprocess_batch = preprocess_batch
+from pogona_job.cli import main
+raise SystemExit(main(["run"]))
+"""
+
+
+def cases(seeds: int, real_seeds: int) -> list[Case]:
+    broken = [
+        Case("mps-no-foreground", "demo", False, inject=no_foreground, expect="no-foreground signature"),
+        Case("nan-at-batch-4", "demo", False, inject=lambda: nan_after(3), expect="non-finite loss"),
+        Case("lr0-0", "demo", False, inject=lambda: train_args(lr0=0.0), expect="weights changed"),
+        Case("all-frozen", "demo", False, inject=lambda: train_args(freeze=24), expect="froze the entire model"),
+        Case("invisible-labels", "demo", False, inject=invisible_labels, expect="labelled box"),
+        Case(
+            "mislabelled-pretrained",
+            "demo-mislabelled",
+            False,
+            env={"POGONA_MODEL": "@pretrained"},
+            expect="mAP",
+        ),
+        Case(
+            "mislabelled-scratch",
+            "demo-mislabelled",
+            False,
+            env={"POGONA_EPOCHS": "12", "POGONA_GATE_ZERO_MAP_EPOCHS": "4"},
+            expect="stayed exactly 0",
+        ),
+        Case(
+            "stall-after-6-batches",
+            "demo",
+            False,
+            env={"POGONA_STALL_MIN_S": "15"},
+            child=STALL.replace("HANG", "6"),
+            expect="no progress",
+        ),
+    ]
+    healthy = []
+    for seed in range(seeds):
+        healthy += [
+            Case(f"scratch-demo-s{seed}", "demo", True, env={"POGONA_SEED": str(seed)}),
+            Case(
+                f"pretrained-demo-s{seed}", "demo", True, env={"POGONA_SEED": str(seed), "POGONA_MODEL": "@pretrained"}
+            ),
+        ]
+    real = {"POGONA_IMGSZ": "64"}  # 142 / 90 train images: 64 px keeps the suite inside 15 minutes
+    for seed in range(real_seeds):
+        healthy += [
+            Case(f"scratch-dogs-people-s{seed}", "thermal-dogs-people", True, env={**real, "POGONA_SEED": str(seed)}),
+            Case(f"scratch-cheetah-s{seed}", "thermal-cheetah", True, env={**real, "POGONA_SEED": str(seed)}),
+        ]
+    return broken + healthy
+
+
+def measure(args: argparse.Namespace) -> list[Result]:
+    from pogona_job.s3 import storage
+    from pogona_job.tools.locals3 import LocalS3
+    from pogona_job.training import offline
+
+    ROOT.mkdir(parents=True, exist_ok=True)
+    offline.prepare(ROOT / "ultralytics")
+    data = demo("demo", args.images, 96, seed=42)
+    sets = {"demo": data, "demo-mislabelled": mislabelled(data)}
+    for name in ("thermal-dogs-people", "thermal-cheetah"):
+        if (REALDATA / name).is_dir():
+            sets[name] = REALDATA / name
+    weights = pretrained(demo("pretrain-demo", 80, 96, seed=7), 96)
+    random.seed(0)
+    chosen = [
+        c for c in cases(args.seeds, args.real_seeds) if c.dataset in sets and (not args.only or c.name in args.only)
+    ]
+    results = []
+    with LocalS3(buckets=[BUCKET]) as s3:
+        with environment({**base_env(), **s3.env}):
+            client = storage.make_client()
+            for name, folder in sets.items():
+                storage.push_tree(client, folder, storage.S3Path(BUCKET, f"datasets/{name}"))
+        env = {
+            **base_env(),
+            **s3.env,
+            "POGONA_MODEL": "yolo11n.yaml",
+            "POGONA_SANITY_EPOCHS": str(SANITY),
+            "POGONA_EPOCHS": str(FULL),
+            "POGONA_IMGSZ": str(args.imgsz),
+            "POGONA_BATCH": "8",
+            "POGONA_DEVICE": "cpu",
+            "POGONA_WORKERS": "0",
+            "POGONA_LOG_FORMAT": "json",
+            "POGONA_EXPORT_FORMATS": "none",
+            "POGONA_CHECKPOINT_MIN_INTERVAL_S": "0",
+            "POGONA_OUTPUT_URI": f"s3://{BUCKET}/runs",
+            "YOLO_CONFIG_DIR": str(ROOT / "ultralytics"),
+        }
+        for case in chosen:
+            if case.env.get("POGONA_MODEL") == "@pretrained":
+                case.env["POGONA_MODEL"] = str(weights)
+            print(f"case {case.name} ...", flush=True)
+            r = run_case(case, env)
+            print(
+                f"  exit {r.code} after {r.batches}/{r.planned} batches, {r.seconds:.1f} s: {r.failure[:160]}",
+                flush=True,
+            )
+            results.append(r)
+    return results
+
+
+def table(results: Sequence[Result], args: argparse.Namespace) -> str:
+    broken = [r for r in results if not r.case.healthy]
+    healthy = [r for r in results if r.case.healthy]
+    rows = []
+    for r in broken:
+        share = r.batches / r.planned if r.planned else float("nan")
+        production = r.batches / (PRODUCTION * r.per_epoch) if r.per_epoch else float("nan")
+        caught = r.stopped and r.case.expect.lower() in r.failure.lower()
+        rows.append(
+            (
+                r.case.name,
+                f"exit {r.code}",
+                "yes" if caught else ("stopped, other reason" if r.stopped else "**no**"),
+                f"{r.batches} of {r.planned} ({share:.0%})",
+                f"{production:.1%}",
+                "yes" if production <= 0.05 else "**no**",
+                f"{r.seconds:.0f}" + (f" ({r.after_hang_s:.0f} after the hang)" if r.after_hang_s else ""),
+                r.failure[:180].replace("|", "/"),
+            )
+        )
+    false_stops = [r for r in healthy if r.stopped]
+    kinds: dict[str, list[Result]] = {}
+    for r in healthy:
+        kinds.setdefault(r.case.name.rsplit("-s", 1)[0], []).append(r)
+    healthy_rows = [
+        (
+            kind,
+            str(len(rs)),
+            str(sum(r.stopped for r in rs)),
+            f"{sum(r.seconds for r in rs) / len(rs):.0f}",
+            "; ".join(f"{r.case.name}: {r.failure[:140]}" for r in rs if r.stopped).replace("|", "/") or "-",
+        )
+        for kind, rs in kinds.items()
+    ]
+    setup = (
+        f"{stamp_line()}. Whole job in-process against SeaweedFS on loopback, CPU, yolo11n, imgsz {args.imgsz}, "
+        f"batch 8, {SANITY} sanity + {FULL} full epochs unless the case says otherwise, export off. Demo: "
+        f"{args.images} synthetic images; real: the Roboflow exports in ../shared/realdata/ as they are. "
+        "Pretrained-like: yolo11n trained 40 epochs on 80 other demo images by this script. Share = train "
+        "batches run / planned (sanity + full epochs x batches per epoch); these plans are tiny, so the 5% goal is "
+        f"read against the production plan of the same data ({PRODUCTION} epochs: 3 sanity + 60 full)."
+    )
+    head = (
+        "case",
+        "exit",
+        "stopped by its fingerprint",
+        "batches run / this run's plan",
+        f"share of a {PRODUCTION}-epoch plan",
+        "within 5%",
+        "s",
+        "sentence",
+    )
+    return (
+        "\n\n".join(
+            [
+                "## Gate replay: injected fingerprints and healthy runs (benchmarks/gate_replay.py, issue 22)",
+                setup,
+                markdown_grid(head, rows),
+                f"Healthy runs: {len(healthy)}, false stops: **{len(false_stops)}**.",
+                markdown_grid(("healthy runs", "runs", "false stops", "mean s", "stops"), healthy_rows),
+            ]
+        )
+        + "\n"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=40, help="demo images; 40")
+    parser.add_argument("--imgsz", type=int, default=96, help="training image size; 96")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per demo healthy kind; 8")
+    parser.add_argument("--real-seeds", type=int, default=2, help="seeds per real export; 2 (-> 20 healthy runs)")
+    parser.add_argument("--only", nargs="*", default=[], help="run only these cases")
+    parser.add_argument("--output", type=Path, default=BENCHMARKS_MD, help="markdown file to update")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pogona_job import logs
+
+    logs.configure("json")
+    os.environ.setdefault("YOLO_OFFLINE", "true")
+    results = measure(args)
+    text = table(results, args)
+    print(text)
+    if not args.only:
+        update_section("gate_replay.py", text, args.output)
+        print(f"Wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
