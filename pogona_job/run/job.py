@@ -11,28 +11,18 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt, scheduler_job
-from pogona_job.errors import JobError, LeaseLost, SanityFailed, Stalled, TrainingFailed
+from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt
+from pogona_job.errors import JobError, LeaseLost, Stalled, TrainingFailed
 from pogona_job.logs import bind, get_logger
-from pogona_job.run.phases import (
-    decide_promotion,
-    evaluate_model,
-    fetch_model,
-    final_verdict,
-    flush_checkpoints,
-    gate_context,
-    train,
-)
-from pogona_job.run.publish import complete_finished, publish, publish_failure, push_outputs, upload
+from pogona_job.run import phases, preparation, publish
+from pogona_job.run.publish import publish_failure
 from pogona_job.run.signals import StopFlag
-from pogona_job.run.state import FINAL, Job, RunRecord, now
-from pogona_job.s3 import pull, storage
-from pogona_job.s3.progress import transfer_progress
+from pogona_job.run.state import AlreadyFinished, Job, RunRecord, now
+from pogona_job.s3 import storage
 from pogona_job.s3.storage import S3Path
 
 log = get_logger()
@@ -45,7 +35,7 @@ def run(settings: Settings) -> int:
         job = _prepare(settings)
         _execute(job)
         return 0
-    except _AlreadyDone:
+    except AlreadyFinished:
         return 0
     except JobError as err:
         return _finish_failed(job, err)
@@ -64,10 +54,6 @@ def run(settings: Settings) -> int:
             if job.lease is not None:
                 job.lease.release()
             job.stop.uninstall()
-
-
-class _AlreadyDone(Exception):
-    pass
 
 
 def _prepare(settings: Settings) -> Job:
@@ -97,184 +83,26 @@ def _prepare(settings: Settings) -> Job:
 
 
 def _execute(job: Job) -> None:
-    s, rec = job.settings, job.record
-    from pogona_job import dataset, training
-    from pogona_job.run.lease import Lease
-    from pogona_job.training.checkpoint import CheckpointSync
-    from pogona_job.training.gate import parity_probe, require_parity, verdict
-
+    """The story: one call per phase, each with what it needs and what it gives."""
+    on_stall = stalled(job)
     with job.phase("config"):
-        assert s.dataset_uri and s.output_uri
-        storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from")
-        storage.check_bucket(job.client, job.out, "checking the output prefix")
-        previous = storage.get_json(job.client, job.out / "manifest.json")
-        if previous and previous.get("status") in FINAL:  # partial: its budget is spent
-            log.info(
-                "run already finished; nothing redone",
-                status=previous["status"],
-                manifest=(job.out / "manifest.json").uri,
-            )
-            complete_finished(job, previous)  # a kill after the manifest left these undone
-            print(f"Run {job.run_id} already {previous['status']}: {job.out.uri}/ (nothing redone).", file=sys.stderr)
-            raise _AlreadyDone
-        lease = Lease(
-            job.client, job.out / "lease.json", s.lease_ttl_s, attempt=job.attempt, scheduler_job=scheduler_job()
-        )
-        lease.acquire(job.run_id)
-        job.lease = lease  # only now: a refused job must not publish into a run another job owns
-        from pogona_job.run.publish import claim_run
-
-        job.stop.on_force = lease.force_release  # a forced exit (second signal) still frees the run
-        claim_run(job)  # fences the manifest against a write in flight from the job that lost the run
-        storage.abort_multipart_uploads(job.client, job.out)  # parts a killed attempt left open (billed)
-        import ultralytics  # noqa: F401 - after offline.prepare(); the first import is the slow part
-
-        from pogona_job import logs
-        from pogona_job.training import offline
-
-        offline.switch_off_outbound()
-        logs.route_ultralytics(debug=s.debug)
-        device = training.resolve_device(s)
-        workers, workers_reason = training.resolve_workers(s.workers, device)
-        rec.settings_used.update(device=device, workers=workers, workers_reason=workers_reason)
-        log.info("resources", device=device, workers=workers_reason)
-        from pogona_job.run import livestatus
-
-        job.live = livestatus.start(job, device)
-        model_source = fetch_model(job)
-        job.checkpoints = CheckpointSync(
-            job.client,
-            job.out,
-            job.work / "checkpoint-staging",
-            every_epochs=s.checkpoint_every_epochs,
-            min_interval_s=s.checkpoint_min_interval_s,
-            guard=lease.confirm,
-            tag=lease.token,
-            lease=lease.path,
-            max_attempts=s.s3_max_attempts,
-        )
-
+        resources = preparation.take_run(job)
     with job.phase("pull"):
-        src = S3Path.parse(s.dataset_uri)
-        local = job.work / "cache" / src.bucket / src.key
-        console = s.log_format == "console" or (s.log_format == "auto" and sys.stderr.isatty())
-        with transfer_progress("pull", console=console, check=job.stop.check) as progress:
-            # The job's own cache: a file changed there (bit rot, another process) is fetched again.
-            result = pull.pull_prefix(job.client, src, local, threads=s.s3_threads, progress=progress, replace=True)
-        log.info(
-            "dataset pulled", files=result.files, bytes=result.bytes, fetched=result.fetched, cached=result.skipped
-        )
-        for note in result.notes:  # files in the cache the pull did not write (or that changed): kept, said
-            log.warning("dataset cache", note=note)
-        rec.dataset.update(uri=s.dataset_uri, fingerprint=result.fingerprint, files=result.files, bytes=result.bytes)
-
+        local = preparation.pull_dataset(job)
     with job.phase("stage"), job.stop.interruptible():
-        inventory = dataset.inspect_dataset(local, s.configured_classes, dataset.Options.from_settings(s))
-        staged_root = job.work / "staged"
-        rec.dataset.update(problems=len(inventory.problems), junk_ignored=inventory.junk_ignored)
-        # What the export said, kept even when staging refuses it (a failure report names its real classes).
-        rec.classes = list(inventory.class_names) or rec.classes
-        rec.dataset.update(images=len(inventory.items), boxes=sum(it.boxes for it in inventory.items))
-        try:
-            staged = dataset.stage_dataset(
-                inventory,
-                staged_root,
-                policy=s.validation_policy,
-                val_fraction=s.val_fraction,
-                seed=s.seed,
-                leakage_warn=s.leakage_warn,
-            )
-        finally:
-            if (staged_root / "problems.txt").exists():
-                upload(job, [(staged_root / "problems.txt", "dataset/problems.txt")])
-        rec.classes = staged.class_names  # POGONA_CLASS_NAMES, else the export's own
-        upload(job, [(f, f"dataset/{f.name}") for f in staged.published_files])  # a later failure still shows the split
-        rec.dataset.update(
-            images=staged.images, boxes=staged.boxes, backgrounds=staged.backgrounds, counts=staged.counts
-        )
-        rec.dataset.update(staged.summary())  # layout, names/split/modality sources, leakage, dropped
-        if staged.leakage["warn"]:
-            log.warning("near-duplicates across the split", **staged.leakage)
-        log.info("dataset staged", images=staged.images, boxes=staged.boxes, counts=staged.counts)
-        plan = training.resource_plan(s, device, staged.images)
-        job.extra_args = plan.args
-        rec.settings_used.update(plan.reasons)
-        log.info("training settings", **plan.reasons)
-
-    gate = storage.get_json(job.client, job.out / "checkpoint" / "gate.json") or {}
+        staged = preparation.stage(job, local, resources)
     with job.phase("sanity"):
-        if gate.get("passed"):
-            log.info("sanity gate already passed for this run; not repeated")
-        elif device != "cpu":
-            rec.parity = parity_probe(training.batch_loss_fn(model_source, staged.data_yaml, s.imgsz), device)
-            log.info("parity probe", passed=rec.parity.passed, cpu=rec.parity.cpu, device=rec.parity.accelerator)
-            require_parity(rec.parity)
-        else:
-            rec.parity_note = "skipped: training runs on the CPU, the reference itself"
-            log.info("parity probe skipped", reason="device is the CPU")
-        rec.sanity = train(
-            job, "sanity", model_source, staged.data_yaml, device, workers, s.sanity_epochs, on_stall=stalled(job)
-        )
-        # The sanity checkpoint must land before full training's first one could supersede it.
-        flush_checkpoints(job)
-        # Uploaded by every attempt: the manifest lists it (with its hash) even on a resumed run.
-        upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
-
-    if rec.sanity.first_batch_at is not None:
-        from pogona_job import PROCESS_START
-
-        startup = rec.sanity.first_batch_at - PROCESS_START - rec.timings.get("pull", 0.0)
-        rec.timings["startup_to_first_batch"] = round(startup, 2)
-        log.info("start-up", seconds_to_first_batch_excluding_pull=round(startup, 2))
-
+        phases.sanity(job, resources, staged, on_stall)
     with job.phase("verdict"):
-        rec.verdict = verdict(
-            rec.sanity.rows,
-            min_loss_drop=s.gate_min_loss_drop,
-            min_map50=s.min_map50,
-            batches=rec.sanity.batches,
-            labelled=rec.sanity.labelled,
-            weight_change=rec.sanity.weight_change,
-            context=gate_context(job, device),
-        )
-        for c in rec.verdict.criteria:
-            log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
-        if not rec.verdict.passed:
-            raise SanityFailed(rec.verdict.failure_sentence())
-        job.lease.fenced_json(job.out / "checkpoint" / "gate.json", rec.verdict.as_dict())
-    job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
-
+        phases.judge_sanity(job, resources)
     with job.phase("full"):
-        from pogona_job.run.budget import BudgetSpent
-
-        try:
-            rec.full = train(
-                job, "full", model_source, staged.data_yaml, device, workers, s.epochs, on_stall=stalled(job)
-            )
-        except BudgetSpent:  # a retry found the budget spent: the checkpoint's best-so-far becomes partial
-            partial = training.partial_phase("full", job.runs / "full", device)
-            if partial is None:
-                raise
-            rec.full = partial
-        flush_checkpoints(job)  # the final set lands now, never after the clean-up below
-
+        phases.full(job, resources, staged, on_stall)
     with job.phase("evaluate"), job.stop.interruptible():
-        best = rec.full.save_dir / "weights" / "best.pt"
-        runs = evaluate_model(job, best, staged, device)  # val/test metrics, intervals, ONNX export check
-        final_verdict(job, rec.full.save_dir, staged.published_files)  # below POGONA_MIN_FINAL_MAP50: exit 5
-        rec.promotion = decide_promotion(job, staged, runs, device)
-
+        phases.assess(job, resources, staged)
     with job.phase("push"):
-        pushed = time.monotonic()
-        push_outputs(job, rec.full.save_dir, staged.published_files)
-        rec.timings["push"] = round(time.monotonic() - pushed, 2)  # the manifest must carry its own phase
-        job.check()  # before the manifest: an interrupted push is redone on restart, never half-published
-        rec.status, rec.finished_at = job.live.tracker.final_status(), now()
-        rec.failure = job.live.tracker.stop_reason  # partial: why it stopped early
-        publish(job)
-        job.checkpoints.close()  # nothing in flight can land after the clean-up
-        job.lease.fenced_delete(job.out / "checkpoint")  # only kept while the run is in progress
-    log.info(f"run {rec.status}", outputs=job.out.uri, headline=rec.headline.line() if rec.headline else None)
+        publish.finish(job, staged.published_files)
+    headline = job.record.headline.line() if job.record.headline else None
+    log.info(f"run {job.record.status}", outputs=job.out.uri, headline=headline)
     from pogona_job.run import notify
 
     notify.send(job)

@@ -1,15 +1,18 @@
-"""The phases of the story that need more than a few lines: training (resumed from the run's
-checkpoint), the evaluation of best.pt and the champion decision."""
+"""The phases of the story from training on: the sanity epochs and their verdict, full training (each
+resumed from the run's checkpoint), the evaluation of best.pt, its final verdict and the champion decision.
+
+Each takes the job, the `Resources` the config phase decided and the `StagedDataset`, and records its
+results in `job.record` (the report and the manifest read them there)."""
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pogona_job.dataset import StagedDataset
-from pogona_job.errors import Stalled, TransientFailure
+from pogona_job.errors import SanityFailed, Stalled, TransientFailure
 from pogona_job.evaluation import export, plots, scoring
 from pogona_job.evaluation.headline import Headline
 from pogona_job.evaluation.promotion import champion_path, compare, decide
@@ -18,7 +21,18 @@ from pogona_job.logs import get_logger
 from pogona_job.run.state import Job
 from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
-from pogona_job.training.gate import BatchWatchdog, Context, StallWatchdog, ZeroMapWatch
+
+if TYPE_CHECKING:
+    from pogona_job.run.preparation import Resources
+from pogona_job.training.gate import (
+    BatchWatchdog,
+    Context,
+    StallWatchdog,
+    ZeroMapWatch,
+    parity_probe,
+    require_parity,
+    verdict,
+)
 
 log = get_logger()
 
@@ -258,3 +272,94 @@ def _champion_weights(job: Job, champion: dict[str, Any]) -> Path | None:
         with storage.errors_for(src.bucket, f"downloading the champion's weights {uri}"):
             job.client.download_file(src.bucket, src.key, str(dest))
     return dest
+
+
+OnStall = Callable[[Stalled], None]
+
+
+def sanity(job: Job, res: Resources, staged: StagedDataset, on_stall: OnStall) -> None:
+    """The parity probe on an accelerator, then the sanity epochs (not repeated once the gate passed)."""
+    s, rec = job.settings, job.record
+    gate = storage.get_json(job.client, job.out / "checkpoint" / "gate.json") or {}
+    if gate.get("passed"):
+        log.info("sanity gate already passed for this run; not repeated")
+    elif res.device != "cpu":
+        from pogona_job import training
+
+        loss_fn = training.batch_loss_fn(res.model_source, staged.data_yaml, s.imgsz)
+        rec.parity = parity_probe(loss_fn, res.device)
+        log.info("parity probe", passed=rec.parity.passed, cpu=rec.parity.cpu, device=rec.parity.accelerator)
+        require_parity(rec.parity)
+    else:
+        rec.parity_note = "skipped: training runs on the CPU, the reference itself"
+        log.info("parity probe skipped", reason="device is the CPU")
+    rec.sanity = train(
+        job, "sanity", res.model_source, staged.data_yaml, res.device, res.workers, s.sanity_epochs, on_stall=on_stall
+    )
+    # The sanity checkpoint must land before full training's first one could supersede it.
+    flush_checkpoints(job)
+    # Uploaded by every attempt: the manifest lists it (with its hash) even on a resumed run.
+    from pogona_job.run.publish import upload
+
+    upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
+    if rec.sanity.first_batch_at is not None:
+        from pogona_job import PROCESS_START
+
+        startup = rec.sanity.first_batch_at - PROCESS_START - rec.timings.get("pull", 0.0)
+        rec.timings["startup_to_first_batch"] = round(startup, 2)
+        log.info("start-up", seconds_to_first_batch_excluding_pull=round(startup, 2))
+
+
+def judge_sanity(job: Job, res: Resources) -> None:
+    """The gate: full training starts only when the sanity epochs show the model learning."""
+    s, rec = job.settings, job.record
+    assert rec.sanity is not None and job.lease is not None and job.live is not None
+    rec.verdict = verdict(
+        rec.sanity.rows,
+        min_loss_drop=s.gate_min_loss_drop,
+        min_map50=s.min_map50,
+        batches=rec.sanity.batches,
+        labelled=rec.sanity.labelled,
+        weight_change=rec.sanity.weight_change,
+        context=gate_context(job, res.device),
+    )
+    for c in rec.verdict.criteria:
+        log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
+    if not rec.verdict.passed:
+        raise SanityFailed(rec.verdict.failure_sentence())
+    job.lease.fenced_json(job.out / "checkpoint" / "gate.json", rec.verdict.as_dict())
+    job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
+
+
+def full(job: Job, res: Resources, staged: StagedDataset, on_stall: OnStall) -> None:
+    """Full training; a retry that finds the budget spent publishes the checkpoint's best-so-far as partial."""
+    from pogona_job import training
+    from pogona_job.run.budget import BudgetSpent
+
+    rec = job.record
+    try:
+        rec.full = train(
+            job,
+            "full",
+            res.model_source,
+            staged.data_yaml,
+            res.device,
+            res.workers,
+            job.settings.epochs,
+            on_stall=on_stall,
+        )
+    except BudgetSpent:
+        partial = training.partial_phase("full", job.runs / "full", res.device)
+        if partial is None:
+            raise
+        rec.full = partial
+    flush_checkpoints(job)  # the final set lands now, never after the clean-up
+
+
+def assess(job: Job, res: Resources, staged: StagedDataset) -> None:
+    """best.pt on val and test with intervals and the export check, its final verdict, the champion decision."""
+    rec = job.record
+    assert rec.full is not None
+    runs = evaluate_model(job, rec.full.save_dir / "weights" / "best.pt", staged, res.device)
+    final_verdict(job, rec.full.save_dir, staged.published_files)  # below POGONA_MIN_FINAL_MAP50: exit 5
+    rec.promotion = decide_promotion(job, staged, runs, res.device)

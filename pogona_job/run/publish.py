@@ -289,3 +289,20 @@ def publish_failure(job: Job) -> None:
         raise  # the run is another job's: its exit is 75 and it changed nothing
     except JobError as exc:
         log.error("could not push the failure report", reason=exc.sentence)
+
+
+def finish(job: Job, dataset_files: list[Path]) -> None:
+    """The push phase: outputs, then the manifest (succeeded or partial), then the checkpoints go."""
+    import time
+
+    rec = job.record
+    assert rec.full is not None and job.live is not None and job.checkpoints is not None and job.lease is not None
+    pushed = time.monotonic()
+    push_outputs(job, rec.full.save_dir, dataset_files)
+    rec.timings["push"] = round(time.monotonic() - pushed, 2)  # the manifest must carry its own phase
+    job.check()  # before the manifest: an interrupted push is redone on restart, never half-published
+    rec.status, rec.finished_at = job.live.tracker.final_status(), now()
+    rec.failure = job.live.tracker.stop_reason  # partial: why it stopped early
+    publish(job)
+    job.checkpoints.close()  # nothing in flight can land after the clean-up
+    job.lease.fenced_delete(job.out / "checkpoint")  # only kept while the run is in progress

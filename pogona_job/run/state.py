@@ -23,6 +23,10 @@ log = get_logger()
 FINAL = ("succeeded", "partial")  # manifests that nothing rewrites
 
 
+class AlreadyFinished(Exception):
+    """The run's manifest is already final: nothing is redone and the job exits 0."""
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
