@@ -45,6 +45,21 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("run_id", nargs="?", help="the run to follow")
     watch.add_argument("--latest", action="store_true", help="follow the run that wrote progress most recently")
     watch.add_argument("--once", action="store_true", help="print the current state once and exit")
+    predict = sub.add_parser(
+        "predict",
+        help="run a trained model on images: annotated images + predictions.jsonl in DEST",
+        description="SRC and DEST: a local folder or an s3:// prefix. Boxes below POGONA_CONF (default 0.25) are "
+        "dropped. Exit 2: a model or SRC that does not exist; 3: no readable image; 4: storage refused.",
+    )
+    predict.add_argument(
+        "--model",
+        help="champion (default: the champion under POGONA_OUTPUT_URI), a run id, an s3:// URI, or a "
+        "local best.pt / best.onnx (onnx runs through onnxruntime, without torch)",
+    )
+    predict.add_argument("--conf", type=float, help="confidence threshold (default POGONA_CONF)")
+    predict.add_argument("--txt", action="store_true", help="also write YOLO label files under DEST/labels/")
+    predict.add_argument("src", help="folder, image or s3:// prefix of images")
+    predict.add_argument("dest", help="folder or s3:// prefix for the results")
     return parser
 
 
@@ -66,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "runs":
             return _runs(args, settings)
+        if command == "predict":
+            from pogona_job.tools import predict as predicting
+
+            return predicting.command(args.model, args.src, args.dest, settings, conf=args.conf, txt=args.txt)
         return _dataset(args, settings)
     except JobError as err:
         if settings is not None and settings.debug:  # the traceback, but the documented exit code all the same

@@ -148,6 +148,10 @@ class Settings(BaseSettings):
         0.1, ge=0, le=1, description="report: flag a modality whose mAP@0.5 trails the best one by more than this"
     )
 
+    conf: float = Field(
+        0.25, gt=0, lt=1, description="deployment confidence: `predict`, the error gallery and the report's P/R use it"
+    )
+
     # --- export and promotion -----------------------------------------------------------
     export_formats: str = Field(
         "onnx", description="exported and verified formats, comma-separated (`onnx`); empty or `none` turns export off"
