@@ -110,6 +110,7 @@ def evaluate_model(job: Job, best: Path, staged: StagedDataset, device: str) -> 
     rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)
     for split, figures in rec.evaluation.items():
         get_logger().info("evaluation", split=split, images=figures["images"], **figures["overall"])
+    rec.error_analysis = _error_gallery(job, best, runs, device)
     rec.export = export.export_and_verify(
         best,
         staged,
@@ -171,3 +172,23 @@ def _champion_weights(job: Job, champion: dict[str, Any]) -> Path | None:
         with storage.errors_for(src.bucket, f"downloading the champion's weights {uri}"):
             job.client.download_file(src.bucket, src.key, str(dest))
     return dest
+
+
+def _error_gallery(job: Job, best: Path, runs: dict[str, SplitRun], device: str) -> list[str]:
+    """The report's error analysis on val at POGONA_CONF; its pictures uploaded under plots/errors/. Never
+    fails the run: a model that trained and scored is not lost to a drawing problem."""
+    from pogona_job.run import gallery
+    from pogona_job.run.publish import upload
+
+    val = runs.get("val")
+    if val is None:
+        return []
+    try:
+        lines, files = gallery.error_analysis(
+            best, val.modality, conf=job.settings.conf, imgsz=job.settings.imgsz, device=device, work_dir=job.runs
+        )
+    except Exception as exc:  # reported in the report, never a failed run
+        log.warning("error analysis failed", error=f"{type(exc).__name__}: {exc}")
+        return ["", f"*Error analysis unavailable: {type(exc).__name__}.*", ""]
+    upload(job, files)
+    return lines

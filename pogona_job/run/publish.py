@@ -23,6 +23,7 @@ PLOTS = ("results.png", "BoxPR_curve.png", "confusion_matrix.png", "val_batch0_p
 
 def upload(job: Job, items: list[tuple[Path, str]]) -> list[storage.Artifact]:
     pairs = [(path, job.out / key) for path, key in items if path.exists()]
+    job.local_files.update({key: path for path, key in items if path.exists()})
     artifacts = storage.upload_many(job.client, pairs, threads=job.settings.s3_threads)
     job.sums.update({a.key.removeprefix(job.out.key + "/"): a for a in artifacts})
     return artifacts
@@ -57,10 +58,16 @@ def publish(job: Job) -> None:
         rec.accounting = job.live.tracker.summary(rec.status)
     config_path = job.work / "config.json"
     config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
-    rec.artifacts = sorted({*job.sums, "config.json", "report.md"})
+    rec.artifacts = sorted({*job.sums, "config.json", "report.md", "report.html", "model_card.md"})
     report_path = job.work / "report.md"
     report_path.write_text(render(rec))
-    upload(job, [(config_path, "config.json"), (report_path, "report.md")])
+    from pogona_job.run import html_report, model_card
+
+    html_path, card_path = job.work / "report.html", job.work / "model_card.md"
+    card_path.write_text(model_card.render(rec, job.settings.conf))
+    html_path.write_text(html_report.to_html(report_path.read_text(), job.local_files, f"Training Log - {rec.run_id}"))
+    upload(job, [(config_path, "config.json"), (report_path, "report.md"), (card_path, "model_card.md")])
+    upload(job, [(html_path, "report.html")])
     manifest = manifest_of(job)
     written = pointers.update(
         job.client,
