@@ -1,0 +1,44 @@
+"""Friction a new user hit (issue 23, item 7): each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import BUCKET, job_env, out_key, run_cli
+
+
+def test_dataset_validate_prints_its_result_to_stdout_with_one_problem_singular_and_unlabelled_images(
+    tmp_path: Path, demo_dir: Path
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(demo_dir, bad)
+    labels = sorted((bad / "labels").glob("*.txt"))
+    labels[0].write_text(labels[0].read_text() + "3 0.5 0.5 0.1 0.1\n")
+    labels[1].unlink()  # an image without a label file: a background
+    result = run_cli(["dataset", "validate", str(bad)], {"PATH": "/usr/bin:/bin"})
+    assert result.code == 3
+    assert ": 1 problem:" in result.stdout and "1 problems" not in result.stdout  # `> out.txt` keeps it
+    assert f"labels/{labels[0].name}" in result.stdout and "class id 3" in result.stdout
+    unlabelled = sum(1 for img in (bad / "images").iterdir() if not (bad / "labels" / f"{img.stem}.txt").exists())
+    assert unlabelled >= 1 and f"background, {unlabelled} of them without a label file)" in result.stdout
+
+
+def test_runs_lists_the_runs_by_date_not_by_name(s3: Any, s3_client: Any, tmp_path: Path) -> None:
+    env = job_env(s3, tmp_path)
+    for run_id, started in (("zeta", "2026-01-01T10:00:00+00:00"), ("alpha", "2026-01-02T10:00:00+00:00")):
+        manifest = {"run_id": run_id, "status": "succeeded", "started_at": started, "finished_at": started}
+        s3_client.put_object(Bucket=BUCKET, Key=out_key(env, run_id, "manifest.json"), Body=json.dumps(manifest))
+    result = run_cli(["runs"], env)
+    assert result.code == 0, result.stderr
+    order = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert order == ["zeta", "alpha"]
+
+
+def test_run_help_says_where_the_variables_are() -> None:
+    result = run_cli(["run", "--help"], {"PATH": "/usr/bin:/bin"})
+    assert result.code == 0
+    text = " ".join(result.stdout.split())
+    assert "POGONA_DATASET_URI" in text and "`pogona-job config`" in text and "README" in text
