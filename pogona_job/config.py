@@ -230,6 +230,12 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(5, ge=1, le=20, description="botocore attempts per S3 call (standard retry mode)")
     debug: bool = Field(False, description="show tracebacks and ultralytics' own output")
 
+    @field_validator("dataset_uri", "output_uri", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`POGONA_OUTPUT_URI=` (set but empty, as templates leave it) means not set: "is required", not a regex."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:

@@ -42,3 +42,24 @@ def test_run_help_says_where_the_variables_are() -> None:
     assert result.code == 0
     text = " ".join(result.stdout.split())
     assert "POGONA_DATASET_URI" in text and "`pogona-job config`" in text and "README" in text
+
+
+def test_an_empty_output_uri_is_reported_as_required_not_as_a_pattern(s3: Any, tmp_path: Path) -> None:
+    result = run_cli(["runs"], job_env(s3, tmp_path, POGONA_OUTPUT_URI=""))
+    assert result.code == 2
+    assert "POGONA_OUTPUT_URI is required" in result.stderr and "pattern" not in result.stderr
+
+
+def test_a_misspelled_model_name_exits_2_with_a_did_you_mean(s3: Any, demo_uri: str, tmp_path: Path) -> None:
+    result = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_MODEL="yolo11x-typo.pt"))
+    assert result.code == 2, result.stderr[-1500:]
+    assert "POGONA_MODEL yolo11x-typo.pt is neither a file nor a known pretrained model - did you mean" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_s3_model_that_does_not_exist_exits_2_with_one_sentence(s3: Any, demo_uri: str, tmp_path: Path) -> None:
+    missing = f"s3://{BUCKET}/nowhere/best.pt"
+    result = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_MODEL=missing))
+    assert result.code == 2, result.stderr[-1500:]
+    assert f"POGONA_MODEL {missing} does not exist: check the URI" in result.stderr
+    assert ".." not in result.stderr.replace("...", "")  # no double period

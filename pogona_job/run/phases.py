@@ -3,12 +3,13 @@ checkpoint), the evaluation of best.pt and the champion decision."""
 
 from __future__ import annotations
 
+import difflib
 import gc
 from pathlib import Path
 from typing import Any
 
 from pogona_job.dataset import StagedDataset
-from pogona_job.errors import TransientFailure
+from pogona_job.errors import ConfigError, TransientFailure
 from pogona_job.evaluation import export, scoring
 from pogona_job.evaluation.promotion import champion_path, compare, decide
 from pogona_job.evaluation.scoring import SplitRun, evaluate, lagging_modalities, summarise
@@ -83,14 +84,34 @@ def fetch_model(job: Job) -> str:
     """Weights by name, .yaml, or an s3:// URI (downloaded once into the work dir)."""
     model = job.settings.model
     if not model.startswith("s3://"):
+        _check_weights_name(model)
         return model
     src = S3Path.parse(model)
     dest = job.work / "weights" / Path(src.key).name
+    if not dest.exists() and storage.head(job.client, src) is None:
+        raise ConfigError(
+            f"POGONA_MODEL {model} does not exist: check the URI (a run's weights are at <run>/weights/best.pt)."
+        )
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         with storage.errors_for(src.bucket, f"downloading the weights {model}"):
             job.client.download_file(src.bucket, src.key, str(dest))
     return str(dest)
+
+
+def _check_weights_name(model: str) -> None:
+    """A misspelled pretrained name is a configuration mistake, not a failed download (exit 2, did-you-mean)."""
+    if not model.endswith(".pt") or Path(model).exists():
+        return
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
+
+    if Path(model).name in GITHUB_ASSETS_NAMES:
+        return
+    close = difflib.get_close_matches(Path(model).name, sorted(GITHUB_ASSETS_NAMES), n=1, cutoff=0.6)
+    hint = (
+        f" - did you mean {close[0]}?" if close else ": use a pretrained name such as yolo11s.pt, a .yaml or s3://..."
+    )
+    raise ConfigError(f"POGONA_MODEL {model} is neither a file nor a known pretrained model{hint}")
 
 
 def flush_checkpoints(job: Job) -> None:
