@@ -63,3 +63,23 @@ def test_an_s3_model_that_does_not_exist_exits_2_with_one_sentence(s3: Any, demo
     assert result.code == 2, result.stderr[-1500:]
     assert f"POGONA_MODEL {missing} does not exist: check the URI" in result.stderr
     assert ".." not in result.stderr.replace("...", "")  # no double period
+
+
+def test_a_dataset_uri_with_a_typo_says_nothing_is_there_and_writes_no_run_folder(
+    s3: Any, s3_client: Any, demo_uri: str, tmp_path: Path
+) -> None:
+    typo = demo_uri.replace("demo", "dmeo")
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=typo, POGONA_RUN_ID="typo-run")
+    result = run_cli(["run"], env)
+    assert result.code == 2, result.stderr[-1500:]
+    assert f"Nothing under {typo}: check POGONA_DATASET_URI" in result.stderr
+    assert "/cache/" not in result.stderr
+    written = s3_client.list_objects_v2(Bucket=BUCKET, Prefix=out_key(env, ""))
+    assert written.get("KeyCount", 0) == 0
+
+
+def test_refused_access_names_the_dataset_uri(s3: Any, demo_uri: str, tmp_path: Path) -> None:
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, AWS_SECRET_ACCESS_KEY="wrong-secret")
+    result = run_cli(["run"], env)
+    assert result.code == 4
+    assert f"while reading the dataset from {demo_uri}: check the credentials" in result.stderr

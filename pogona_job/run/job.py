@@ -15,7 +15,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from pogona_job.config import Settings, effective_config, require_writable, scheduler_attempt, scheduler_job
-from pogona_job.errors import JobError, SanityFailed, TrainingFailed
+from pogona_job.errors import ConfigError, JobError, SanityFailed, TrainingFailed
 from pogona_job.logs import bind, get_logger
 from pogona_job.run.phases import decide_promotion, evaluate_model, fetch_model, flush_checkpoints, train
 from pogona_job.run.publish import complete_finished, final_numbers, publish, publish_failure, push_outputs, upload
@@ -95,7 +95,9 @@ def _execute(job: Job) -> None:
 
     with job.phase("config"):
         assert s.dataset_uri and s.output_uri
-        storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from")
+        if not storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from"):
+            # A typo in the prefix: say so before any run folder (lease, report) is written.
+            raise ConfigError(f"Nothing under {s.dataset_uri}: check POGONA_DATASET_URI (a typo in the prefix?).")
         storage.check_bucket(job.client, job.out, "checking the output prefix")
         previous = storage.get_json(job.client, job.out / "manifest.json")
         if previous and previous.get("status") in FINAL:  # partial: its budget is spent

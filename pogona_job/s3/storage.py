@@ -245,10 +245,12 @@ def head(client: S3Client, path: S3Path) -> dict[str, Any] | None:
             raise
 
 
-def check_bucket(client: S3Client, path: S3Path, doing: str) -> None:
-    """Fail fast (exit 4) on a missing bucket or refused credentials, before any work."""
-    with errors_for(path.bucket, doing):
-        client.list_objects_v2(Bucket=path.bucket, Prefix=path.key, MaxKeys=1)
+def check_bucket(client: S3Client, path: S3Path, doing: str) -> bool:
+    """Fail fast (exit 4) on a missing bucket or refused credentials, before any work; True when anything
+    lies under the prefix. The sentence names the URI (`doing` ends with "from", "checking" ...)."""
+    with errors_for(path.bucket, f"{doing} {path.uri}"):
+        answer = client.list_objects_v2(Bucket=path.bucket, Prefix=path.key, MaxKeys=1)
+    return bool(answer.get("KeyCount") or answer.get("Contents"))
 
 
 def delete_keys(client: S3Client, bucket: str, keys: list[str]) -> None:
