@@ -31,6 +31,8 @@ def test_each_prediction_and_label_gets_the_kind_it_is() -> None:
     assert e.prediction_outcomes == ["correct", "poor localisation", "wrong class", "false alarm"]
     assert e.label_outcomes == ["found", "poor localisation", "wrong class", "missed"]
     assert e.summary() == "1 missed, 1 false alarm, 1 wrong class, 1 poor localisation"
+    two = match("y.jpg", "thermal", [], [_pred(A), _pred(B)], conf=0.25)
+    assert two.summary() == "2 false alarms"
 
 
 def test_a_prediction_matches_at_most_one_label_and_the_most_confident_wins() -> None:

@@ -58,7 +58,7 @@ class ImageErrors:
         )
 
     def summary(self) -> str:
-        parts = [f"{n} {k}" for k in KINDS if (n := self.count(k))]
+        parts = [f"{n} {k}{'s' if n > 1 and k == 'false alarm' else ''}" for k in KINDS if (n := self.count(k))]
         return ", ".join(parts) or "no errors"
 
 
