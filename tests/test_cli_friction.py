@@ -83,3 +83,44 @@ def test_refused_access_names_the_dataset_uri(s3: Any, demo_uri: str, tmp_path: 
     result = run_cli(["run"], env)
     assert result.code == 4
     assert f"while reading the dataset from {demo_uri}: check the credentials" in result.stderr
+
+
+def test_watch_latest_ends_with_the_final_status_headline_and_report_when_its_run_finishes(
+    s3: Any, s3_client: Any, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    env = job_env(s3, tmp_path)
+    progress = {"run_id": "w1", "phase": "full", "epoch": 1, "epochs": 2, "heartbeat_ts": time.time(), "interval_s": 1}
+    s3_client.put_object(Bucket=BUCKET, Key=out_key(env, "w1", "progress.json"), Body=json.dumps(progress))
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "pogona_job", "runs", "watch", "--latest"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(6)  # it has seen the run running
+    manifest = {
+        "run_id": "w1",
+        "status": "succeeded",
+        "evaluation": {"val": {"overall": {"map50": 0.5123, "ci": {"map50": [0.41, 0.6]}}}},
+        "artifacts": {"report.html": {}, "report.md": {}},
+    }
+    s3_client.put_object(Bucket=BUCKET, Key=out_key(env, "w1", "manifest.json"), Body=json.dumps(manifest))
+    s3_client.delete_object(Bucket=BUCKET, Key=out_key(env, "w1", "progress.json"))
+    try:
+        out, err = watch.communicate(timeout=30)
+    finally:
+        watch.kill()
+    assert watch.returncode == 0, err
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert lines[0]["state"] == "running" and "waiting" not in [x["state"] for x in lines]
+    assert lines[-1]["state"] == "succeeded" and lines[-1]["final"] is True
+    assert lines[-1]["headline"] == "best.pt mAP@0.5 0.512 (95% 0.410-0.600)"
+    assert lines[-1]["report"] == f"{env['POGONA_OUTPUT_URI']}/w1/report.html"
