@@ -124,3 +124,13 @@ def test_watch_latest_ends_with_the_final_status_headline_and_report_when_its_ru
     assert lines[-1]["state"] == "succeeded" and lines[-1]["final"] is True
     assert lines[-1]["headline"] == "best.pt mAP@0.5 0.512 (95% 0.410-0.600)"
     assert lines[-1]["report"] == f"{env['POGONA_OUTPUT_URI']}/w1/report.html"
+
+
+def test_mps_allowed_on_a_machine_without_it_is_refused_at_configuration(
+    s3: Any, demo_uri: str, tmp_path: Path
+) -> None:
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_DEVICE="mps", POGONA_ALLOW_MPS="true")
+    result = run_cli(["run"], env)
+    assert result.code == 2, result.stderr[-1500:]
+    assert "POGONA_DEVICE=mps needs Apple's MPS backend, which this machine (linux) does not have" in result.stderr
+    assert '"phase": "pull"' not in result.stderr and "dataset pulled" not in result.stderr
