@@ -134,3 +134,24 @@ def test_mps_allowed_on_a_machine_without_it_is_refused_at_configuration(
     assert result.code == 2, result.stderr[-1500:]
     assert "POGONA_DEVICE=mps needs Apple's MPS backend, which this machine (linux) does not have" in result.stderr
     assert '"phase": "pull"' not in result.stderr and "dataset pulled" not in result.stderr
+
+
+def test_a_users_ctrl_c_is_not_counted_as_a_preemption(s3: Any, s3_client: Any, demo_uri: str, tmp_path: Path) -> None:
+    import signal
+
+    from tests.test_preemption import Job, _is
+
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID="ctrl-c")
+    job = Job(env)
+    job.wait_for(_is("epoch", phase="sanity", epoch=1))
+    code = job.signal_and_wait(signal.SIGINT)
+    assert code == 143
+    manifest = json.loads(
+        s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "ctrl-c", "manifest.json"))["Body"].read()
+    )
+    assert manifest["status"] == "interrupted"
+    assert manifest["accounting"]["preemptions"] == 0, manifest["accounting"]
+    attempts = json.loads(
+        s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "ctrl-c", "checkpoint", "accounting.json"))["Body"].read()
+    )["attempts"]
+    assert [a["outcome"] for a in attempts] == ["stopped by the user"]

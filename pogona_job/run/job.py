@@ -50,7 +50,7 @@ def run(settings: Settings) -> int:
             if job.checkpoints is not None:
                 job.checkpoints.close()
             if job.live is not None:
-                job.live.close(job.record.status, retryable=job.record.retryable)
+                job.live.close(job.outcome(), retryable=job.record.retryable)
             if job.lease is not None:
                 job.lease.release()
             job.stop.uninstall()

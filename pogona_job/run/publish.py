@@ -55,7 +55,7 @@ def publish(job: Job) -> None:
     if job.lease is not None:  # prove we still hold the run right before writing its outputs
         job.lease.confirm()
     if job.live is not None:
-        rec.accounting = job.live.tracker.summary(rec.status)
+        rec.accounting = job.live.tracker.summary(job.outcome())
     config_path = job.work / "config.json"
     config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
     rec.artifacts = sorted({*job.sums, "config.json", "report.md", "report.html", "model_card.md"})

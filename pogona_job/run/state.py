@@ -80,6 +80,12 @@ class Job:
     extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
     local_files: dict[str, Path] = field(default_factory=dict)  # uploaded key -> local file (report.html embeds them)
 
+    def outcome(self) -> str:
+        """The attempt's outcome for the accounting: a user's Ctrl-C (SIGINT) is a stop, not a preemption."""
+        if self.record.status == "interrupted" and self.stop.signal_name == "SIGINT":
+            return "stopped by the user"
+        return self.record.status
+
     @property
     def runs(self) -> Path:
         return self.work / "runs" / self.run_id
