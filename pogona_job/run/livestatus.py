@@ -326,9 +326,9 @@ class _RichDisplay:
         if line and line.get("final"):
             manifest = line.get("manifest") or {}
             summary = (manifest.get("accounting") or {}).get("summary", "")
-            print(
-                f"Run finished: {line.get('state')}. {line.get('headline', '')} Report: {line.get('report')}. {summary}"
-            )
+            extra = [f"{line['headline']}." if line.get("headline") else ""]
+            extra.append(f"Report: {line['report']}" if line.get("report") else "")
+            print(" ".join(x for x in [f"Run finished: {line.get('state')}.", summary, *extra] if x))
 
 
 def watch_command(args: Any, settings: Any) -> int:
