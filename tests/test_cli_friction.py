@@ -155,3 +155,14 @@ def test_a_users_ctrl_c_is_not_counted_as_a_preemption(s3: Any, s3_client: Any, 
         s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "ctrl-c", "checkpoint", "accounting.json"))["Body"].read()
     )["attempts"]
     assert [a["outcome"] for a in attempts] == ["stopped by the user"]
+
+
+def test_the_pulls_own_cache_index_is_not_counted_as_junk(tmp_path: Path, demo_dir: Path) -> None:
+    from pogona_job.s3.storage import CACHE_INDEX
+
+    pulled = tmp_path / "pulled"
+    shutil.copytree(demo_dir, pulled)
+    (pulled / CACHE_INDEX).write_text("{}")
+    result = run_cli(["dataset", "validate", str(pulled)], {"PATH": "/usr/bin:/bin"})
+    assert result.code == 0, result.stdout
+    assert "0 junk files ignored" in result.stdout

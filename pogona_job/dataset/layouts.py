@@ -62,6 +62,9 @@ class Layout:
     name_files: list[str] = field(default_factory=list)
 
 
+PULL_INDEX = ".pogona-cache.json"  # s3.storage.CACHE_INDEX (a sibling layer: not imported), written by every pull
+
+
 def scan(root: Path) -> Scan:
     found = Scan()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -72,6 +75,8 @@ def scan(root: Path) -> Scan:
             found.dirs.add(rel_dir.as_posix())
         for name in sorted(filenames):
             rel = (rel_dir / name).as_posix()
+            if rel == PULL_INDEX:  # the job's own bookkeeping, not the user's junk
+                continue
             if in_junk_dir or _is_junk_name(name):
                 found.junk += 1
             else:
