@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 run-local: setup
 	$(PY) -m pogona_job.tools.rehearsal
 
-run-local-stop:
-	@test -x $(PY) && $(PY) -m pogona_job.tools.rehearsal --stop || rm -rf .run-local
+run-local-stop:  # stdlib only: works without the venv too
+	@$(if $(wildcard $(PY)),$(PY),python3) -m pogona_job.tools.rehearsal --stop
 
 # Headless Chromium (Debian's package) for the report.html browser test; CI fails without it.
 chromium:
