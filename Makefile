@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 export YOLO_OFFLINE := true
 
-.PHONY: setup tools run-local test unit lint format readme infra-validate bench bench-stats mutants gpu-proof docker-build docker-run docker-push clean
+.PHONY: setup tools chromium run-local run-local-stop test unit lint format readme infra-validate bench bench-stats mutants gpu-proof docker-build docker-run docker-push clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# Leaves its SeaweedFS server running on .run-local/s3 (the bucket survives; the next call re-uses it) and
+# prints the commands to try next; `make run-local-stop` stops the server and removes the folder.
 run-local: setup
 	$(PY) -m pogona_job.tools.rehearsal
+
+run-local-stop:  # stdlib only: works without the venv too
+	@$(if $(wildcard $(PY)),$(PY),python3) -m pogona_job.tools.rehearsal --stop
+
+# Headless Chromium (Debian's package) for the report.html browser test; CI fails without it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  { echo "Could not install chromium (apt-get as root): the report.html browser test needs it." >&2; exit 1; }
 
 # Tests run in random order (pytest-randomly; `-p randomly` fails loudly if it is missing). pytest prints
 # "Using --randomly-seed=N" first: reproduce an order with  make test PYTEST_ARGS="-p randomly --randomly-seed=N".

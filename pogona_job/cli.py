@@ -24,7 +24,13 @@ def _parser() -> argparse.ArgumentParser:
         "Configured by POGONA_* environment variables (see `pogona-job config`).",
     )
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="the whole job (default)")
+    sub.add_parser(
+        "run",
+        help="the whole job (default)",
+        description="The whole job: pull, validate, sanity gate, train, evaluate, publish. Configured only by "
+        "POGONA_* environment variables (required: POGONA_DATASET_URI, POGONA_OUTPUT_URI); `pogona-job config` "
+        "prints every variable with its effective value, and the README's Configuration table documents each.",
+    )
     sub.add_parser("config", help="print the effective configuration, secrets masked")
     ds = sub.add_parser("dataset", help="dataset tools").add_subparsers(dest="action", required=True)
     pull = ds.add_parser("pull", help="download POGONA_DATASET_URI into DEST (prunes only files it fetched)")
@@ -50,6 +56,27 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("run_id", nargs="?", help="the run to follow")
     watch.add_argument("--latest", action="store_true", help="follow the run that wrote progress most recently")
     watch.add_argument("--once", action="store_true", help="print the current state once and exit")
+    compare = runs_sub.add_parser(
+        "compare", help="two runs: metrics with intervals, paired difference, differing settings, curves (PNG)"
+    )
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+    compare.add_argument("--plot", type=Path, help="where to write the curves (default compare-A-B.png here)")
+    predict = sub.add_parser(
+        "predict",
+        help="run a trained model on images: annotated images + predictions.jsonl in DEST",
+        description="SRC and DEST: a local folder or an s3:// prefix. Boxes below POGONA_CONF (default 0.25) are "
+        "dropped. Exit 2: a model or SRC that does not exist; 3: no readable image; 4: storage refused.",
+    )
+    predict.add_argument(
+        "--model",
+        help="champion (default: the champion under POGONA_OUTPUT_URI), a run id, an s3:// URI, or a "
+        "local best.pt / best.onnx (onnx runs through onnxruntime, without torch)",
+    )
+    predict.add_argument("--conf", type=float, help="confidence threshold (default POGONA_CONF)")
+    predict.add_argument("--txt", action="store_true", help="also write YOLO label files under DEST/labels/")
+    predict.add_argument("src", help="folder, image or s3:// prefix of images")
+    predict.add_argument("dest", help="folder or s3:// prefix for the results")
     return parser
 
 
@@ -71,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "runs":
             return _runs(args, settings)
+        if command == "predict":
+            from pogona_job.tools import predict as predicting
+
+            return predicting.command(args.model, args.src, args.dest, settings, conf=args.conf, txt=args.txt)
         return _dataset(args, settings)
     except JobError as err:
         if settings is not None and settings.debug:  # the traceback, but the documented exit code all the same
@@ -162,8 +193,10 @@ def _validate(folder: Path, settings: Settings) -> int:
         return 3
     inventory = inspect_dataset(folder, settings.configured_classes, Options.from_settings(settings))
     n = len(inventory.items)
+    unlabelled = sum(1 for it in inventory.items if it.label is None)
+    without = f", {unlabelled} of them without a label file" if unlabelled else ""
     summary = (
-        f"{folder}: {inventory.layout_label}; {n} images ({inventory.backgrounds} background), "
+        f"{folder}: {inventory.layout_label}; {n} images ({inventory.backgrounds} background{without}), "
         f"{inventory.companions} companion files, {inventory.junk_ignored} junk files ignored; "
         f"classes {inventory.class_names} from {inventory.names_source}"
     )
@@ -172,7 +205,9 @@ def _validate(folder: Path, settings: Settings) -> int:
     if not inventory.problems:
         print(f"{summary}: OK.")
         return 0
-    print(f"{summary}: {len(inventory.problems)} problems:\n{format_problems(inventory.problems)}", file=sys.stderr)
+    # On stdout like the OK case, so `> out.txt` keeps the list; the exit code says it failed.
+    count = len(inventory.problems)
+    print(f"{summary}: {count} problem{'s' if count != 1 else ''}:\n{format_problems(inventory.problems)}")
     return 3
 
 
@@ -188,6 +223,12 @@ def _runs(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("POGONA_OUTPUT_URI is required: set it to the s3://bucket/prefix of the runs.")
     client = storage.make_client(threads=settings.s3_threads, max_attempts=settings.s3_max_attempts)
     out = storage.S3Path.parse(settings.output_uri)
+    if args.action == "compare":
+        from pogona_job.tools.compare import compare
+
+        plot = args.plot or Path(f"compare-{args.run_a}-{args.run_b}.png")
+        print(compare(client, out, args.run_a, args.run_b, plot))
+        return 0
     if args.action != "show":
         print(runs.table(client, out))
         return 0

@@ -271,6 +271,12 @@ class Settings(BaseSettings):
             raise ValueError("must be a whole number from 1, or -1 for AutoBatch")
         return value
 
+    @field_validator("dataset_uri", "output_uri", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`POGONA_OUTPUT_URI=` (set but empty, as templates leave it) means not set: "is required", not a regex."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:

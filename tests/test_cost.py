@@ -305,7 +305,9 @@ def test_gate_failure_and_a_failed_run_each_send_one_message(
     ]
 
     empty = env_for("cost-failed", POGONA_NOTIFY=hook.url)
-    empty["POGONA_DATASET_URI"] = f"s3://{BUCKET}/datasets/nothing-here"
+    # Something under the prefix but no image: a dataset failure (an empty prefix is a configuration one, exit 2).
+    s3_client.put_object(Bucket=BUCKET, Key="datasets/no-images-here/README.md", Body=b"notes, no images")
+    empty["POGONA_DATASET_URI"] = f"s3://{BUCKET}/datasets/no-images-here"
     failed = run_cli(["run"], empty)
     assert failed.code == 3, failed.stderr[-2000:]
     assert len(hook.messages) == 2

@@ -501,7 +501,7 @@ def test_the_real_entry_point_takes_the_names_from_the_export_unless_the_variabl
     ok = validate()
     assert ok.returncode == 0 and "classes ['lizard'] from data.yaml" in ok.stdout
     refused = validate(POGONA_CLASS_NAMES="pogona_head")
-    assert refused.returncode == 3 and "['lizard'] but POGONA_CLASS_NAMES is ['pogona_head']" in refused.stderr
+    assert refused.returncode == 3 and "['lizard'] but POGONA_CLASS_NAMES is ['pogona_head']" in refused.stdout
 
 
 def _jpeg(im: Image.Image) -> bytes:

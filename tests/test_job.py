@@ -277,4 +277,4 @@ def test_dataset_validate_lists_problems_with_file_and_line_and_exits_3(tmp_path
     result = run_cli(["dataset", "validate", str(bad)], {"PATH": "/usr/bin:/bin"})
     assert result.code == 3
     lines = len(label.read_text().splitlines())
-    assert f"labels/{label.name} line {lines}" in result.stderr and "class id 3" in result.stderr
+    assert f"labels/{label.name} line {lines}" in result.stdout and "class id 3" in result.stdout

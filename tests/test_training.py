@@ -41,10 +41,16 @@ def test_auto_is_cuda_when_torch_sees_it_else_the_cpu_and_never_mps(cuda) -> Non
     assert resolve_device(Settings(device="auto")) == "0"
 
 
-def test_mps_is_refused_unless_allowed(cuda) -> None:  # type: ignore[no-untyped-def]
+def test_mps_is_refused_unless_allowed(cuda, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
     cuda(False)
     with pytest.raises(ConfigError, match=r"POGONA_DEVICE=mps is refused.*POGONA_ALLOW_MPS=true"):
         resolve_device(Settings(device="mps"))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # Linux: allowed, but not there
+    with pytest.raises(ConfigError, match=r"needs Apple's MPS backend"):
+        resolve_device(Settings(device="mps", allow_mps=True))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac
     assert resolve_device(Settings(device="mps", allow_mps=True)) == "mps"
 
 

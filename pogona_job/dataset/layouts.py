@@ -63,6 +63,9 @@ class Layout:
     notes: list[Problem] = field(default_factory=list)  # worth knowing, never a reason to stop
 
 
+PULL_INDEX = ".pogona-cache.json"  # s3.storage.CACHE_INDEX (a sibling layer: not imported), written by every pull
+
+
 def scan(root: Path) -> Scan:
     found = Scan()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -73,6 +76,8 @@ def scan(root: Path) -> Scan:
             found.dirs.add(rel_dir.as_posix())
         for name in sorted(filenames):
             rel = (rel_dir / name).as_posix()
+            if rel == PULL_INDEX:  # the job's own bookkeeping, not the user's junk
+                continue
             if in_junk_dir or _is_junk_name(name):
                 found.junk += 1
             else:

@@ -50,7 +50,7 @@ def run(settings: Settings) -> int:
             if job.checkpoints is not None:
                 job.checkpoints.close()
             if job.live is not None:
-                job.live.close(job.record.status, retryable=job.record.retryable)
+                job.live.close(job.outcome(), retryable=job.record.retryable)
             if job.lease is not None:
                 job.lease.release()
             job.stop.uninstall()
@@ -117,7 +117,7 @@ def stalled(job: Job) -> Callable[[Stalled], None]:
         try:
             code = _finish_failed(job, err)
             if job.live is not None:
-                job.live.close(job.record.status, retryable=job.record.retryable)
+                job.live.close(job.outcome(), retryable=job.record.retryable)
             if job.lease is not None:
                 job.lease.release()  # the retry must not wait for the lease to expire
         except Exception:  # a report that cannot be written must not keep a stuck process alive

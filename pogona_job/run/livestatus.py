@@ -267,6 +267,18 @@ def status_of(progress: dict[str, Any] | None, manifest: dict[str, Any] | None, 
     return {**progress, "state": "stalled" if stalled else "running", "heartbeat_age_s": round(age, 1), "final": False}
 
 
+def final_words(run: S3Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a finished watch ends with: the headline metric (best.pt on val, with its interval) and the report."""
+    overall = ((manifest.get("evaluation") or {}).get("val") or {}).get("overall") or {}
+    headline = "no evaluation"
+    if "map50" in overall:
+        ci = (overall.get("ci") or {}).get("map50")
+        headline = f"best.pt mAP@0.5 {overall['map50']:.3f}" + (f" (95% {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+    artifacts = manifest.get("artifacts") or {}
+    report = "report.html" if "report.html" in artifacts or not artifacts else "report.md"
+    return {"headline": headline, "report": (run / report).uri, "failure": manifest.get("failure")}
+
+
 def watch(client: Any, output: S3Path, run_id: str | None, *, once: bool = False, poll_s: float = 2.0) -> int:
     """Follow a run: a rich display on a terminal, one JSON object per change otherwise."""
     tty = sys.stdout.isatty()
@@ -275,12 +287,15 @@ def watch(client: Any, output: S3Path, run_id: str | None, *, once: bool = False
     try:
         while True:
             rid = run_id or latest_live_run(client, output)
+            run_id = rid  # --latest follows the run it found to its end, never back to "waiting"
             if rid is None:
                 line: dict[str, Any] = {"state": "waiting", "final": False, "reason": "no live run under the prefix"}
             else:
                 progress, _ = _read(client, output / rid / PROGRESS)
                 manifest = storage.get_json(client, output / rid / "manifest.json")
                 line = {"run_id": rid, **status_of(progress, manifest, time.time())}
+                if line.get("final"):
+                    line.update(final_words(output / rid, line.get("manifest") or {}))
             text = json.dumps({k: v for k, v in line.items() if k not in ("manifest", "heartbeat_age_s")}, default=str)
             if display is not None:
                 display.show(line)
@@ -326,7 +341,9 @@ class _RichDisplay:
         if line and line.get("final"):
             manifest = line.get("manifest") or {}
             summary = (manifest.get("accounting") or {}).get("summary", "")
-            print(f"Run finished: {line.get('state')}. {summary}")
+            extra = [f"{line['headline']}." if line.get("headline") else ""]
+            extra.append(f"Report: {line['report']}" if line.get("report") else "")
+            print(" ".join(x for x in [f"Run finished: {line.get('state')}.", summary, *extra] if x))
 
 
 def watch_command(args: Any, settings: Any) -> int:

@@ -6,13 +6,14 @@ results in `job.record` (the report and the manifest read them there)."""
 
 from __future__ import annotations
 
+import difflib
 import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pogona_job.dataset import StagedDataset
-from pogona_job.errors import SanityFailed, Stalled, TransientFailure
+from pogona_job.errors import ConfigError, SanityFailed, Stalled, TransientFailure
 from pogona_job.evaluation import export, plots, scoring
 from pogona_job.evaluation.headline import Headline
 from pogona_job.evaluation.promotion import champion_path, compare, decide
@@ -134,14 +135,34 @@ def fetch_model(job: Job) -> str:
     """Weights by name, .yaml, or an s3:// URI (downloaded once into the work dir)."""
     model = job.settings.model
     if not model.startswith("s3://"):
+        _check_weights_name(model)
         return model
     src = S3Path.parse(model)
     dest = job.work / "weights" / Path(src.key).name
+    if not dest.exists() and storage.head(job.client, src) is None:
+        raise ConfigError(
+            f"POGONA_MODEL {model} does not exist: check the URI (a run's weights are at <run>/weights/best.pt)."
+        )
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         with storage.errors_for(src.bucket, f"downloading the weights {model}"):
             job.client.download_file(src.bucket, src.key, str(dest))
     return str(dest)
+
+
+def _check_weights_name(model: str) -> None:
+    """A misspelled pretrained name is a configuration mistake, not a failed download (exit 2, did-you-mean)."""
+    if not model.endswith(".pt") or Path(model).exists():
+        return
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
+
+    if Path(model).name in GITHUB_ASSETS_NAMES:
+        return
+    close = difflib.get_close_matches(Path(model).name, sorted(GITHUB_ASSETS_NAMES), n=1, cutoff=0.6)
+    hint = (
+        f" - did you mean {close[0]}?" if close else ": use a pretrained name such as yolo11s.pt, a .yaml or s3://..."
+    )
+    raise ConfigError(f"POGONA_MODEL {model} is neither a file nor a known pretrained model{hint}")
 
 
 def flush_checkpoints(job: Job) -> None:
@@ -168,6 +189,7 @@ def evaluate_model(job: Job, best: Path, staged: StagedDataset, device: str) -> 
         plots.confusion_matrix(
             rec.evaluation["val"]["at_conf"], best.parent.parent / "confusion_matrix.png", conf=s.conf
         )
+    rec.error_analysis = _error_gallery(job, best, runs, device)
     rec.export = export.export_and_verify(
         best,
         staged,
@@ -363,3 +385,23 @@ def assess(job: Job, res: Resources, staged: StagedDataset) -> None:
     runs = evaluate_model(job, rec.full.save_dir / "weights" / "best.pt", staged, res.device)
     final_verdict(job, rec.full.save_dir, staged.published_files)  # below POGONA_MIN_FINAL_MAP50: exit 5
     rec.promotion = decide_promotion(job, staged, runs, res.device)
+
+
+def _error_gallery(job: Job, best: Path, runs: dict[str, SplitRun], device: str) -> list[str]:
+    """The report's error analysis on val at POGONA_CONF; its pictures uploaded under plots/errors/. Never
+    fails the run: a model that trained and scored is not lost to a drawing problem."""
+    from pogona_job.run import gallery
+    from pogona_job.run.publish import upload
+
+    val = runs.get("val")
+    if val is None:
+        return []
+    try:
+        lines, files = gallery.error_analysis(
+            best, val.modality, conf=job.settings.conf, imgsz=job.settings.imgsz, device=device, work_dir=job.runs
+        )
+    except Exception as exc:  # reported in the report, never a failed run
+        log.warning("error analysis failed", error=f"{type(exc).__name__}: {exc}")
+        return ["", f"*Error analysis unavailable: {type(exc).__name__}.*", ""]
+    upload(job, files)
+    return lines

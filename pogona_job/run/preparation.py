@@ -13,6 +13,7 @@ from typing import Any
 
 from pogona_job import dataset, training
 from pogona_job.config import scheduler_job
+from pogona_job.errors import ConfigError
 from pogona_job.logs import get_logger
 from pogona_job.run.lease import Lease
 from pogona_job.run.phases import fetch_model
@@ -39,7 +40,9 @@ def take_run(job: Job) -> Resources:
     """Refuse early what cannot work, take the run's lease, and set up everything that writes under it."""
     s, rec = job.settings, job.record
     assert s.dataset_uri
-    storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from")
+    if not storage.check_bucket(job.client, S3Path.parse(s.dataset_uri), "reading the dataset from"):
+        # A typo in the prefix: say so before any run folder (lease, report) is written.
+        raise ConfigError(f"Nothing under {s.dataset_uri}: check POGONA_DATASET_URI (a typo in the prefix?).")
     storage.check_bucket(job.client, job.out, "checking the output prefix")
     _stop_if_finished(job)
     lease = Lease(job.client, job.out / "lease.json", s.lease_ttl_s, attempt=job.attempt, scheduler_job=scheduler_job())

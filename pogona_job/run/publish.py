@@ -30,6 +30,7 @@ def upload(job: Job, items: list[tuple[Path, str]]) -> list[storage.Artifact]:
     """Upload the run's outputs, each one fenced by the lease: a job that lost the run raises
     LeaseLost before (or instead of) replacing what the new holder wrote."""
     pairs = [(path, job.out / key) for path, key in items if path.exists()]
+    job.local_files.update({key: path for path, key in items if path.exists()})
     artifacts: list[storage.Artifact] = []
     bulky = [(p, d) for p, d in pairs if job.lease is None or p.stat().st_size >= FENCED_MAX]
     for path, dest in pairs:
@@ -108,13 +109,19 @@ def publish(job: Job) -> None:
     if job.lease is not None:  # prove we still hold the run right before writing its outputs
         job.lease.confirm()
     if job.live is not None:
-        rec.accounting = job.live.tracker.summary(rec.status)
+        rec.accounting = job.live.tracker.summary(job.outcome())
     config_path = job.work / "config.json"
     config_path.write_text(json.dumps(rec.config, indent=2, sort_keys=True, default=str))
-    rec.artifacts = sorted({*job.sums, "config.json", "report.md"})
+    rec.artifacts = sorted({*job.sums, "config.json", "report.md", "report.html", "model_card.md"})
     report_path = job.work / "report.md"
     report_path.write_text(render(rec))
-    upload(job, [(config_path, "config.json"), (report_path, "report.md")])
+    from pogona_job.run import html_report, model_card
+
+    html_path, card_path = job.work / "report.html", job.work / "model_card.md"
+    card_path.write_text(model_card.render(rec, job.settings.conf))
+    html_path.write_text(html_report.to_html(report_path.read_text(), job.local_files, f"Training Log - {rec.run_id}"))
+    upload(job, [(config_path, "config.json"), (report_path, "report.md"), (card_path, "model_card.md")])
+    upload(job, [(html_path, "report.html")])
     manifest = manifest_of(job)
     if job.lease is not None:
         manifest["lease_generation"] = job.lease.generation

@@ -304,6 +304,8 @@ def render(record: RunRecord) -> str:
     if record.failure:
         out += ["", f"> **What went wrong:** {record.failure}"]
     out += _headline_lines(record)
+    if "model_card.md" in record.artifacts:
+        out += ["", "[Model card](model_card.md) · [report.html](report.html) · [manifest.json](manifest.json)"]
     if record.accounting:
         out += ["", f"**Cost and time:** {record.accounting['summary']}"]
     out += [
@@ -448,6 +450,7 @@ def render(record: RunRecord) -> str:
 
         out += scoring.report_lines(record.evaluation) + export.report_lines(record.export)
         out += promotion.report_lines(record.promotion)
+    out += record.error_analysis
     out += ["## Recommendations", "", *[f"{i}. {r}" for i, r in enumerate(_recommendations(record), 1)], ""]
     out += report_lines(record.accounting)
     if record.timings:

@@ -66,6 +66,7 @@ class RunRecord:
     promotion: dict[str, Any] = field(default_factory=dict)  # promotion.decide()
     artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
     accounting: dict[str, Any] = field(default_factory=dict)  # budget.Tracker.summary(): time, cost, attempts
+    error_analysis: list[str] = field(default_factory=list)  # run/gallery.py: the report's error-analysis markdown
 
 
 @dataclass
@@ -84,6 +85,13 @@ class Job:
     final: bool = False  # a succeeded (or partial) manifest is published: nothing may rewrite it
     live: Any = None  # livestatus.LiveStatus: progress.json, accounting, budget (once the lease is held)
     extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
+    local_files: dict[str, Path] = field(default_factory=dict)  # uploaded key -> local file (report.html embeds them)
+
+    def outcome(self) -> str:
+        """The attempt's outcome for the accounting: a user's Ctrl-C (SIGINT) is a stop, not a preemption."""
+        if self.record.status == "interrupted" and self.stop.signal_name == "SIGINT":
+            return "stopped by the user"
+        return self.record.status
 
     @property
     def runs(self) -> Path:

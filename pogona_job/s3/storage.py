@@ -339,10 +339,12 @@ def head(client: S3Client, path: S3Path) -> dict[str, Any] | None:
             raise
 
 
-def check_bucket(client: S3Client, path: S3Path, doing: str) -> None:
-    """Fail fast (exit 4) on a missing bucket or refused credentials, before any work."""
-    with errors_for(path.bucket, doing):
-        client.list_objects_v2(Bucket=path.bucket, Prefix=path.key, MaxKeys=1)
+def check_bucket(client: S3Client, path: S3Path, doing: str) -> bool:
+    """Fail fast (exit 4) on a missing bucket or refused credentials, before any work; True when anything
+    lies under the prefix. The sentence names the URI (`doing` ends with "from", "checking" ...)."""
+    with errors_for(path.bucket, f"{doing} {path.uri}"):
+        answer = client.list_objects_v2(Bucket=path.bucket, Prefix=path.key, MaxKeys=1)
+    return bool(answer.get("KeyCount") or answer.get("Contents"))
 
 
 def delete_keys(client: S3Client, bucket: str, keys: list[str]) -> None:
@@ -547,10 +549,27 @@ def upload_many(
     return [results[i] for i in range(len(items))]
 
 
+# What a browser (a presigned URL, the S3 console) needs to show an object instead of downloading it.
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".md": "text/markdown; charset=utf-8",
+    ".json": "application/json",
+    ".csv": "text/csv; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+}
+
+
+def content_type(path: Path) -> str:
+    return CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+
+
 async def _upload(client: S3Client, path: Path, dest: S3Path) -> Artifact:
     import obstore
 
     size = path.stat().st_size
+    kind = content_type(path)
     store = object_store(client, dest.bucket)
     started = datetime.now(UTC) - timedelta(minutes=10)  # clock skew; one run writes a key at a time
     with errors_for(dest.bucket, f"uploading {dest.key}"):
@@ -559,13 +578,22 @@ async def _upload(client: S3Client, path: Path, dest: S3Path) -> Artifact:
                 from boto3.s3.transfer import TransferConfig
 
                 config = TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD, multipart_chunksize=_PART_SIZE)
-                await asyncio.to_thread(client.upload_file, str(path), dest.bucket, dest.key, Config=config)
+                await asyncio.to_thread(
+                    client.upload_file,
+                    str(path),
+                    dest.bucket,
+                    dest.key,
+                    Config=config,
+                    ExtraArgs={"ContentType": kind},
+                )
             elif size < _MULTIPART_THRESHOLD:
                 data = path.read_bytes()
-                await obstore.put_async(store, dest.key, data, use_multipart=False)
+                await obstore.put_async(store, dest.key, data, use_multipart=False, attributes={"Content-Type": kind})
                 return Artifact(dest.key, size, hashlib.sha256(data).hexdigest())
             else:
-                await obstore.put_async(store, dest.key, path, chunk_size=_PART_SIZE, max_concurrency=4)
+                await obstore.put_async(
+                    store, dest.key, path, chunk_size=_PART_SIZE, max_concurrency=4, attributes={"Content-Type": kind}
+                )
         except BaseException:
             if size >= _MULTIPART_THRESHOLD:
                 await asyncio.to_thread(_abort_uploads, client, dest, started)

@@ -40,11 +40,11 @@ def weed_binary() -> str:
 class LocalS3:
     """`with LocalS3(buckets=["demo"]) as s3: s3.env` gives AWS_* variables for boto3."""
 
-    def __init__(self, buckets: list[str], data_dir: Path | None = None) -> None:
+    def __init__(self, buckets: list[str], data_dir: Path | None = None, port: int | None = None) -> None:
         self.buckets = buckets
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="pogona-s3-"))
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -152,3 +152,54 @@ class LocalS3:
 
     def __exit__(self, *exc: object | TracebackType | None) -> None:
         self.stop()
+
+
+# --- a server that outlives the command that started it (make run-local) ----------------------------
+
+
+def running(data_dir: Path, buckets: list[str]) -> LocalS3 | None:
+    """The server an earlier call left running on `data_dir`, when it still answers."""
+    state = data_dir / "server.json"
+    if not state.exists():
+        return None
+    saved = json.loads(state.read_text())
+    server = LocalS3(buckets, data_dir=data_dir, port=int(saved["port"]))
+    try:
+        os.kill(int(saved["pid"]), 0)
+    except (ProcessLookupError, PermissionError):
+        return None
+    return server if server._buckets_ready() else None
+
+
+def start_kept(data_dir: Path, buckets: list[str]) -> LocalS3:
+    """Start a server on `data_dir` (its data survives restarts) that keeps running after this process."""
+    saved = json.loads((data_dir / "server.json").read_text()) if (data_dir / "server.json").exists() else {}
+    port = int(saved.get("port", 0)) or None
+    if port is not None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:  # taken by something else now
+                port = None
+    server = LocalS3(buckets, data_dir=data_dir, port=port).start()
+    assert server.proc is not None
+    (data_dir / "server.json").write_text(json.dumps({"pid": server.proc.pid, "port": server.port}))
+    return server
+
+
+def stop_kept(data_dir: Path) -> bool:
+    """Stop the server `start_kept` left on `data_dir`; True when one was running."""
+    state = data_dir / "server.json"
+    if not state.exists():
+        return False
+    pid = int(json.loads(state.read_text())["pid"])
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+    return True

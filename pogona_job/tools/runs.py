@@ -40,14 +40,17 @@ def _map50(manifest: dict[str, Any]) -> str:
 def table(client: Any, out: S3Path) -> str:
     champion = pointers.read(client, out / "champion.json").value or {}
     rows = [("RUN", "STATUS", "DATE", "best.pt mAP@0.5 (95% CI) epoch", "CHAMPION")]
+    found: list[tuple[str, tuple[str, str, str, str, str]]] = []
     for run_id in run_ids(client, out):
         manifest = storage.get_json(client, out / run_id / "manifest.json")
         if manifest is None:
-            rows.append((run_id, "in progress", "-", "-", ""))
+            found.append(("~", (run_id, "in progress", "-", "-", "")))  # newest: still running, listed last
             continue
         mark = "★" + (" (forced)" if champion.get("forced") else "") if champion.get("run_id") == run_id else ""
+        stamp = str(manifest.get("started_at") or manifest.get("finished_at") or "")
         date = str(manifest.get("finished_at") or manifest.get("started_at") or "-")[:19].replace("T", " ")
-        rows.append((run_id, str(manifest.get("status", "?")), date, _map50(manifest), mark))
+        found.append((stamp, (run_id, str(manifest.get("status", "?")), date, _map50(manifest), mark)))
+    rows += [row for _, row in sorted(found, key=lambda x: (x[0], x[1][0]))]  # by date, oldest first
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     if len(rows) == 1:

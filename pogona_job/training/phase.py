@@ -9,6 +9,7 @@ import csv
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ def resolve_device(settings: Settings) -> str:
         raise ConfigError(
             "POGONA_DEVICE=mps is refused: Apple's MPS backend is known to train YOLO silently on zero losses; "
             "use cpu or a CUDA GPU, or set POGONA_ALLOW_MPS=true to try it under the sanity gate."
+        )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"POGONA_DEVICE=mps needs Apple's MPS backend, which this machine ({sys.platform}) does not have: "
+            "use cpu or a CUDA GPU."
         )
     # A GPU this process was given but cannot use: fail fast (exit 2), never fall back to the CPU.
     if device not in ("cpu", "mps") and not torch.cuda.is_available() and (given := gpu_policy.gpu_assignment()):
