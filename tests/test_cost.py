@@ -178,11 +178,11 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
 
     events = _events(result.stderr)
     names = [(e.get("event"), e.get("phase")) for e in events]
-    verdict_done = names.index(("phase finished", "verdict"))
-    warning = events[verdict_done + 1]  # the projection comes right after the sanity verdict
+    judged = max(i for i, (event, _) in enumerate(names) if event == "sanity criterion")
+    warning = events[judged + 1]  # the projection comes right after the sanity verdict, before full training
     assert warning["event"] == "budget will not cover the full run" and warning["level"] == "warning"
     assert warning["epochs_that_fit"] == 0 and warning["budget"] == "POGONA_MAX_HOURS=0.001"
-    assert names.index(("phase started", "full")) > verdict_done + 1
+    assert names.index(("phase started", "full")) > judged + 1
 
     prefix = out_key(env, run) + "/"
     manifest = _json(s3_client, prefix + "manifest.json")
