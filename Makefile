@@ -44,9 +44,9 @@ format: setup
 	$(VENV)/bin/ruff format pogona_job tests benchmarks
 	$(VENV)/bin/ruff check --fix pogona_job tests benchmarks
 
-# Regenerate the README's variable table from the settings class (a test fails when they drift).
+# Regenerate docs/variables.md's table from the settings class (a test fails when they drift).
 readme: setup
-	$(PY) -m pogona_job.config --update-readme README.md
+	$(PY) -m pogona_job.config --update-readme docs/variables.md
 
 # The validators' own venv (.venv-tools): the one step that needs the package index, done before
 # the tests so that neither pytest nor infra/validate.sh reaches PyPI mid-run.
