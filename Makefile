@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 export YOLO_OFFLINE := true
 
-.PHONY: setup tools run-local test unit lint format readme infra-validate bench mutants gpu-proof docker-build docker-run docker-push clean
+.PHONY: setup tools run-local test unit lint format readme schema infra-validate bench mutants gpu-proof docker-build docker-run docker-push clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,10 @@ format: setup
 # Regenerate docs/variables.md's table from the settings class (a test fails when they drift).
 readme: setup
 	$(PY) -m pogona_job.config --update-readme docs/variables.md
+
+# Regenerate docs/manifest.schema.json from pogona_job/run/manifest.py (a test fails when they drift).
+schema: setup
+	$(PY) -m pogona_job.run.manifest docs/manifest.schema.json
 
 # The validators' own venv (.venv-tools): the one step that needs the package index, done before
 # the tests so that neither pytest nor infra/validate.sh reaches PyPI mid-run.

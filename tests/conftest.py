@@ -57,6 +57,45 @@ def _reap_job_processes() -> Iterator[None]:
 def s3() -> Iterator[LocalS3]:
     with LocalS3(buckets=[BUCKET, "pogona-other"]) as server:
         yield server
+        invalid = published_manifests_that_do_not_validate(server)
+        assert not invalid, f"manifests that do not match docs/manifest.schema.json: {invalid}"
+
+
+def published_manifests_that_do_not_validate(server: LocalS3) -> dict[str, str]:
+    """Every manifest.json the session's runs published (the job's, not the ones tests write by hand to
+    read back: those lack `versions` and `lineage`, which the job always writes), checked against the model
+    the published schema is generated from. Key -> the first error."""
+    import json
+
+    from pydantic import ValidationError
+
+    from pogona_job.run.manifest import Manifest
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    invalid: dict[str, str] = {}
+    for bucket in server.buckets:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/manifest.json") or "/checkpoint/" in obj["Key"]:
+                    continue
+                try:
+                    data = json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+                except ValueError as err:
+                    invalid[obj["Key"]] = f"not JSON: {err}"
+                    continue
+                if not isinstance(data, dict) or not {"versions", "lineage"} <= set(data):
+                    continue
+                try:
+                    Manifest.model_validate(data)
+                except ValidationError as err:
+                    invalid[obj["Key"]] = str(err).splitlines()[0] + " " + str(err.errors()[0])
+    return invalid
 
 
 @pytest.fixture(scope="session")

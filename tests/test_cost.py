@@ -205,11 +205,11 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     # Attempt 1 uploads no full-training checkpoint (interval 1 h), so its full epochs are recomputed.
     first = Job(env_for(run, "work-1", POGONA_CHECKPOINT_MIN_INTERVAL_S="3600", **common))
     first.wait_for(_is("epoch", phase="full", epoch=2))
-    assert first.signal_and_wait(signal.SIGTERM) == 143
+    assert first.signal_and_wait(signal.SIGTERM) == 143, first.tail()
     assert hook.messages == []  # one preemption is churn, not news
     second = Job(env_for(run, "work-2", **common))  # a fresh machine: nothing local survives
     second.wait_for(_is("epoch", phase="full", epoch=1))
-    assert second.signal_and_wait(signal.SIGTERM) == 143
+    assert second.signal_and_wait(signal.SIGTERM) == 143, second.tail()
     assert [m["title"] for m in hook.messages] == [f"pogona-train run {run}: interrupted, will resume"]
     assert "Preempted 2 times" in hook.messages[0]["message"]
     third_env = env_for(run, "work-3", **common)
@@ -246,7 +246,7 @@ def test_a_retry_that_finds_the_budget_spent_trains_no_further_and_publishes_par
     run = "cost-spent"
     first = Job(env_for(run, "work-1", POGONA_EPOCHS="4"))
     first.wait_for(_is("checkpoint uploaded", checkpoint_phase="full", epoch=1))
-    assert first.signal_and_wait(signal.SIGTERM) == 143
+    assert first.signal_and_wait(signal.SIGTERM) == 143, first.tail()
     # The retry's budget (3.6 s) is already spent by attempt 1: not one more epoch may run.
     second_env = env_for(run, "work-2", POGONA_EPOCHS="4", POGONA_MAX_HOURS="0.001")
     second = run_here(["run"], second_env)
