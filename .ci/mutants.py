@@ -37,7 +37,9 @@ class Target:
 
 TARGETS = {
     # The watchdog, parity probe and verdict; test_gate_training (real training) is left out: minutes per mutant.
-    "gate": Target(("pogona_job/training/gate.py",), ("tests/test_gate.py",)),
+    # Every target copies the whole package (mutmut runs the tests in its copy, where a module it did not copy
+    # cannot be imported) and mutates only its own module's functions (the name globs).
+    "gate": Target(("pogona_job",), ("tests/test_gate.py",), ("pogona_job.training.gate.*",)),
     # The checkpoint sets, pointer and restore; the end-to-end kills (test_crash, test_preemption) run the job in
     # child processes, where mutmut cannot see which mutant they cover, and take minutes: left out.
     "checkpoint": Target(("pogona_job",), ("tests/test_checkpoint.py",), ("pogona_job.training.checkpoint.*",)),
@@ -50,7 +52,7 @@ TARGETS = {
     ),
     # Only the S3 error -> exit code mapping.
     "storage": Target(
-        ("pogona_job/s3/storage.py",),
+        ("pogona_job",),
         ("tests/test_storage.py",),  # test_faults runs the job in child processes, outside mutmut's copy
         # mutmut leaves decorated functions alone (errors_for is a @contextmanager), so the mapping lives in
         # these undecorated functions; a target that yields no mutant fails loudly.
@@ -86,7 +88,7 @@ def _config(target: Target, tests: list[str]) -> str:
     return (
         "\n[tool.mutmut]\n"
         f"paths_to_mutate = {toml_list(paths)}\n"
-        'also_copy = ["tests/", "dataset/", "benchmarks/", "README.md"]\n'
+        'also_copy = ["tests/", "dataset/", "benchmarks/", "docs/", "README.md"]\n'
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         'pytest_add_cli_args = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]\n'
     )
