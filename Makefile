@@ -29,7 +29,7 @@ test: setup tools
 # The fast loop (< 2 min): every test that neither trains nor starts the job or a script as a process
 # (the `slow` marker; tests/conftest.py derives it from what each test calls). A test that takes over
 # 10 s here fails, named, so the loop stays fast. `make test` runs everything, these included.
-unit: setup
+unit: setup tools
 	@$(PY) -m pytest -p randomly -m "not slow" -q $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
 
 # The GPU proof (benchmarks/README.md): the job vs bare ultralytics on this machine's GPU, the parity

@@ -236,6 +236,7 @@ SLOW_CALLS = (
     "job.run(",
     ".train(",
     "train_phase(",
+    "batch_loss_fn(",  # a real model's loss on a real batch
     "ship_models",
 )
 UNIT_LIMIT_S = 10.0
