@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 export YOLO_OFFLINE := true
 
-.PHONY: setup tools chromium run-local run-local-stop test unit lint format readme infra-validate bench bench-stats mutants gpu-proof docker-build docker-run docker-push clean
+.PHONY: setup tools chromium run-local run-local-stop test unit lint format readme schema infra-validate bench bench-stats mutants gpu-proof docker-build docker-run docker-push clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,19 @@ test: setup tools
 	@$(PY) -m pytest -p randomly $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
 	$(MAKE) --no-print-directory infra-validate
 
+# The fast loop (< 2 min): every test that neither trains nor starts the job or a script as a process
+# (the `slow` marker; tests/conftest.py derives it from what each test calls). A test that takes over
+# 10 s here fails, named, so the loop stays fast. `make test` runs everything, these included.
+unit: setup tools
+	@$(PY) -m pytest -p randomly -m "not slow" -q $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
+
+# The GPU proof (benchmarks/README.md): the job vs bare ultralytics on this machine's GPU, the parity
+# probe on the device, the gate against the MPS signature; writes BENCHMARKS.md's GPU section.
+#   make gpu-proof GPU_PROOF_ARGS=--tiny   (every step on the CPU, as the tests run it)
+GPU_PROOF_ARGS ?=
+gpu-proof: setup
+	PY=$(PY) bash benchmarks/gpu_proof.sh $(GPU_PROOF_ARGS)
+
 # Mutation testing (mutmut) of gate.py, checkpoint.py, the dataset rules and storage's error mapping, each
 # against only the tests that specify it; prints every survivor and records the counts in BENCHMARKS.md
 # (section mutants.py). Minutes per module: not part of `make test`.
@@ -44,6 +57,7 @@ test: setup tools
 MUTANTS ?=
 MUTANTS_ARGS ?=
 mutants: setup
+	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e '.[dev,mutants]'
 	$(PY) .ci/mutants.py --write $(MUTANTS_ARGS) $(MUTANTS)
 
 lint: setup
@@ -56,9 +70,13 @@ format: setup
 	$(VENV)/bin/ruff format pogona_job tests benchmarks
 	$(VENV)/bin/ruff check --fix pogona_job tests benchmarks
 
-# Regenerate the README's variable table from the settings class (a test fails when they drift).
+# Regenerate docs/variables.md's table from the settings class (a test fails when they drift).
 readme: setup
-	$(PY) -m pogona_job.config --update-readme README.md
+	$(PY) -m pogona_job.config --update-readme docs/variables.md
+
+# Regenerate docs/manifest.schema.json from pogona_job/run/manifest.py (a test fails when they drift).
+schema: setup
+	$(PY) -m pogona_job.run.manifest docs/manifest.schema.json
 
 # The validators' own venv (.venv-tools): the one step that needs the package index, done before
 # the tests so that neither pytest nor infra/validate.sh reaches PyPI mid-run.

@@ -16,12 +16,14 @@ BENCHMARKS.md's `mutants.py` section (`make mutants` does).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,9 @@ class Target:
 
 TARGETS = {
     # The watchdog, parity probe and verdict; test_gate_training (real training) is left out: minutes per mutant.
-    "gate": Target(("pogona_job/training/gate.py",), ("tests/test_gate.py",)),
+    # Every target copies the whole package (mutmut runs the tests in its copy, where a module it did not copy
+    # cannot be imported) and mutates only its own module's functions (the name globs).
+    "gate": Target(("pogona_job",), ("tests/test_gate.py",), ("pogona_job.training.gate.*",)),
     # The checkpoint sets, pointer and restore; the end-to-end kills (test_crash, test_preemption) run the job in
     # child processes, where mutmut cannot see which mutant they cover, and take minutes: left out.
     "checkpoint": Target(("pogona_job",), ("tests/test_checkpoint.py",), ("pogona_job.training.checkpoint.*",)),
@@ -50,7 +54,7 @@ TARGETS = {
     ),
     # Only the S3 error -> exit code mapping.
     "storage": Target(
-        ("pogona_job/s3/storage.py",),
+        ("pogona_job",),
         ("tests/test_storage.py",),  # test_faults runs the job in child processes, outside mutmut's copy
         # mutmut leaves decorated functions alone (errors_for is a @contextmanager), so the mapping lives in
         # these undecorated functions; a target that yields no mutant fails loudly.
@@ -86,7 +90,7 @@ def _config(target: Target, tests: list[str]) -> str:
     return (
         "\n[tool.mutmut]\n"
         f"paths_to_mutate = {toml_list(paths)}\n"
-        'also_copy = ["tests/", "dataset/", "benchmarks/", "README.md"]\n'
+        'also_copy = ["tests/", "dataset/", "benchmarks/", "docs/", "README.md"]\n'
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         'pytest_add_cli_args = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]\n'
     )
@@ -124,15 +128,22 @@ def run_target(name: str, target: Target, show: bool = False, keep: Path | None 
         run = subprocess.run(
             [mutmut, "run", *target.names], cwd=work, capture_output=True, text=True, check=False, env=env
         )
-        lines = run.stdout.replace("\r", "\n").splitlines()  # a spinner: keep its last count and the rate
-        counts = [line.strip() for line in lines if "🎉" in line]
-        rate = [line.strip() for line in lines if "mutations/second" in line]
-        count = " ".join([*counts[-1:], *rate[-1:]])
-        if not counts:  # mutmut's clean run failed (e.g. a test that cannot run in its copy): no mutant was checked
+        # mutmut mutates the whole copied package; only the target's own mutants (its name globs) count.
+        listing = subprocess.run(
+            [mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True, check=False
+        ).stdout
+        statuses: dict[str, str] = {}
+        for line in listing.splitlines():
+            mutant, sep, status = line.strip().rpartition(": ")
+            if sep and (not target.names or any(fnmatch.fnmatch(mutant, g) for g in target.names)):
+                statuses[mutant] = status.strip()
+        tally = Counter(statuses.values())
+        if not statuses or tally.get("not checked", 0) == len(statuses):
+            # mutmut's clean run failed (e.g. a test that cannot run in its copy): no mutant was checked
             raise SystemExit(f"{name}: mutmut checked no mutant; its output ends:\n{(run.stdout + run.stderr)[-3000:]}")
+        count = f"{len(statuses)} mutants: " + ", ".join(f"{n} {status}" for status, n in sorted(tally.items()))
         print(count, flush=True)
-        results = subprocess.run([mutmut, "results"], cwd=work, capture_output=True, text=True, check=False).stdout
-        survivors = [line.split(":")[0].strip() for line in results.splitlines() if line.strip().endswith(": survived")]
+        survivors = sorted(m for m, status in statuses.items() if status == "survived")
         for mutant in survivors:
             diff = (
                 subprocess.run([mutmut, "show", mutant], cwd=work, capture_output=True, text=True).stdout
@@ -140,9 +151,9 @@ def run_target(name: str, target: Target, show: bool = False, keep: Path | None 
                 else ""
             )
             print(f"-- survived: {mutant}\n{diff}".rstrip(), flush=True)
-        others = [line.strip() for line in results.splitlines() if line.strip() and ": survived" not in line]
+        others = sorted(f"{m}: {st}" for m, st in statuses.items() if st not in ("killed", "survived"))
         print(f"== {name}: {len(survivors)} survived; not killed for another reason: {others or 'none'}")
-        return Outcome(paths, tests, count.removeprefix("⠏").strip() or "mutmut failed", survivors)
+        return Outcome(paths, tests, count, survivors)
 
 
 def record(outcomes: dict[str, Outcome], output: Path) -> None:

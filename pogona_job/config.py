@@ -1,7 +1,7 @@
 """The job's configuration: one pydantic-settings class, read from `POGONA_*` variables.
 
 This class is the single source of truth for every knob, its default and its doc; the
-README's variable table is generated from it (`python -m pogona_job.config --markdown`).
+variable table in docs/variables.md is generated from it (`make readme`).
 AWS credentials, region and endpoint are deliberately absent: boto3 reads its own
 standard variables (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL_S3`, ...).
 """
@@ -65,7 +65,7 @@ def parse_formats(value: str) -> list[str]:
 
 
 class Settings(BaseSettings):
-    """Every knob of the job. Field docs become the README table."""
+    """Every knob of the job. Field docs become the table in docs/variables.md."""
 
     # No knob means anything at infinity or NaN (and `Infinity` is not JSON: it would break the manifest).
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, allow_inf_nan=False)
@@ -473,7 +473,7 @@ def effective_config(settings: Settings) -> dict[str, Any]:
 
 
 def markdown_table() -> str:
-    """The README's variable table, generated so that it cannot drift from the class."""
+    """The variable table of docs/variables.md, generated so that it cannot drift from the class."""
     lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         if name in ("dataset_uri", "output_uri"):
@@ -497,9 +497,20 @@ def readme_with_table(text: str) -> str:
     return f"{head}{BEGIN}\n{markdown_table()}{END}{tail}"
 
 
+VARIABLES_DOC = Path(__file__).resolve().parent.parent / "docs" / "variables.md"
+
+
+def update_table(path: Path = VARIABLES_DOC) -> Path:
+    """Rewrite the table between the markers; a file without them (README.md of old) means docs/variables.md."""
+    if BEGIN not in path.read_text():
+        path = VARIABLES_DOC
+    path.write_text(readme_with_table(path.read_text()))
+    return path
+
+
 if __name__ == "__main__":  # pragma: no cover - used by `make readme`
     if sys.argv[1:2] == ["--update-readme"]:
-        readme = Path(sys.argv[2])
-        readme.write_text(readme_with_table(readme.read_text()))
+        written = update_table(Path(sys.argv[2]) if len(sys.argv) > 2 else VARIABLES_DOC)
+        print(f"variable table written to {written}")
     else:
         print(markdown_table(), end="")

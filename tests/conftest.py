@@ -5,12 +5,10 @@ Everything runs offline on loopback; servers are started on free ports and stopp
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -19,23 +17,20 @@ import pytest
 from pogona_job import logs
 from pogona_job.tools.locals3 import LocalS3
 
-ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "pogona-test"
-# A tiny but honest training setup: a real model from scratch, small images, few epochs.
-TINY = {
-    "POGONA_MODEL": "yolo11n.yaml",
-    "POGONA_EPOCHS": "2",
-    "POGONA_SANITY_EPOCHS": "3",
-    "POGONA_IMGSZ": "128",
-    "POGONA_BATCH": "8",
-    "POGONA_DEVICE": "cpu",
-    "POGONA_WORKERS": "0",
-    "POGONA_LOG_FORMAT": "json",
-    "POGONA_CHECKPOINT_MIN_INTERVAL_S": "0",
-    # A from-scratch model scores 0 for its first ~10 epochs: tiny test runs would all fail the final verdict.
-    # Tests of the verdict set it themselves (tests/test_report_headline.py).
-    "POGONA_MIN_FINAL_MAP50": "0",
-}
+# The shared helpers live in tests/helpers.py; these names stay importable from here for the files that
+# import them from tests.conftest.
+from tests.helpers import (  # noqa: F401
+    BUCKET,
+    ROOT,
+    TINY,
+    JobProcess,
+    Result,
+    job_env,
+    out_key,
+    output_uri,
+    run_cli,
+    run_here,
+)
 
 logs.CACHE_LOGGERS = False  # so structlog.testing.capture_logs() sees in-process runs
 
@@ -51,10 +46,56 @@ def offline_ultralytics(tmp_path_factory: pytest.TempPathFactory) -> None:
     offline.prepare(Path(os.environ["YOLO_CONFIG_DIR"]))
 
 
+@pytest.fixture(autouse=True)
+def _reap_job_processes() -> Iterator[None]:
+    """A JobProcess a test left running (an assertion failed before it ended) is killed with its group."""
+    yield
+    JobProcess.reap()
+
+
 @pytest.fixture(scope="session")
 def s3() -> Iterator[LocalS3]:
     with LocalS3(buckets=[BUCKET, "pogona-other"]) as server:
         yield server
+        invalid = published_manifests_that_do_not_validate(server)
+        assert not invalid, f"manifests that do not match docs/manifest.schema.json: {invalid}"
+
+
+def published_manifests_that_do_not_validate(server: LocalS3) -> dict[str, str]:
+    """Every manifest.json the session's runs published (the job's, not the ones tests write by hand to
+    read back: those lack `versions` and `lineage`, which the job always writes), checked against the model
+    the published schema is generated from. Key -> the first error."""
+    import json
+
+    from pydantic import ValidationError
+
+    from pogona_job.run.manifest import Manifest
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    invalid: dict[str, str] = {}
+    for bucket in server.buckets:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/manifest.json") or "/checkpoint/" in obj["Key"]:
+                    continue
+                try:
+                    data = json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+                except ValueError as err:
+                    invalid[obj["Key"]] = f"not JSON: {err}"
+                    continue
+                if not isinstance(data, dict) or not {"versions", "lineage"} <= set(data):
+                    continue
+                try:
+                    Manifest.model_validate(data)
+                except ValidationError as err:
+                    invalid[obj["Key"]] = str(err).splitlines()[0] + " " + str(err.errors()[0])
+    return invalid
 
 
 @pytest.fixture(scope="session")
@@ -88,43 +129,6 @@ def demo_uri(s3: LocalS3, s3_client, demo_dir: Path) -> str:  # type: ignore[no-
             mp.setenv(key, value)
         storage.push_tree(storage.make_client(), demo_dir, storage.S3Path.parse(uri))
     return uri
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def output_uri(tmp_path: Path) -> str:
-    """A bucket prefix of the test's own (named after its tmp_path, which pytest makes unique per
-    test), so no test sees another's runs, latest.json or uploads, whatever the order."""
-    digest = hashlib.sha1(str(tmp_path).encode()).hexdigest()[:8]
-    return f"s3://{BUCKET}/t/{tmp_path.name}-{digest}/runs"
-
-
-def out_key(env: Mapping[str, str], *parts: str) -> str:
-    """The bucket key of `parts` under this env's POGONA_OUTPUT_URI, e.g. out_key(env, run, "manifest.json")."""
-    prefix = env["POGONA_OUTPUT_URI"].removeprefix(f"s3://{BUCKET}/")
-    return "/".join([prefix, *parts])
-
-
-def job_env(s3: LocalS3, tmp_path: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POGONA_", "AWS_"))}
-    env.update(s3.env)
-    env.update(TINY)
-    env.update(POGONA_OUTPUT_URI=output_uri(tmp_path), POGONA_WORK_DIR=str(tmp_path / "work"))
-    env.update(overrides)
-    return env
-
-
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> Result:
-    """The real console entry point in a child process: real exit codes, real stderr."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pogona_job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-    return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 class FaultProxy:
@@ -215,3 +219,65 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if alive:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nprocesses left behind by the tests: {alive}", file=sys.stderr)
+
+
+# --- markers: `slow` means the test trains a model or starts the job (or a script) as a process --------
+# A test is marked slow when it says so (@pytest.mark.slow) or when its code, or the code of a fixture it
+# uses, does one of these. `make unit` runs the rest (`-m "not slow"`) and holds each of them to
+# UNIT_LIMIT_S, so a test that became slow without saying so fails there, named, instead of quietly
+# making the fast loop slow.
+SLOW_CALLS = (
+    "run_cli(",
+    "JobProcess(",
+    "Job(",
+    "Leg(",
+    "Popen(",
+    "subprocess.run(",
+    "job.run(",
+    ".train(",
+    "train_phase(",
+    "batch_loss_fn(",  # a real model's loss on a real batch
+    "ship_models",
+)
+UNIT_LIMIT_S = 10.0
+
+
+def _source(obj: object) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(obj)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    function = getattr(item, "function", None)
+    sources = [_source(function)] if function else []
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in info.name2fixturedefs.values() if info else []:
+        sources += [_source(d.func) for d in defs if d.baseid]  # the project's fixtures, not pytest's own
+    module = getattr(item, "module", None)
+    for name, obj in vars(module).items() if module else []:  # one level into the module's own helpers
+        if callable(obj) and getattr(obj, "__module__", None) == module.__name__ and f"{name}(" in "".join(sources):
+            sources.append(_source(obj))
+    return any(call in text for text in sources for call in SLOW_CALLS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") is None and _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    unit = "not slow" in (item.config.getoption("markexpr", "") or "")
+    if unit and report.when == "call" and report.passed and call.duration > UNIT_LIMIT_S:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} took {call.duration:.1f} s, over the fast loop's {UNIT_LIMIT_S:.0f} s per test: "
+            "mark it @pytest.mark.slow (or make it faster)."
+        )
+    return report

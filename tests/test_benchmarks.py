@@ -16,7 +16,7 @@ import pytest
 from pogona_job.s3 import pull, storage
 from pogona_job.s3.storage import S3Path
 from pogona_job.tools.locals3 import LocalS3
-from tests.conftest import BUCKET, ROOT
+from tests.helpers import BUCKET, ROOT
 
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))

@@ -1,11 +1,12 @@
 """Budget, accounting, live progress and notifications on real (tiny) runs against SeaweedFS,
-with a real loopback HTTP receiver standing in for Slack & co (apprise `json://`)."""
+with a real loopback HTTP receiver standing in for Slack & co (apprise `json://`).
+
+The runs under test run in this process (`run_here`); only the attempts that are preempted by a
+SIGTERM (and `runs watch`, which must see the run from outside) are child processes."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import signal
 import subprocess
@@ -18,35 +19,18 @@ from typing import Any
 import pytest
 
 from pogona_job.tools.locals3 import LocalS3, free_port
-from tests.conftest import BUCKET, ROOT, job_env, out_key, run_cli
+from tests.helpers import BUCKET, ROOT, job_env, out_key, run_here
+from tests.helpers import JobProcess as Job
+from tests.helpers import body as _get
+from tests.helpers import events as _events
+from tests.helpers import get_json as _json
+from tests.helpers import is_event as _is
+from tests.helpers import keys as _keys
+from tests.helpers import maybe_json as _maybe_json
+from tests.helpers import rows as _rows
 from tests.loopback import Receiver, receiver
-from tests.test_preemption import STARTED, Job, _is
 
-
-def _get(client: Any, key: str) -> bytes:
-    body: bytes = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-    return body
-
-
-def _json(client: Any, key: str) -> Any:
-    return json.loads(_get(client, key))
-
-
-def _keys(client: Any, prefix: str) -> set[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"] for page in pages for o in page.get("Contents", [])}
-
-
-def _maybe_json(client: Any, key: str) -> Any:
-    return _json(client, key) if key in _keys(client, key) else None
-
-
-def _rows(client: Any, key: str) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(_get(client, key).decode())))
-
-
-def _events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+pytestmark = pytest.mark.slow  # every test here trains
 
 
 @pytest.fixture()
@@ -110,7 +94,7 @@ def test_watch_follows_a_live_run_and_a_dead_notify_endpoint_does_not_fail_it(
         POGONA_HOURLY_COST="0.98",
     )
     watcher = Watcher(env, run)  # started first, from another process: it waits for the run to appear
-    result = run_cli(["run"], env)
+    result = run_here(["run"], env)
     assert result.code == 0, result.stderr[-3000:]
     assert watcher.wait() == 0, watcher.proc.stderr.read() if watcher.proc.stderr else ""
 
@@ -173,7 +157,7 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
     env = env_for(run, POGONA_EPOCHS="3", POGONA_MAX_HOURS="0.001", POGONA_NOTIFY=hook.url)
     latest_before = _maybe_json(s3_client, out_key(env, "latest.json"))
     champion_before = _maybe_json(s3_client, out_key(env, "champion.json"))
-    result = run_cli(["run"], env)
+    result = run_here(["run"], env)
     assert result.code == 0, result.stderr[-3000:]
 
     events = _events(result.stderr)
@@ -212,7 +196,7 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
     assert lines[2] == "Champion: not considered (a partial run is never champion)"
     assert lines[3] == f"Cost: {manifest['accounting']['summary']}"
 
-    again = run_cli(["run"], env)  # the budget is spent: a retry redoes nothing
+    again = run_here(["run"], env)  # the budget is spent: a retry redoes nothing
     assert again.code == 0 and "already partial" in again.stderr
 
 
@@ -224,15 +208,15 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     # Attempt 1 uploads no full-training checkpoint (interval 1 h), so its full epochs are recomputed.
     first = Job(env_for(run, "work-1", POGONA_CHECKPOINT_MIN_INTERVAL_S="3600", **common))
     first.wait_for(_is("epoch", phase="full", epoch=2))
-    assert first.signal_and_wait(signal.SIGTERM) == 143
+    assert first.signal_and_wait(signal.SIGTERM) == 143, first.tail()
     assert hook.messages == []  # one preemption is churn, not news
     second = Job(env_for(run, "work-2", **common))  # a fresh machine: nothing local survives
     second.wait_for(_is("epoch", phase="full", epoch=1))
-    assert second.signal_and_wait(signal.SIGTERM) == 143
+    assert second.signal_and_wait(signal.SIGTERM) == 143, second.tail()
     assert [m["title"] for m in hook.messages] == [f"pogona-train run {run}: interrupted, will resume"]
     assert "Preempted 2 times" in hook.messages[0]["message"]
     third_env = env_for(run, "work-3", **common)
-    third = run_cli(["run"], third_env)
+    third = run_here(["run"], third_env)
     assert third.code == 0, third.stderr[-3000:]
 
     prefix = out_key(third_env, run) + "/"  # all three attempts share the test's output prefix
@@ -265,10 +249,10 @@ def test_a_retry_that_finds_the_budget_spent_trains_no_further_and_publishes_par
     run = "cost-spent"
     first = Job(env_for(run, "work-1", POGONA_EPOCHS="4"))
     first.wait_for(_is("checkpoint uploaded", checkpoint_phase="full", epoch=1))
-    assert first.signal_and_wait(signal.SIGTERM) == 143
+    assert first.signal_and_wait(signal.SIGTERM) == 143, first.tail()
     # The retry's budget (3.6 s) is already spent by attempt 1: not one more epoch may run.
     second_env = env_for(run, "work-2", POGONA_EPOCHS="4", POGONA_MAX_HOURS="0.001")
-    second = run_cli(["run"], second_env)
+    second = run_here(["run"], second_env)
     assert second.code == 0, second.stderr[-3000:]
     assert not [e for e in _events(second.stderr) if e.get("event") == "epoch" and e.get("phase") == "full"]
 
@@ -290,7 +274,7 @@ def test_gate_failure_and_a_failed_run_each_send_one_message(
     env_for: Callable[..., dict[str, str]], s3_client: Any, hook: Receiver
 ) -> None:
     gate_env = env_for("cost-gate", POGONA_SANITY_EPOCHS="2", POGONA_GATE_MIN_MAP50="1", POGONA_NOTIFY=hook.url)
-    gate = run_cli(["run"], gate_env)
+    gate = run_here(["run"], gate_env)
     assert gate.code == 5, gate.stderr[-2000:]
     assert len(hook.messages) == 1
     msg = hook.messages[0]
@@ -308,7 +292,7 @@ def test_gate_failure_and_a_failed_run_each_send_one_message(
     # Something under the prefix but no image: a dataset failure (an empty prefix is a configuration one, exit 2).
     s3_client.put_object(Bucket=BUCKET, Key="datasets/no-images-here/README.md", Body=b"notes, no images")
     empty["POGONA_DATASET_URI"] = f"s3://{BUCKET}/datasets/no-images-here"
-    failed = run_cli(["run"], empty)
+    failed = run_here(["run"], empty)
     assert failed.code == 3, failed.stderr[-2000:]
     assert len(hook.messages) == 2
     msg = hook.messages[1]
@@ -317,13 +301,3 @@ def test_gate_failure_and_a_failed_run_each_send_one_message(
     assert lines[0] == f"Why: {failed.stderr.strip().splitlines()[-1]}"
     assert lines[1].startswith("Exit code: 3, phase: ")
     assert lines[2].startswith("Cost: 0 epochs in ") and "unknown instance" in lines[2]
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_jobs() -> Iterator[None]:
-    yield
-    for job in STARTED:
-        if job.proc.poll() is None:
-            job.proc.kill()
-            job.proc.wait()
-    STARTED.clear()

@@ -15,7 +15,7 @@ from pogona_job.config import Settings, effective_config
 from pogona_job.errors import ConfigError
 from pogona_job.run import budget, cloud
 from pogona_job.tools.locals3 import LocalS3
-from tests.conftest import BUCKET, job_env, run_cli
+from tests.helpers import BUCKET, job_env, run_here
 from tests.loopback import TOKEN, metadata, receiver
 
 
@@ -108,14 +108,14 @@ def test_watch_reports_stalled_when_the_heartbeat_is_old(s3: LocalS3, s3_client:
     put(Bucket=BUCKET, Key="watch/old-run/progress.json", Body=json.dumps(_progress("old-run", time.time() - 60)))
     put(Bucket=BUCKET, Key="watch/live-run/progress.json", Body=json.dumps(_progress("live-run", time.time(), 30)))
     env = job_env(s3, tmp_path, POGONA_OUTPUT_URI=f"s3://{BUCKET}/watch")
-    stalled = run_cli(["runs", "watch", "old-run", "--once"], env)
+    stalled = run_here(["runs", "watch", "old-run", "--once"], env)
     line = json.loads(stalled.stdout.strip())
     assert (line["state"], line["epoch"], stalled.code) == ("stalled", 2, 1)
-    live = json.loads(run_cli(["runs", "watch", "live-run", "--once"], env).stdout.strip())
+    live = json.loads(run_here(["runs", "watch", "live-run", "--once"], env).stdout.strip())
     assert live["state"] == "running"
-    latest = json.loads(run_cli(["runs", "watch", "--latest", "--once"], env).stdout.strip())
+    latest = json.loads(run_here(["runs", "watch", "--latest", "--once"], env).stdout.strip())
     assert latest["run_id"] == "live-run"  # written last
-    both = run_cli(["runs", "watch"], env)
+    both = run_here(["runs", "watch"], env)
     assert both.code == 2 and "run id or --latest" in both.stderr
 
 

@@ -1,7 +1,7 @@
 """A job given a GPU it cannot use fails fast with exit 2; it never trains on the CPU (issue #15 item 2).
 
-CUDA is made unusable on purpose in each test (torch's own check patched in-process, or
-`CUDA_VISIBLE_DEVICES=""` for the child process), so the tests mean the same on a GPU machine.
+CUDA is made unusable on purpose in each test (torch's own check patched; the whole job runs in this
+process), so the tests mean the same on a GPU machine.
 The GPU "assignment" is the environment a platform gives the container, and a fake /dev.
 """
 
@@ -15,7 +15,7 @@ import pytest
 from pogona_job.config import Settings
 from pogona_job.errors import ConfigError
 from pogona_job.training import gpu_policy, resolve_device
-from tests.conftest import job_env, run_cli
+from tests.helpers import job_env, run_here
 
 UUID = "GPU-3f2a6c1e-9b7d-4c1a-8e55-0d2b6f7a9c10"
 
@@ -76,6 +76,7 @@ def test_without_a_gpu_auto_is_the_cpu_and_cpu_stays_allowed(monkeypatch: pytest
     assert resolve_device(Settings(device="cpu")) == "cpu"
 
 
+@pytest.mark.usefixtures("cuda_unusable")
 def test_the_job_exits_2_with_one_sentence_when_its_gpu_is_unusable(
     s3,
     demo_uri: str,
@@ -89,9 +90,8 @@ def test_the_job_exits_2_with_one_sentence_when_its_gpu_is_unusable(
         POGONA_RUN_ID="device-policy-unusable-gpu",
         POGONA_DEVICE="auto",
         NVIDIA_VISIBLE_DEVICES=UUID,
-        CUDA_VISIBLE_DEVICES="",  # torch sees no usable CUDA device, on any machine
     )
-    result = run_cli(["run"], env, timeout=300)
+    result = run_here(["run"], env)
     assert result.code == 2, result.stderr[-2000:]
     assert "refusing to train on the CPU" in result.stderr and UUID in result.stderr
     assert "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_gpu_proof_tiny_runs_the_job_bare_ultralytics_and_the_mps_simulation(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
-"""The whole job end to end: real training (tiny), a real S3 server, the objects users get."""
+"""The whole job end to end: real training (tiny), a real S3 server, the objects users get.
+
+The healthy run is a child process (its stderr must hold nothing but our JSON lines, and the image's
+entrypoint must start the job); the refusals and the dataset commands run in this process
+(`run_here`: the same `cli.main`, without a child's 10-13 s of imports)."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 from pathlib import Path
@@ -13,19 +15,12 @@ from typing import Any
 import pytest
 
 from pogona_job.tools.locals3 import SECRET_KEY, LocalS3
-from tests.conftest import BUCKET, Result, job_env, out_key, run_cli
+from tests.helpers import BUCKET, ROOT, Result, job_env, out_key, run_cli, run_here
+from tests.helpers import body as _body
+from tests.helpers import objects as _objects
+from tests.helpers import rows as _results
 
 RUN = "e2e-healthy"
-
-
-def _objects(client: Any, prefix: str) -> dict[str, dict[str, Any]]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
-
-
-def _body(client: Any, key: str) -> bytes:
-    data: bytes = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +30,7 @@ def healthy_env(s3: LocalS3, demo_uri: str, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def healthy(healthy_env: dict[str, str]) -> Result:
+    """The one healthy run every test here reads (a child process: the console's stderr is under test)."""
     return run_cli(["run"], healthy_env)
 
 
@@ -68,10 +64,6 @@ def test_manifest_lists_every_artifact_with_matching_checksums(healthy: Result, 
     for key, meta in manifest["artifacts"].items():
         body = _body(s3_client, prefix + key)
         assert (len(body), hashlib.sha256(body).hexdigest()) == (meta["size"], meta["sha256"]), key
-
-
-def _results(s3_client: Any, key: str) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(_body(s3_client, key).decode())))
 
 
 def test_results_csv_has_one_row_per_epoch(healthy: Result, prefix: str, s3_client: Any) -> None:
@@ -158,16 +150,24 @@ def test_json_logs_carry_run_id_and_phase_and_one_event_per_epoch(healthy: Resul
     assert stray == [], stray
 
 
-def test_a_finished_run_started_again_exits_0_and_rewrites_nothing(
+def test_a_finished_run_started_again_through_the_image_entrypoint_exits_0_and_rewrites_nothing(
     healthy: Result, healthy_env: dict[str, str], s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path
 ) -> None:
+    """docker/entrypoint.sh outside a container starts the job (exit 0, its sentence), which finds the run
+    already succeeded in the same bucket prefix and rewrites nothing."""
+    import subprocess
+    import sys
+
     output = healthy_env["POGONA_OUTPUT_URI"]  # the same bucket prefix: it must find the healthy run there
     everything = out_key(healthy_env) + "/"
     before = {k: (o["ETag"], o["LastModified"]) for k, o in _objects(s3_client, everything).items()}
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=RUN, POGONA_OUTPUT_URI=output)
-    again = run_cli(["run"], env)
-    assert again.code == 0, again.stderr[-2000:]
-    assert "already succeeded" in again.stderr
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(
+        ["sh", str(ROOT / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already succeeded" in proc.stderr
     assert {k: (o["ETag"], o["LastModified"]) for k, o in _objects(s3_client, everything).items()} == before
 
 
@@ -181,7 +181,7 @@ def test_empty_labels_are_caught_before_any_training_with_exit_3(
             body = b"" if path.suffix == ".txt" else path.read_bytes()
             s3_client.put_object(Bucket=BUCKET, Key=f"datasets/no-labels/{rel}", Body=body)
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/datasets/no-labels", POGONA_RUN_ID="e2e-zeros")
-    result = run_cli(["run"], env)
+    result = run_here(["run"], env)
     assert result.code == 3, result.stderr[-2000:]
     assert "none of the 48 valid images has a box" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
@@ -194,14 +194,14 @@ def test_empty_labels_are_caught_before_any_training_with_exit_3(
 
 def test_wrong_credentials_exit_4_naming_the_bucket(s3: LocalS3, demo_uri: str, tmp_path: Path) -> None:
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, AWS_SECRET_ACCESS_KEY="wrong-secret")
-    result = run_cli(["run"], env)
+    result = run_here(["run"], env)
     assert result.code == 4
     assert f"The bucket '{BUCKET}' refused access" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
 
 
 def test_mps_without_the_allow_flag_exits_2_with_the_reason(s3: LocalS3, demo_uri: str, tmp_path: Path) -> None:
-    result = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_DEVICE="mps"))
+    result = run_here(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_DEVICE="mps"))
     assert result.code == 2
     assert "POGONA_DEVICE=mps is refused" in result.stderr and "POGONA_ALLOW_MPS=true" in result.stderr
 
@@ -218,28 +218,10 @@ def test_per_modality_metrics_are_in_the_report_and_the_manifest(healthy: Result
     assert re.search(r"^\| thermal \| \d+ \|", report, re.M) and re.search(r"^\| visible \| \d+ \|", report, re.M)
 
 
-def test_the_image_entrypoint_runs_the_job_outside_a_container(
-    healthy: Result, s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path
-) -> None:
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID="via-entrypoint", POGONA_EPOCHS="1")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    proc = subprocess.run(
-        ["sh", str(ROOT / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    manifest = json.loads(_body(s3_client, out_key(env, "via-entrypoint", "manifest.json")))
-    assert manifest["status"] == "succeeded"
-
-
 def test_pretrained_weights_that_cannot_be_downloaded_exit_2_with_what_to_do(
     s3: LocalS3, demo_uri: str, tmp_path: Path
 ) -> None:
-    result = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_MODEL="yolo11s.pt"))
+    result = run_here(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_MODEL="yolo11s.pt"))
     assert result.code == 2, result.stderr[-2000:]
     sentence = result.stderr.strip().splitlines()[-1]
     assert "'yolo11s.pt' are not present and could not be downloaded" in sentence
@@ -250,11 +232,11 @@ def test_dataset_push_then_pull_round_trips_and_a_second_push_uploads_nothing(
     s3: LocalS3, demo_dir: Path, tmp_path: Path
 ) -> None:
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/datasets/roundtrip")
-    first = run_cli(["dataset", "push", str(demo_dir)], env)
+    first = run_here(["dataset", "push", str(demo_dir)], env)
     assert first.code == 0 and " 0 unchanged" in first.stdout, first.stdout + first.stderr
-    second = run_cli(["dataset", "push", str(demo_dir)], env)
+    second = run_here(["dataset", "push", str(demo_dir)], env)
     assert second.code == 0 and ": 0 uploaded," in second.stdout, second.stdout
-    pulled = run_cli(["dataset", "pull", str(tmp_path / "copy")], env)
+    pulled = run_here(["dataset", "pull", str(tmp_path / "copy")], env)
     assert pulled.code == 0, pulled.stderr
 
     def digests(root: Path) -> dict[str, str]:
@@ -274,7 +256,7 @@ def test_dataset_validate_lists_problems_with_file_and_line_and_exits_3(tmp_path
     shutil.copytree(demo_dir, bad)
     label = sorted((bad / "labels").glob("*.txt"))[0]
     label.write_text(label.read_text() + "3 0.5 0.5 0.1 0.1\n")
-    result = run_cli(["dataset", "validate", str(bad)], {"PATH": "/usr/bin:/bin"})
+    result = run_here(["dataset", "validate", str(bad)], {"PATH": "/usr/bin:/bin"})
     assert result.code == 3
     lines = len(label.read_text().splitlines())
     assert f"labels/{label.name} line {lines}" in result.stdout and "class id 3" in result.stdout

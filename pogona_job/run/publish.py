@@ -13,6 +13,7 @@ from typing import Any
 
 from pogona_job.errors import JobError, LeaseLost, TransientFailure
 from pogona_job.logs import get_logger
+from pogona_job.run.manifest import Manifest
 from pogona_job.run.report import render
 from pogona_job.run.state import FINAL, Job, RunRecord, now
 from pogona_job.s3 import pointers, storage
@@ -180,12 +181,13 @@ def complete_finished(job: Job, manifest: dict[str, Any]) -> None:
 
 
 def manifest_of(job: Job) -> dict[str, Any]:
+    """The run's manifest.json, checked against run/manifest.py's model (its schema is published)."""
     import torch
     import ultralytics
 
     rec = job.record
     trained = rec.full or rec.sanity
-    return {
+    manifest = {
         "status": rec.status,
         "exit_code": rec.exit_code or 0,
         "failure": rec.failure,
@@ -226,6 +228,7 @@ def manifest_of(job: Job) -> dict[str, Any]:
         "accounting": rec.accounting,
         "artifacts": {key: {"sha256": a.sha256, "size": a.size} for key, a in sorted(job.sums.items())},
     }
+    return Manifest.model_validate(manifest).dump()  # typed: docs/manifest.schema.json
 
 
 def lineage_of(job: Job) -> dict[str, Any]:
