@@ -107,6 +107,9 @@ def test_the_sheets_land_under_plots_and_the_report_links_exactly_those(
         in (report)
     )
     assert f"Alike, but the labelled regions differ ({shown} of {leak['alike_but_labels_differ']} shown" in report
+    page = _body(s3_client, job.out / "report.html").decode()  # the same sheets, embedded in the page
+    assert "not available" not in page
+    assert page.count("data:image/png;base64,") >= len(rec.modality_sheets) + len(rec.leakage_sheets)
 
 
 def _record(**dataset: Any) -> RunRecord:
