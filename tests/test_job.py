@@ -224,6 +224,7 @@ def test_per_modality_metrics_are_in_the_report_and_the_manifest(healthy: Result
     for modality, metrics in per.items():
         assert re.search(rf"^\| {modality} \| {int(metrics['images'])} \|", table, re.M), table
     assert "| unknown |" not in table
+    assert f"{counts['val']['unknown']} val images of `unknown` modality count in the overall figures" in section
 
 
 def test_modality_csv_and_thumbnails_let_the_user_check_each_call(healthy: Result, prefix: str, s3_client: Any) -> None:

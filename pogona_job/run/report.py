@@ -473,6 +473,13 @@ def render(record: RunRecord) -> str:
                 f"{with_interval(m['map50'], ci.get('map50'))} | {with_interval(m['map50_95'], ci.get('map50_95'))} | "
                 f"{flag} |"
             )
+        unknown = int((record.dataset.get("counts") or {}).get("val", {}).get("unknown", 0))
+        if unknown:  # scoring leaves them out of every row: say where they went
+            out += [
+                "",
+                f"{unknown} val images of `unknown` modality count in the overall figures and in no row here "
+                "(how each image's modality was read: the dataset section above).",
+            ]
         out.append("")
     if record.evaluation:
         from pogona_job.evaluation import export, promotion, scoring
