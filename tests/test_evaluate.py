@@ -90,6 +90,12 @@ def test_thermal_metrics_equal_yolo_val_on_a_data_yaml_listing_only_the_thermal_
         resamples=50,
     )
     assert set(figures["per_modality"]) == {"thermal", "visible"}
+    # The demo's grey thermal frames are `unknown` (equal channels are evidence of grey, not of thermal):
+    # they count overall, but no per-modality row claims them.
+    assert staged.counts["val"]["unknown"] > 0
+    assert figures["images"] - staged.counts["val"]["unknown"] == sum(
+        figures["per_modality"][m]["images"] for m in ("thermal", "visible")
+    )
     for modality in ("thermal", "visible"):
         only = sorted(
             staged.root / staged.staged[rel]

@@ -208,14 +208,55 @@ def test_mps_without_the_allow_flag_exits_2_with_the_reason(s3: LocalS3, demo_ur
 
 def test_per_modality_metrics_are_in_the_report_and_the_manifest(healthy: Result, prefix: str, s3_client: Any) -> None:
     manifest = json.loads(_body(s3_client, prefix + "manifest.json"))
-    assert set(manifest["per_modality"]) == {"thermal", "visible"}
-    for metrics in manifest["per_modality"].values():
-        assert {"images", "precision", "recall", "map50", "map50_95"} <= set(metrics)
+    # The demo's grey thermal frames are `unknown` (equal channels are evidence of grey, not of thermal): staged
+    # and counted, but no per-modality row claims them.
     counts = manifest["dataset"]["counts"]
-    assert {m for split in counts.values() for m in split} == {"thermal", "visible"}
+    assert {m for split in counts.values() for m in split} == {"thermal", "visible", "unknown"}
+    assert counts["val"]["unknown"] > 0
+    per = manifest["per_modality"]
+    assert set(per) == {"thermal", "visible"}
+    for modality, metrics in per.items():
+        assert {"images", "precision", "recall", "map50", "map50_95"} <= set(metrics)
+        assert metrics["images"] == counts["val"][modality]
     report = _body(s3_client, prefix + "report.md").decode()
-    assert "### Per-modality validation (best.pt)" in report
-    assert re.search(r"^\| thermal \| \d+ \|", report, re.M) and re.search(r"^\| visible \| \d+ \|", report, re.M)
+    section = report[report.index("### Per-modality validation (best.pt)") :]
+    table = section[section.index("| Modality | Images |") :].split("\n\n")[0]
+    for modality, metrics in per.items():
+        assert re.search(rf"^\| {modality} \| {int(metrics['images'])} \|", table, re.M), table
+    assert "| unknown |" not in table
+    assert f"{counts['val']['unknown']} val images of `unknown` modality count in the overall figures" in section
+
+
+def test_modality_csv_and_thumbnails_let_the_user_check_each_call(healthy: Result, prefix: str, s3_client: Any) -> None:
+    from collections import Counter
+
+    from PIL import Image
+
+    from pogona_job.dataset import GREY_SENTENCE
+
+    rows = list(csv.DictReader(io.StringIO(_body(s3_client, prefix + "dataset/modality.csv").decode())))
+    assert list(rows[0]) == ["path", "modality", "source", "evidence"]
+    manifest = json.loads(_body(s3_client, prefix + "manifest.json"))
+    counts = manifest["dataset"]["counts"]
+    assert Counter(r["modality"] for r in rows) == Counter(
+        {m: sum(split.get(m, 0) for split in counts.values()) for m in ("thermal", "visible", "unknown")}
+    )
+    assert all(r["source"] in ("inferred", "unknown") and r["evidence"] for r in rows)  # nothing declared
+    report = _body(s3_client, prefix + "report.md").decode()
+    dataset_section = report[report.index("## Project Overview") : report.index("## Training History")]
+    assert GREY_SENTENCE in dataset_section
+    for modality, n in Counter(r["modality"] for r in rows).items():
+        key = f"plots/modality-{modality}.png"
+        body = _body(s3_client, prefix + key)
+        assert manifest["artifacts"][key]["sha256"] == hashlib.sha256(body).hexdigest()
+        with Image.open(io.BytesIO(body)) as sheet:
+            assert sheet.size == (96 * min(8, n), 96)  # up to 8 thumbnails of this answer's images
+        assert f"- **{modality}**: ![{modality} images]({key})" in dataset_section
+        assert report.count(f"]({key})") == 1  # beside the table, not again under Plots
+    leak = manifest["dataset"]["leakage"]
+    assert f"Compared: {leak['compared']}." in dataset_section
+    assert "Alike as whole images but different where the labels are: 0 pairs" in dataset_section
+    assert not [k for k in manifest["artifacts"] if k.startswith("plots/leakage-")]  # no pair to show
 
 
 def test_pretrained_weights_that_cannot_be_downloaded_exit_2_with_what_to_do(

@@ -17,7 +17,7 @@ from pogona_job.errors import ConfigError
 from pogona_job.logs import get_logger
 from pogona_job.run.lease import Lease
 from pogona_job.run.phases import fetch_model
-from pogona_job.run.publish import claim_run, complete_finished, upload
+from pogona_job.run.publish import claim_run, complete_finished, upload, upload_dataset_sheets
 from pogona_job.run.state import FINAL, AlreadyFinished, Job
 from pogona_job.s3 import pull, storage
 from pogona_job.s3.progress import transfer_progress
@@ -134,6 +134,7 @@ def stage(job: Job, local: Path, resources: Resources) -> dataset.StagedDataset:
             upload(job, [(staged_root / "problems.txt", "dataset/problems.txt")])
     rec.classes = staged.class_names  # POGONA_CLASS_NAMES, else the export's own
     upload(job, [(f, f"dataset/{f.name}") for f in staged.published_files])  # a later failure still shows the split
+    upload_dataset_sheets(job, staged)  # thumbnails per inferred modality, near-duplicate pairs (plots/)
     rec.dataset.update(images=staged.images, boxes=staged.boxes, backgrounds=staged.backgrounds, counts=staged.counts)
     rec.dataset.update(staged.summary())  # layout, names/split/modality sources, leakage, dropped
     if staged.leakage["warn"]:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pogona_job.errors import JobError, LeaseLost, TransientFailure
 from pogona_job.logs import get_logger
@@ -18,6 +19,9 @@ from pogona_job.run.report import render
 from pogona_job.run.state import FINAL, Job, RunRecord, now
 from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
+
+if TYPE_CHECKING:
+    from pogona_job.dataset import StagedDataset
 
 log = get_logger()
 # val_batch0_labels beside val_batch0_pred: the same validation batch with its labels and best.pt's predictions.
@@ -82,6 +86,24 @@ def claim_run(job: Job) -> None:
         if pointers.write(job.client, path, stamp, expected=current.etag):
             return
     raise TransientFailure(f"{path.uri} kept changing while this job took the run over; retry the job.")
+
+
+def upload_dataset_sheets(job: Job, staged: StagedDataset) -> None:
+    """Thumbnails to check the dataset's automatic calls by: a strip per modality inferred from pixels
+    (`plots/modality-<m>.png`) and the near-duplicate pairs (`plots/leakage-*.png`). Uploaded in the stage
+    phase, so a run that fails later still shows them; the record keeps the keys the report links."""
+    dest = job.work / "dataset-sheets"
+    shutil.rmtree(dest, ignore_errors=True)  # an earlier attempt's sheets are not this staging's
+    try:
+        modality = staged.modality_thumbnails(dest / "modality")
+        leakage = staged.leakage_thumbnails(dest / "leakage")
+    except (OSError, ValueError) as exc:  # a picture for the report, never a reason to stop the run
+        log.warning("dataset thumbnails not made", reason=str(exc))
+        return
+    items = [(path, f"plots/{path.name}") for path in [*modality.values(), *leakage.values()]]
+    uploaded = {a.key.removeprefix(job.out.key + "/") for a in upload(job, items)}
+    job.record.modality_sheets = {m: f"plots/{p.name}" for m, p in modality.items() if f"plots/{p.name}" in uploaded}
+    job.record.leakage_sheets = {k: f"plots/{p.name}" for k, p in leakage.items() if f"plots/{p.name}" in uploaded}
 
 
 def push_outputs(job: Job, save_dir: Path, dataset_files: list[Path]) -> None:

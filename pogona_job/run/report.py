@@ -7,7 +7,6 @@ report too, with the numbers seen so far and what to try next.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from pogona_job.evaluation.headline import FITNESS_LABEL, fitness
 from pogona_job.run.budget import report_lines
@@ -196,8 +195,10 @@ def _recommendations(record: RunRecord) -> list[str]:
     return recs
 
 
-def _dataset_provenance(ds: dict[str, Any]) -> list[str]:
-    """How the data was read: layout, where names and split came from, modality sources, leakage."""
+def _dataset_provenance(record: RunRecord) -> list[str]:
+    """How the data was read: layout, where names and split came from, modality sources, leakage; with the
+    thumbnails (uploaded under plots/) that let a user check the automatic modality and near-duplicate calls."""
+    ds = record.dataset
     if not ds.get("layout_label"):
         return []
     out = [
@@ -225,6 +226,18 @@ def _dataset_provenance(ds: dict[str, Any]) -> list[str]:
                 + ": per-modality numbers are estimates; declare it with POGONA_MODALITY_RULES "
                 "or a groups.csv `modality` column.",
             ]
+        if inferred + unknown:  # the pixel rule decided some images: say what it cannot tell apart
+            from pogona_job.dataset import GREY_SENTENCE
+
+            out += ["", GREY_SENTENCE]
+    if record.modality_sheets:
+        out += [
+            "",
+            "Images whose modality was judged from their pixels, a few per answer (every image's answer and its "
+            "evidence: `dataset/modality.csv`):",
+            "",
+            *[f"- **{m}**: ![{m} images]({key})" for m, key in record.modality_sheets.items()],
+        ]
     leak = ds.get("leakage") or {}
     if leak:
         line = (
@@ -235,6 +248,21 @@ def _dataset_provenance(ds: dict[str, Any]) -> list[str]:
         if examples:
             line += " (e.g. " + "; ".join(f"`{a}` ~ `{b}`" for a, b, _ in examples[:3]) + ")"
         out += ["", ("**Warning:** " if leak.get("warn") else "") + line + "."]
+        if leak.get("compared"):
+            out += ["", f"Compared: {leak['compared']}."]
+        if "alike_but_labels_differ" in leak:
+            out += [
+                "",
+                f"Alike as whole images but different where the labels are: {leak['alike_but_labels_differ']} "
+                "pairs, not counted as near-duplicates.",
+            ]
+        for kind, count_key, caption in (
+            ("examples", "pairs", "Near-duplicate pairs"),
+            ("alike_but_labels_differ_examples", "alike_but_labels_differ", "Alike, but the labelled regions differ"),
+        ):
+            if kind in record.leakage_sheets:
+                shown = f"{len(leak.get(kind) or [])} of {leak.get(count_key, 0)} shown, one pair a row"
+                out += ["", f"{caption} ({shown}):", "", f"![{caption}]({record.leakage_sheets[kind]})"]
     return out
 
 
@@ -265,7 +293,8 @@ def _headline_lines(record: RunRecord) -> list[str]:
 
 def _plot_lines(record: RunRecord) -> list[str]:
     """Each plot once; the confusion matrix with its confidence and counts, the val batch labels beside predictions."""
-    plots = [k for k in record.artifacts if k.startswith("plots/")]
+    shown = {*record.modality_sheets.values(), *record.leakage_sheets.values()}  # with the dataset, above
+    plots = [k for k in record.artifacts if k.startswith("plots/") and k not in shown]
     if not plots:
         return []
     out = ["## Plots", ""]
@@ -324,7 +353,7 @@ def render(record: RunRecord) -> str:
         for split, per in counts.items():
             cells = " | ".join(str(per.get(m, 0)) for m in modalities)
             out.append(f"| {split} | {cells} | {sum(per.values())} |")
-    out += _dataset_provenance(ds)
+    out += _dataset_provenance(record)
     if ds.get("dropped"):
         out += [
             "",
@@ -444,6 +473,13 @@ def render(record: RunRecord) -> str:
                 f"{with_interval(m['map50'], ci.get('map50'))} | {with_interval(m['map50_95'], ci.get('map50_95'))} | "
                 f"{flag} |"
             )
+        unknown = int((record.dataset.get("counts") or {}).get("val", {}).get("unknown", 0))
+        if unknown:  # scoring leaves them out of every row: say where they went
+            out += [
+                "",
+                f"{unknown} val images of `unknown` modality count in the overall figures and in no row here "
+                "(how each image's modality was read: the dataset section above).",
+            ]
         out.append("")
     if record.evaluation:
         from pogona_job.evaluation import export, promotion, scoring

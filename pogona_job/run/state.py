@@ -65,6 +65,10 @@ class RunRecord:
     export: dict[str, Any] = field(default_factory=dict)  # export.verify()
     promotion: dict[str, Any] = field(default_factory=dict)  # promotion.decide()
     artifacts: list[str] = field(default_factory=list)  # relative keys under the run prefix
+    # Keys under the run (publish.upload_dataset_sheets): {modality: plots/modality-<m>.png} for images whose
+    # modality came from pixels; {"examples" | "alike_but_labels_differ_examples": plots/leakage-*.png}.
+    modality_sheets: dict[str, str] = field(default_factory=dict)
+    leakage_sheets: dict[str, str] = field(default_factory=dict)
     accounting: dict[str, Any] = field(default_factory=dict)  # budget.Tracker.summary(): time, cost, attempts
     error_analysis: list[str] = field(default_factory=list)  # run/gallery.py: the report's error-analysis markdown
 
