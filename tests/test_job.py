@@ -6,7 +6,9 @@ entrypoint must start the job); the refusals and the dataset commands run in thi
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import re
 from pathlib import Path

@@ -255,6 +255,8 @@ def latest_live_run(client: Any, output: S3Path) -> str | None:
 
 def status_of(progress: dict[str, Any] | None, manifest: dict[str, Any] | None, now: float) -> dict[str, Any]:
     """One line of `runs watch`: the live state, "stalled", or the run's final status."""
+    if manifest is not None and manifest.get("in_progress"):  # the holder's claim at its start: not a result
+        manifest = None
     if manifest is not None and manifest.get("status") in _FINAL:  # never progress.json over a final manifest
         return {"state": manifest["status"], "final": True, "manifest": manifest}
     if progress is None:

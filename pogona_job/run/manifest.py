@@ -139,7 +139,9 @@ class Manifest(_Open):
     started_at: str
     finished_at: str
     timings_s: dict[str, float] = Field(description="seconds per phase")
-    metrics: dict[str, float | None] = Field(description="the full (else sanity) training's last epoch")
+    # The headline: best.pt's own evaluation on val (evaluation.headline.Headline.as_dict()): its metrics,
+    # their intervals, the epoch it came from, the images and groups the interval rests on.
+    metrics: dict[str, Any] = Field(description="the shipped best.pt's evaluation on val (the headline)")
     sanity_metrics: dict[str, float | None]
     verdict: Verdict | None
     parity: Parity | None

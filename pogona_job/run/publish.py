@@ -81,6 +81,7 @@ def claim_run(job: Job) -> None:
             "status": "interrupted",  # will resume: this attempt is on it (an earlier `failed` is not the news)
             "failure": f"attempt {job.attempt} is working on this run; this manifest is replaced when it ends",
             "lease_generation": job.lease.generation,
+            "in_progress": True,  # readers (`runs`, `runs watch`): an attempt holds the run; not a result
         }
         job.lease.confirm()
         if pointers.write(job.client, path, stamp, expected=current.etag):

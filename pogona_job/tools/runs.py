@@ -43,7 +43,7 @@ def table(client: Any, out: S3Path) -> str:
     found: list[tuple[str, tuple[str, str, str, str, str]]] = []
     for run_id in run_ids(client, out):
         manifest = storage.get_json(client, out / run_id / "manifest.json")
-        if manifest is None:
+        if manifest is None or manifest.get("in_progress"):  # none yet, or the running holder's claim
             found.append(("~", (run_id, "in progress", "-", "-", "")))  # newest: still running, listed last
             continue
         mark = "★" + (" (forced)" if champion.get("forced") else "") if champion.get("run_id") == run_id else ""
