@@ -85,7 +85,8 @@ def finetune(s3: LocalS3, s3_client: Any, two_class_uri: str, tmp_path_factory: 
         POGONA_EPOCHS="4",
         POGONA_SANITY_EPOCHS="2",
         POGONA_OPTIMIZER="SGD",
-        POGONA_LR0="0.02",  # high for a fine-tune: epoch 4 gets worse (measured: best.pt is epoch 3 of 4)
+        POGONA_LR0="0.05",  # high for a fine-tune: after warm-up (3 epochs) epoch 4 gets worse than an earlier one
+        POGONA_GATE_MIN_MAP50="0.001",  # the gate is not under test: its sanity mAP is its evidence of learning
         POGONA_MIN_FINAL_MAP50="0.05",
         POGONA_GATE_MIN_LOSS_DROP="0",
         POGONA_EXPORT_FORMATS="none",
