@@ -12,6 +12,7 @@ import io
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -162,9 +163,12 @@ def test_sigterm_in_each_phase_takes_the_graceful_path_and_a_restart_completes(
     assert again.code == 0, again.stderr[-3000:]
     _assert_complete(s3_client, env, run)
     if phase == "full":
-        assert "after saving the checkpoint of full epoch 2" in job.lines[-1]
+        # The signal lands after epoch 2 (mid-epoch 3 unless the machine is slow to deliver it): the sentence
+        # names the last completed epoch, saved despite the interval, and the restart resumes right after it.
+        saved = re.search(r"after saving the checkpoint of full epoch (\d+)", job.lines[-1])
+        assert saved and int(saved.group(1)) >= 2, job.lines[-1]
         resumed = [json.loads(x) for x in again.stderr.splitlines() if '"resuming from checkpoint"' in x]
-        assert resumed and resumed[0]["from_epoch"] == 3, again.stderr[-3000:]
+        assert resumed and resumed[0]["from_epoch"] == int(saved.group(1)) + 1, again.stderr[-3000:]
         assert '"sanity gate already passed for this run; not repeated"' in again.stderr
 
 
