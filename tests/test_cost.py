@@ -204,14 +204,15 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     env_for: Callable[..., dict[str, str]], s3_client: Any, hook: Receiver
 ) -> None:
     run = "cost-preempted"
-    common = {"POGONA_EPOCHS": "4", "POGONA_MAX_HOURS": "10", "POGONA_HOURLY_COST": "1.0", "POGONA_NOTIFY": hook.url}
-    # Attempt 1 uploads no full-training checkpoint (interval 1 h), so its full epochs are recomputed.
+    common = {"POGONA_EPOCHS": "6", "POGONA_MAX_HOURS": "10", "POGONA_HOURLY_COST": "1.0", "POGONA_NOTIFY": hook.url}
+    # A 1 h checkpoint interval: the full epochs get no checkpoint of their own, but a SIGTERM (the spot
+    # notice) saves the last completed one all the same, so neither preemption costs a finished epoch.
     first = Job(env_for(run, "work-1", POGONA_CHECKPOINT_MIN_INTERVAL_S="3600", **common))
     first.wait_for(_is("epoch", phase="full", epoch=2))
     assert first.signal_and_wait(signal.SIGTERM) == 143, first.tail()
     assert hook.messages == []  # one preemption is churn, not news
-    second = Job(env_for(run, "work-2", **common))  # a fresh machine: nothing local survives
-    second.wait_for(_is("epoch", phase="full", epoch=1))
+    second = Job(env_for(run, "work-2", POGONA_CHECKPOINT_MIN_INTERVAL_S="3600", **common))  # a fresh machine
+    second.wait_for(lambda e: e.get("event") == "epoch" and e.get("phase") == "full")  # its first epoch, resumed
     assert second.signal_and_wait(signal.SIGTERM) == 143, second.tail()
     assert [m["title"] for m in hook.messages] == [f"pogona-train run {run}: interrupted, will resume"]
     assert "Preempted 2 times" in hook.messages[0]["message"]
@@ -227,14 +228,14 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     assert all(a["wall_s"] > 0 and "sanity" in a["phases_s"] for a in attempts)
     assert acc["preemptions"] == 2
     done_first = attempts[0]["epochs"]["full"]
-    assert done_first >= 2 and attempts[1]["resumed_from"]["full"] == 0  # no full checkpoint from attempt 1
-    assert attempts[2]["resumed_from"]["full"] == attempts[1]["epochs"]["full"] == 1  # resumed at the checkpoint
-    assert [p["epochs_recomputed"] for p in acc["preemption_details"]] == [done_first, 0]
-    assert acc["epochs_recomputed"] == done_first
+    assert done_first >= 2 and attempts[1]["resumed_from"]["full"] == done_first  # saved by the SIGTERM
+    assert attempts[2]["resumed_from"]["full"] == attempts[1]["epochs"]["full"] > done_first
+    assert [p["epochs_recomputed"] for p in acc["preemption_details"]] == [0, 0]
+    assert acc["epochs_recomputed"] == 0
     total = sum(a["wall_s"] for a in attempts)
     assert acc["budget"]["used_s"] == pytest.approx(total, abs=0.2) and total > attempts[2]["wall_s"]
     assert acc["estimated_cost_usd"] == pytest.approx(total / 3600, abs=1e-3)
-    assert f"2 preemptions, {done_first} epochs recomputed" in acc["summary"]
+    assert "2 preemptions, 0 epochs recomputed" in acc["summary"]
     report = _get(s3_client, prefix + "report.md").decode()
     print(f"preempted twice: {acc['summary']}; attempts {[a['wall_s'] for a in attempts]} s")
     Path("/tmp/cost-preempted-report.md").write_text(report)
