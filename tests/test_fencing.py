@@ -490,6 +490,9 @@ def test_a_job_whose_every_small_json_read_comes_back_damaged_once_completes_and
     proxy = FaultProxy(s3.endpoint, "flip:1.0", tmp_path, match=r"^GET [^?]*\.json(\?|$)", env={"FAULTS_ONCE": "1"})
     output = output_uri(tmp_path)
     common = {"POGONA_DATASET_URI": demo_uri, "POGONA_RUN_ID": "flipped", "POGONA_OUTPUT_URI": output}
+    # The live status rewrites accounting.json (a read, then a CAS) every interval: short, so that a fast
+    # run still reads it back at least once and the flip can land on it.
+    common["POGONA_PROGRESS_INTERVAL_S"] = "0.5"
     try:
         first = run_cli(["run"], job_env(s3, tmp_path / "m1", **common, AWS_ENDPOINT_URL_S3=proxy.endpoint))
         assert first.code == 0, first.stderr[-3000:]
