@@ -172,8 +172,6 @@ def flush_checkpoints(job: Job) -> None:
 
 def evaluate_model(job: Job, best: Path, staged: StagedDataset, device: str) -> dict[str, SplitRun]:
     """The evaluate phase: best.pt on val and test, the figures into the record, then the export check."""
-    from pogona_job.logs import get_logger
-
     s, rec = job.settings, job.record
     batch = max(s.batch, 1)
     runs = evaluate(best, staged, imgsz=s.imgsz, batch=batch, device=device, work_dir=job.runs / "eval")
@@ -181,10 +179,10 @@ def evaluate_model(job: Job, best: Path, staged: StagedDataset, device: str) -> 
     rec.per_modality = rec.evaluation.get("val", {}).get("per_modality", {})
     rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)
     for split, figures in rec.evaluation.items():
-        get_logger().info("evaluation", split=split, images=figures["images"], **figures["overall"])
+        log.info("evaluation", split=split, images=figures["images"], **figures["overall"])
     if "val" in rec.evaluation and rec.full is not None:
         rec.headline = Headline.build(rec.evaluation["val"], rec.full.rows, conf=s.conf)
-        get_logger().info("headline", line=rec.headline.line())
+        log.info("headline", line=rec.headline.line())
         # Ultralytics' own confusion_matrix.png counts every box above 0.001; the published one is at POGONA_CONF.
         plots.confusion_matrix(
             rec.evaluation["val"]["at_conf"], best.parent.parent / "confusion_matrix.png", conf=s.conf
