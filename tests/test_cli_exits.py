@@ -100,6 +100,17 @@ def test_an_unexpected_error_exits_6_and_debug_logs_it_without_changing_the_exit
         raise KeyError("ETag")
 
     monkeypatch.setattr(pull, "pull_prefix", broken_pull)
+    # structlog's own defaults, whatever an earlier in-process test configured (a level filter would drop
+    # the debug event before capture_logs sees it); restored afterwards.
+    saved = structlog.get_config()
+    structlog.reset_defaults()
+    try:
+        _unexpected_error_runs(monkeypatch)
+    finally:
+        structlog.configure(**saved)
+
+
+def _unexpected_error_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     for debug in ("false", "true"):
         monkeypatch.setenv("POGONA_DEBUG", debug)
         monkeypatch.setenv("POGONA_RUN_ID", f"bug-{debug}")
