@@ -33,8 +33,13 @@ chromium:
 
 # Tests run in random order (pytest-randomly; `-p randomly` fails loudly if it is missing). pytest prints
 # "Using --randomly-seed=N" first: reproduce an order with  make test PYTEST_ARGS="-p randomly --randomly-seed=N".
+# Tests run in parallel worker processes (pytest-xdist): a file's tests stay on one worker (its module fixtures
+# run once) unless the file sets SPREAD_OVER_WORKERS (tests/conftest.py). Many tests wait on a child process,
+# a server or a signal, which is why there are more workers than cores.
+#   make test TEST_WORKERS=0   (one process, e.g. to debug)
+TEST_WORKERS ?= 3
 test: setup tools
-	@$(PY) -m pytest -p randomly $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
+	@$(PY) -m pytest -p randomly -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
 	$(MAKE) --no-print-directory infra-validate
 
 # The fast loop (< 2 min): every test that neither trains nor starts the job or a script as a process

@@ -8,9 +8,13 @@ file name), so the per-class table has something to show. Cached on disk for the
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import shutil
 from pathlib import Path
+
+import pytest
 
 from pogona_job.dataset import StagedDataset, inspect_dataset, stage_dataset
 from pogona_job.tools.demo import write_demo
@@ -34,14 +38,31 @@ def stage(raw: Path, dest: Path) -> StagedDataset:
     return stage_dataset(inspect_dataset(raw, NAMES), dest, NAMES)
 
 
-def trained_model(base: Path) -> tuple[Path, Path]:
-    """(best.pt, raw dataset folder), trained once per session under `base`."""
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder every test process of this session sees: under pytest-xdist each worker has its own base
+    temp folder (.../popen-gwN), and their parent is the session's; without xdist, the session's own."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(best.pt, raw dataset folder), trained once per session, whichever xdist worker asks first: the
+    others wait on the lock and find it done."""
+    base = shared_folder(tmp_path_factory, "ship-model")
+    base.mkdir(parents=True, exist_ok=True)
+    with (base.parent / "ship-model.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        return _train_once(base)
+
+
+def _train_once(base: Path) -> tuple[Path, Path]:
     raw = base / "raw"
     best = base / "train" / "weights" / "best.pt"
-    if best.exists():
+    done = base / "trained"  # written last: best.pt alone may be an interrupted training's
+    if done.exists():
         return best, raw
-    if raw.exists():
-        shutil.rmtree(raw)
+    for folder in (raw, base / "train"):
+        shutil.rmtree(folder, ignore_errors=True)
     two_class_demo(raw)
     staged = stage(raw, base / "staged-train")
     from ultralytics import YOLO
@@ -61,4 +82,5 @@ def trained_model(base: Path) -> tuple[Path, Path]:
         optimizer="AdamW",
         lr0=0.002,
     )
+    done.touch()
     return best, raw

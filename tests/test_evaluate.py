@@ -32,7 +32,7 @@ def demo_staged(tmp_path_factory: pytest.TempPathFactory) -> StagedDataset:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return trained_model(tmp_path_factory.getbasetemp() / "ship-model")
+    return trained_model(tmp_path_factory)
 
 
 @pytest.fixture

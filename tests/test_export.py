@@ -18,7 +18,7 @@ from tests.ship_models import stage, trained_model
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return trained_model(tmp_path_factory.getbasetemp() / "ship-model")
+    return trained_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

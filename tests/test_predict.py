@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pogona_job.evaluation.inference import iou_matrix
-from tests.conftest import BUCKET, ROOT, job_env, out_key, run_cli
+from tests.conftest import BUCKET, ROOT, job_env, out_key, run_here
 from tests.ship_models import trained_model
 
 LOW = 0.02  # the shared test model (tests/ship_models.py) is weak: its boxes score below 0.25
@@ -22,7 +22,7 @@ LOW = 0.02  # the shared test model (tests/ship_models.py) is weak: its boxes sc
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return trained_model(tmp_path_factory.getbasetemp() / "ship-model")
+    return trained_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_predict_with_a_local_best_pt_writes_annotated_images_and_ultralytics_bo
     s3: Any, model: tuple[Path, Path], images: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "out"
-    result = run_cli(
+    result = run_here(
         ["predict", "--model", str(model[0]), "--conf", str(LOW), str(images), str(dest)], job_env(s3, tmp_path)
     )
     assert result.code == 0, result.stderr
@@ -97,8 +97,8 @@ def test_predict_with_a_local_best_pt_writes_annotated_images_and_ultralytics_bo
 def test_predict_defaults_to_pogona_conf(s3: Any, model: tuple[Path, Path], images: Path, tmp_path: Path) -> None:
     """The shared test model is weak: at 0.25 it keeps nothing; at POGONA_CONF=0.02 what --conf 0.02 keeps."""
     env = job_env(s3, tmp_path)
-    default = run_cli(["predict", "--model", str(model[0]), str(images), str(tmp_path / "a")], env)
-    lowered = run_cli(
+    default = run_here(["predict", "--model", str(model[0]), str(images), str(tmp_path / "a")], env)
+    lowered = run_here(
         ["predict", "--model", str(model[0]), str(images), str(tmp_path / "b")], {**env, "POGONA_CONF": str(LOW)}
     )
     assert json.loads(default.stdout.splitlines()[-1])["conf"] == 0.25
@@ -145,7 +145,7 @@ def test_predict_with_best_onnx_never_imports_torch_and_agrees_with_best_pt(
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert run_cli(["predict", "--model", str(model[0]), "--conf", str(LOW), str(images), str(out_pt)], env).code == 0
+    assert run_here(["predict", "--model", str(model[0]), "--conf", str(LOW), str(images), str(out_pt)], env).code == 0
     onnx_rows = {r["file"]: r for r in _jsonl(out_onnx / "predictions.jsonl")}
     pt_rows = {r["file"]: r for r in _jsonl(out_pt / "predictions.jsonl")}
     assert onnx_rows.keys() == pt_rows.keys()
@@ -176,7 +176,7 @@ def test_predict_champion_from_an_s3_prefix_into_an_s3_prefix(
     for p in images.rglob("*.*"):
         s3_client.upload_file(str(p), BUCKET, f"{src_prefix}/{p.relative_to(images).as_posix()}")
     dest = f"s3://{BUCKET}/{src_prefix}-predicted"
-    result = run_cli(["predict", "--txt", f"s3://{BUCKET}/{src_prefix}", dest], env)
+    result = run_here(["predict", "--txt", f"s3://{BUCKET}/{src_prefix}", dest], env)
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["model"] == "champion run-a"
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=BUCKET, Prefix=f"{src_prefix}-predicted/")["Contents"]}
@@ -187,7 +187,7 @@ def test_predict_champion_from_an_s3_prefix_into_an_s3_prefix(
     body = s3_client.get_object(Bucket=BUCKET, Key=f"{src_prefix}-predicted/predictions.jsonl")["Body"].read()
     assert len(body.decode().splitlines()) == len(names)
     # The same model by run id.
-    by_id = run_cli(["predict", "--model", "run-a", str(images), str(tmp_path / "by-id")], env)
+    by_id = run_here(["predict", "--model", "run-a", str(images), str(tmp_path / "by-id")], env)
     assert by_id.code == 0, by_id.stderr
     assert json.loads(by_id.stdout.splitlines()[-1])["model"] == "run run-a"
 
@@ -210,7 +210,7 @@ def test_predict_bad_input_gets_one_sentence_and_the_documented_exit_code(
     (tmp_path / "empty").mkdir()
     subs = {"{images}": str(images), "{out}": str(tmp_path / "out"), "{model}": str(model[0]), "{tmp}": str(tmp_path)}
     argv = [a for arg in args for a in [_sub(arg, subs)]]
-    result = run_cli(["predict", *argv], job_env(s3, tmp_path))
+    result = run_here(["predict", *argv], job_env(s3, tmp_path))
     assert result.code == code, result.stderr
     assert words in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

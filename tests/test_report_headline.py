@@ -73,7 +73,7 @@ OTHER_TASK = {"run_id": "cats-1", "classes": ["cat", "dog"], "weights": "s3://no
 
 @pytest.fixture(scope="module")
 def finetune(s3: LocalS3, s3_client: Any, two_class_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Ran:
-    weights, _raw = trained_model(tmp_path_factory.getbasetemp() / "ship-model")
+    weights, _raw = trained_model(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("finetune")
     env = job_env(
         s3,
