@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import BUCKET, job_env, out_key, run_cli
+from tests.conftest import BUCKET, job_env, out_key, run_here
 
 
 @pytest.fixture(scope="module")
 def env(s3: Any, demo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = job_env(s3, tmp_path_factory.mktemp("compare"), POGONA_DATASET_URI=demo_uri, POGONA_EPOCHS="1")
     for run_id, lr0 in (("cmp-a", "0.001"), ("cmp-b", "0.002")):
-        result = run_cli(["run"], {**env, "POGONA_RUN_ID": run_id, "POGONA_LR0": lr0}, timeout=900)
+        result = run_here(["run"], {**env, "POGONA_RUN_ID": run_id, "POGONA_LR0": lr0})
         assert result.code == 0, result.stderr[-2000:]
     return env
 
@@ -32,7 +32,7 @@ def test_compare_shows_both_runs_metrics_paired_difference_settings_and_curves(
     env: dict[str, str], s3_client: Any, tmp_path: Path
 ) -> None:
     plot = tmp_path / "curves.png"
-    result = run_cli(["runs", "compare", "cmp-a", "cmp-b", "--plot", str(plot)], env)
+    result = run_here(["runs", "compare", "cmp-a", "cmp-b", "--plot", str(plot)], env)
     assert result.code == 0, result.stderr
     out = result.stdout
     a, b = _manifest(s3_client, env, "cmp-a"), _manifest(s3_client, env, "cmp-b")
@@ -53,6 +53,6 @@ def test_compare_shows_both_runs_metrics_paired_difference_settings_and_curves(
 
 
 def test_compare_with_a_run_that_does_not_exist_exits_2_naming_it(env: dict[str, str]) -> None:
-    result = run_cli(["runs", "compare", "cmp-a", "ghost"], env)
+    result = run_here(["runs", "compare", "cmp-a", "ghost"], env)
     assert result.code == 2
     assert "No manifest for run 'ghost'" in result.stderr and "Traceback" not in result.stderr

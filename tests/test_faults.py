@@ -20,7 +20,7 @@ from pogona_job.errors import ConfigError, StorageDenied, TransientFailure
 from pogona_job.s3 import pull, storage
 from pogona_job.s3.storage import S3Path
 from pogona_job.tools.locals3 import LocalS3
-from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, run_cli
+from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, run_here
 
 
 @pytest.fixture()
@@ -99,9 +99,9 @@ def test_job_completes_through_a_flaky_store_with_the_same_artifacts(
         POGONA_S3_MAX_ATTEMPTS="10",
         AWS_ENDPOINT_URL_S3=proxy.endpoint,
     )
-    flaky = run_cli(["run"], env)
+    flaky = run_here(["run"], env)
     assert flaky.code == 0, flaky.stderr[-3000:]
-    clean = run_cli(["run"], {**env, "POGONA_RUN_ID": "clean", "AWS_ENDPOINT_URL_S3": s3.endpoint})
+    clean = run_here(["run"], {**env, "POGONA_RUN_ID": "clean", "AWS_ENDPOINT_URL_S3": s3.endpoint})
     assert clean.code == 0, clean.stderr[-3000:]
     assert _artifact_set(s3_client, env, "faulty") == _artifact_set(s3_client, env, "clean")
     injected = proxy.faults()
@@ -123,7 +123,7 @@ def test_job_exits_75_when_the_store_keeps_refusing_writes(
         POGONA_S3_MAX_ATTEMPTS="2",
         AWS_ENDPOINT_URL_S3=proxy.endpoint,
     )
-    result = run_cli(["run"], env)
+    result = run_here(["run"], env)
     assert result.code == 75, result.stderr[-3000:]
     assert "Storage kept failing (SlowDown)" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
@@ -178,7 +178,7 @@ def test_a_redirect_to_another_region_is_a_config_error_naming_region_and_endpoi
 def test_dataset_pull_cli_redirect_is_one_sentence_exit_2(s3: LocalS3, proxy_factory: Any, tmp_path: Path) -> None:
     proxy = proxy_factory("301:1.0")
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/faults/any", AWS_ENDPOINT_URL_S3=proxy.endpoint)
-    result = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)
+    result = run_here(["dataset", "pull", str(tmp_path / "dst")], env)
     assert result.code == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "AWS_REGION" in result.stderr.strip().splitlines()[-1]
 
@@ -287,7 +287,7 @@ def test_dataset_pull_cli_a_key_that_is_another_keys_folder_is_exit_3_naming_bot
 ) -> None:
     proxy = proxy_factory("conflict:1.0", match=r"list-type=2")  # AWS S3 holds `a` and `a/b`; SeaweedFS cannot
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/faults/aab", AWS_ENDPOINT_URL_S3=proxy.endpoint)
-    result = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)
+    result = run_here(["dataset", "pull", str(tmp_path / "dst")], env)
     assert result.code == 3, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "'faults/aab/a' and 'faults/aab/a/b'" in last and "Traceback" not in result.stderr
@@ -297,6 +297,6 @@ def test_dataset_pull_cli_handles_a_250_character_key(s3: LocalS3, s3_client: An
     name = "k" * 246 + ".jpg"
     s3_client.put_object(Bucket=BUCKET, Key=f"faults/long/{name}", Body=b"long")
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/faults/long")
-    result = run_cli(["dataset", "pull", str(tmp_path / "dst")], env)
+    result = run_here(["dataset", "pull", str(tmp_path / "dst")], env)
     assert result.code == 0, result.stderr[-2000:]
     assert (tmp_path / "dst" / name).read_bytes() == b"long"

@@ -15,7 +15,7 @@ from pogona_job.run.state import RunRecord
 from pogona_job.tools.locals3 import LocalS3
 from pogona_job.training.columns import METRICS
 from pogona_job.training.phase import Hardware, PhaseResult
-from tests.conftest import BUCKET, job_env, out_key, run_cli
+from tests.conftest import BUCKET, job_env, out_key, run_here
 
 
 def _rows(map50: list[float], map50_95: list[float]) -> list[dict[str, float]]:
@@ -113,7 +113,7 @@ def test_a_failed_strict_validation_on_a_multi_class_export_names_its_classes(
             s3_client.put_object(Bucket=BUCKET, Key=key, Body=f.read_bytes())
     env = job_env(s3, tmp_path, POGONA_DATASET_URI=f"s3://{BUCKET}/datasets/multi", POGONA_RUN_ID="strict")
     env.pop("POGONA_CLASS_NAMES", None)
-    result = run_cli(["run"], env)
+    result = run_here(["run"], env)
     assert result.code == 3, result.stderr[-2000:]
     report = s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "strict", "report.md"))["Body"].read().decode()
     assert "- **Classes**: 3 (head, tail, leg)" in report
