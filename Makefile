@@ -33,13 +33,11 @@ chromium:
 
 # Tests run in random order (pytest-randomly; `-p randomly` fails loudly if it is missing). pytest prints
 # "Using --randomly-seed=N" first: reproduce an order with  make test PYTEST_ARGS="-p randomly --randomly-seed=N".
-# Tests run in parallel worker processes (pytest-xdist): a file's tests stay on one worker (its module fixtures
-# run once) unless the file sets SPREAD_OVER_WORKERS (tests/conftest.py). Many tests wait on a child process,
-# a server or a signal, which is why there are more workers than cores.
-#   make test TEST_WORKERS=3   (parallel; not yet the default: a full parallel run is not measured clean)
+# TEST_WORKERS=N spreads the test files over N pytest-xdist workers (a whole file per worker, so its module
+# fixtures run once). Not the default yet: no full parallel run has been measured clean.
 TEST_WORKERS ?= 0
 test: setup tools
-	@$(PY) -m pytest -p randomly -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
+	@$(PY) -m pytest -p randomly -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
 	$(MAKE) --no-print-directory infra-validate
 
 # The fast loop (< 2 min): every test that neither trains nor starts the job or a script as a process

@@ -267,17 +267,10 @@ def _is_slow(item: pytest.Item) -> bool:
     return any(call in text for text in sources for call in SLOW_CALLS)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("slow") is None and _is_slow(item):
             item.add_marker(pytest.mark.slow)
-        # `make test` runs pytest-xdist with --dist loadgroup: a file's tests stay on one worker (its module
-        # fixtures run once, its tests may share a folder), unless the file says its tests are independent
-        # (SPREAD_OVER_WORKERS = True): then each goes to whichever worker is free.
-        module = getattr(item, "module", None)
-        if module is not None and not getattr(module, "SPREAD_OVER_WORKERS", False):
-            item.add_marker(pytest.mark.xdist_group(module.__name__))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -38,17 +38,12 @@ def stage(raw: Path, dest: Path) -> StagedDataset:
     return stage_dataset(inspect_dataset(raw, NAMES), dest, NAMES)
 
 
-def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A folder every test process of this session sees: under pytest-xdist each worker has its own base
-    temp folder (.../popen-gwN), and their parent is the session's; without xdist, the session's own."""
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
-
-
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(best.pt, raw dataset folder), trained once per session, whichever xdist worker asks first: the
-    others wait on the lock and find it done."""
-    base = shared_folder(tmp_path_factory, "ship-model")
+    others wait on the lock and find it done. Each xdist worker has its own base temp folder
+    (.../popen-gwN); their parent is the session's, which every worker sees."""
+    temp = tmp_path_factory.getbasetemp()
+    base = (temp.parent if os.environ.get("PYTEST_XDIST_WORKER") else temp) / "ship-model"
     base.mkdir(parents=True, exist_ok=True)
     with (base.parent / "ship-model.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
