@@ -249,7 +249,10 @@ class Settings(BaseSettings):
         description="instance type shown in the accounting; default detected (ECS/EC2 metadata), else `unknown`",
     )
     progress_interval_s: float = Field(
-        30.0, ge=0.2, le=3600, description="write `<run>/progress.json` at most this often while the run trains"
+        30.0,
+        ge=0.2,
+        le=3600,
+        description="rewrite `<run>/progress.json` this often while the run trains (and at every epoch's end)",
     )
     notify: str | None = Field(
         None,

@@ -52,6 +52,52 @@ def _redact_line(_logger: Any, _method: str, line: Any) -> Any:
     return redact(line) if isinstance(line, str) else line
 
 
+def eta_text(seconds: float | None) -> str:
+    """A remaining time as people read it: '45s', '2m 16s', '1h 04m'; '-' while unknown."""
+    if seconds is None:
+        return "-"
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _number(event: structlog.typing.EventDict, key: str, fmt: str) -> str | None:
+    value = event.get(key)
+    return format(value, fmt) if isinstance(value, int | float) else None
+
+
+def epoch_line(event: structlog.typing.EventDict) -> str:
+    """The console's one line per epoch, e.g.
+    `full epoch 14/40  box 1.230 cls 0.880 dfl 1.050  mAP@0.5 0.612  3.4 s/epoch  ETA 2m 16s`."""
+    losses = " ".join(
+        f"{short} {text}"
+        for short, key in (("box", "box_loss"), ("cls", "cls_loss"), ("dfl", "dfl_loss"))
+        if (text := _number(event, key, ".3f")) is not None
+    )
+    seconds = event.get("epoch_seconds", event.get("seconds"))
+    parts = [
+        f"{event.get('phase', '')} epoch {event.get('epoch')}/{event.get('epochs')}".strip(),
+        losses,
+        f"mAP@0.5 {text}" if (text := _number(event, "map50", ".3f")) is not None else "",
+        f"{seconds:.1f} s/epoch" if isinstance(seconds, int | float) else "",
+        f"ETA {eta_text(event.get('eta_s'))}" if "eta_s" in event else "",
+    ]
+    return "  ".join(part for part in parts if part)
+
+
+_KEPT_ON_CONSOLE = ("timestamp", "level")
+
+
+def _epoch_console(_logger: Any, _method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """Console only: an epoch event becomes one short line a person reads; JSON mode keeps every field."""
+    if event.get("event") != "epoch" or "epoch" not in event:
+        return event
+    return {**{k: event[k] for k in _KEPT_ON_CONSOLE if k in event}, "event": epoch_line(event)}
+
+
 def resolve_format(fmt: Format, stream: TextIO = sys.stderr) -> Literal["json", "console"]:
     if fmt == "auto":
         return "console" if stream.isatty() else "json"
@@ -78,6 +124,7 @@ def configure(fmt: Format = "auto", *, debug: bool = False, stream: TextIO | Non
             # by construction, not by scrubbing, so POGONA_DEBUG cannot leak credentials.
             _NO_LOCALS if resolved == "json" else structlog.dev.set_exc_info,
             _redact_fields,
+            *([] if resolved == "json" else [_epoch_console]),
             renderer,
             _redact_line,  # after the renderer on purpose: it sees the final text
         ],

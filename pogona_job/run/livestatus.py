@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pogona_job.errors import JobError
-from pogona_job.logs import get_logger
+from pogona_job.logs import eta_text, get_logger
 from pogona_job.run.budget import Tracker
 from pogona_job.s3 import storage
 from pogona_job.s3.storage import S3Path
@@ -69,6 +69,7 @@ class LiveStatus:
             "interval_s": interval_s,
         }
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="live-status", daemon=True)
 
@@ -101,8 +102,13 @@ class LiveStatus:
         return state
 
     def write(self) -> None:
+        """One progress.json from the current state; the writer thread and the epoch end both call it."""
         if not self.holds_run():
             return
+        with self._write_lock:  # serialised, so an older snapshot never lands after a newer one
+            self._write()
+
+    def _write(self) -> None:
         try:
             if self.lease is not None:
                 self.lease.fenced_json(self.run / PROGRESS, self.snapshot())
@@ -190,6 +196,9 @@ class LiveStatus:
             trainer.pogona_epoch_fields = fields
             values = {name: round(float(metrics[key]), 5) for name, key in METRICS.items() if key in metrics}
             self.set(epoch=epoch, batch=0, metrics=values, **fields)
+            # Written now, not at the writer's next tick (POGONA_PROGRESS_INTERVAL_S): `runs watch` shows
+            # the epoch the log just printed, with the same ETA.
+            self.write()
             if self.tracker.should_stop(phase, epoch, epochs, epoch_s):
                 trainer.stop = True
 
@@ -316,26 +325,34 @@ def watch(client: Any, output: S3Path, run_id: str | None, *, once: bool = False
 
 
 class _RichDisplay:
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """The terminal's bar. Its ETA is the job's own (progress.json's eta_s, the figure the log prints),
+    not rich's estimate from the bar's speed, which knows nothing of epochs and showed -:--:-- beside it."""
+
+    def __init__(self, console: Any = None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
+            transient=False,
+            console=console,  # None: the terminal
         )
         self.bar.start()
-        self.task = self.bar.add_task("waiting", total=None)
+        self.task = self.bar.add_task("waiting", total=None, eta="-")
 
     def show(self, line: dict[str, Any]) -> None:
         metrics = " ".join(f"{k} {v:.3f}" for k, v in (line.get("metrics") or {}).items())
-        eta = f" ETA {line['eta_s']:.0f}s" if line.get("eta_s") is not None else ""
         state = line.get("state", "")
         colour = "red" if state == "stalled" else "green"
         label = f"[{colour}]{state}[/] {line.get('run_id', '')} {line.get('phase', '')}"
         self.bar.update(
             self.task,
-            description=f"{label} attempt {line.get('attempt', '-')} {metrics}{eta}",
+            description=f"{label} attempt {line.get('attempt', '-')} {metrics}",
             completed=line.get("epoch") or 0,
             total=line.get("epochs"),
+            eta=eta_text(line.get("eta_s")),
         )
 
     def close(self, line: dict[str, Any] | None) -> None:
