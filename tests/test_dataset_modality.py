@@ -131,6 +131,40 @@ def test_grey_is_unknown_in_any_8_bit_channel_layout_and_16_bit_data_is_thermal(
     assert pixel_modality(Image.fromarray(grey.astype(np.int32), "I")) == "unknown"  # 8-bit values in a 32-bit image
 
 
+def _grey_jpeg(make: str | None = None, app1: bytes | None = None) -> Image.Image:
+    """A grey frame as a JPEG file, with an EXIF Make or a raw APP1 segment as a camera writes them."""
+    im, buf = Image.fromarray(np.dstack([_thermal_scene()] * 3), "RGB"), io.BytesIO()
+    exif = Image.Exif()
+    if make is not None:
+        exif[0x010F], exif[0x0110] = make, "T540"
+    im.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    data = buf.getvalue()
+    if app1 is not None:  # right after the SOI marker, where FLIR's firmware puts it
+        data = data[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + data[2:]
+    return Image.open(io.BytesIO(data))
+
+
+def test_a_thermal_cameras_own_metadata_makes_even_a_grey_frame_thermal() -> None:
+    by_make = judge(_grey_jpeg("FLIR Systems AB"))
+    assert by_make == Verdict(
+        "thermal", "camera metadata: EXIF Make 'FLIR Systems AB' (model T540) builds thermal cameras only"
+    )
+    assert judge(_grey_jpeg(app1=b"FLIR\x00\x01\x01" + bytes(64))).evidence.startswith("FLIR radiometric metadata")
+    assert judge(_grey_jpeg("Seek Thermal")).modality == "thermal"
+    # A maker of ordinary cameras, or one that makes both kinds, proves nothing: grey stays unknown.
+    for make in ("Canon", "DJI", None):
+        assert judge(_grey_jpeg(make)).modality == "unknown", make
+    assert judge(_grey_jpeg(app1=b"Exif\x00\x00" + bytes(16))).modality == "unknown"  # an APP1 that is not FLIR's
+
+
+def test_the_dataset_scan_reads_the_camera_metadata_from_the_file(tmp_path: Path) -> None:
+    """Through inspect_dataset, which decodes a JPEG at reduced scale: the metadata must survive that."""
+    root = flat_dataset(tmp_path / "ds", n=2)
+    _grey_jpeg("FLIR Systems AB").save(root / "images" / "img0.jpg", exif=_grey_jpeg("FLIR Systems AB").getexif())
+    _grey_jpeg("Canon").save(root / "images" / "img1.jpg", exif=_grey_jpeg("Canon").getexif())
+    assert _modalities(root) == {"images/img0.jpg": ("thermal", "inferred"), "images/img1.jpg": ("unknown", "unknown")}
+
+
 def test_the_grey_sentence_says_what_the_pixels_cannot_tell_and_how_to_declare_it() -> None:
     assert "cannot tell a greyscale visible image from a greyscale thermal one" in GREY_SENTENCE
     for way in ("POGONA_MODALITY_RULES", "groups.csv", "modality.txt"):

@@ -237,13 +237,17 @@ def pixel_modality(image: Image.Image) -> str:
 def judge(image: Image.Image) -> Verdict:
     """Thermal only on positive evidence; grey is not evidence; a photo needs shading-dominated colour.
 
-    Thermal: 16-bit single-channel data (radiometric), a palette bar along an edge whose colours run
+    Thermal: a thermal camera's own metadata (`camera_evidence`), 16-bit single-channel data
+    (radiometric), a palette bar along an edge whose colours run
     through a known thermal colour map in order, or a frame whose colours lie on one known colour map
     (most of it, and over a good part of the map). Three equal channels (or one 8-bit channel) is
     "grey": a white-hot thermal frame, a greyscale-converted photo, a document scan and a near-infrared
     camera look alike, so the answer is "unknown". Visible: colours that fill a volume, or change
     mostly by shading (brightness changes, chromaticity stays), and match no palette.
     """
+    camera = camera_evidence(image)
+    if camera:  # before the pixels: a white-hot frame from a FLIR is grey, and still thermal
+        return Verdict("thermal", camera)
     bands = [b for b in image.getbands() if b != "A"]
     if len(bands) == 1 and image.mode != "P":
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -275,6 +279,29 @@ def judge(image: Image.Image) -> Verdict:
         return Verdict("visible", f"colours of a photograph: on no palette, change mostly by shading ({numbers})")
     why = "colours on one curve like an unlisted palette" if curve_like else "no palette and no clear photograph"
     return Verdict("unknown", f"{why} ({numbers})")
+
+
+# EXIF makers that build only thermal cameras. A maker of both kinds (DJI's H20T, a phone with a thermal
+# add-on) proves nothing by its name, so it is not here.
+THERMAL_MAKERS = ("flir", "seek thermal", "infiray", "hikmicro", "guide sensmart", "workswell", "optris")
+_EXIF_MAKE, _EXIF_MODEL = 0x010F, 0x0110
+
+
+def camera_evidence(image: Image.Image) -> str:
+    """The camera's word that a frame is thermal, else "": FLIR's radiometric APP1 segment (every FLIR
+    R-JPEG carries it), or an EXIF Make of a maker in THERMAL_MAKERS. Read from the file as opened,
+    so the caller passes the image before any convert()."""
+    for marker, payload in getattr(image, "applist", None) or []:
+        if marker == "APP1" and payload.startswith(b"FLIR\x00"):
+            return "FLIR radiometric metadata (the file's APP1 'FLIR' segment)"
+    try:
+        exif = image.getexif()
+    except Exception:  # a broken EXIF block is no evidence either way; the pixels still answer
+        return ""
+    make, model = (str(exif.get(tag, "")).strip().strip("\x00") for tag in (_EXIF_MAKE, _EXIF_MODEL))
+    if make and any(maker in make.lower() for maker in THERMAL_MAKERS):
+        return f"camera metadata: EXIF Make {make!r} (model {model or 'not given'}) builds thermal cameras only"
+    return ""
 
 
 def _nearest_on(pixels: Rgb, lut: Rgb) -> tuple[Rgb, npt.NDArray[np.intp]]:
