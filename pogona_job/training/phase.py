@@ -419,16 +419,13 @@ def partial_phase(phase: str, save_dir: Path, device: str) -> PhaseResult | None
 def first_epochs(results: Path, dest: Path, epochs: int) -> list[dict[str, float]]:
     """Copy results.csv's header and its rows up to `epochs` to `dest` (the sanity epochs' own
     results.csv, cut from the one training's); their rows."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     lines = results.read_text().splitlines(keepends=True) if results.exists() else []
     if not lines:
-        dest.write_text("")
         return []
+    dest.parent.mkdir(parents=True, exist_ok=True)
     header = next(csv.reader([lines[0]]))
     column = [h.strip() for h in header].index("epoch")
-    kept = [
-        line for line in lines[1:] if line.strip() and int(float(next(csv.reader([line]))[column])) <= epochs
-    ]
+    kept = [line for line in lines[1:] if line.strip() and int(float(next(csv.reader([line]))[column])) <= epochs]
     dest.write_text("".join([lines[0], *kept]))
     return read_results(dest)
 
