@@ -404,10 +404,10 @@ def on_fit_epoch_end(trainer: Any) -> None:
     if hooks._initial is not None and trainer.epoch + 1 >= hooks.weights_at:
         hooks.weight_change = weight_change(hooks._initial, trainer.model)
         hooks._initial = None
-    if hooks.on_gate is not None and trainer.epoch + 1 == hooks.gate_at and not hooks.gated:
-        # Before this epoch's checkpoint: a set past the gate implies the gate passed.
-        if not hooks.judge(trainer, trainer.epoch + 1):
-            return  # DDP rank 0: the gate failed, every rank stops; no checkpoint of it
+    # The gate before this epoch's checkpoint: a set past the gate implies the gate passed.
+    at_gate = hooks.on_gate is not None and trainer.epoch + 1 == hooks.gate_at and not hooks.gated
+    if at_gate and not hooks.judge(trainer, trainer.epoch + 1):
+        return  # DDP rank 0: the gate failed, every rank stops; no checkpoint of it
     if hooks.on_epoch:
         hooks.on_epoch(trainer.epoch + 1, values)
 
