@@ -78,7 +78,7 @@ def train(job: Job, res: Resources, staged: StagedDataset, on_stall: OnStall | N
     )
     gate = Gate(job, res.device, watchdog, stall)
     gate.parity(res, staged)
-    if gate.before or done >= gate_at:  # the gate's epoch is behind this attempt: judged once, not repeated
+    if done >= gate_at:  # the gate's epoch is behind this attempt: judged once, not repeated
         gate.behind(save_dir)
     zero_map = ZeroMapWatch(s.zero_map_epochs, from_scratch=s.from_scratch)
 
@@ -182,11 +182,15 @@ class Gate:
             log.info("parity probe skipped", reason="device is the CPU")
 
     def __call__(self, evidence: Evidence) -> None:
-        """At the end of the sanity epochs, inside the training."""
+        """At the end of the sanity epochs, inside the training. A gate that passed in an earlier attempt
+        (gate.json) is not judged again: its epochs' rows are written, its verdict read back."""
         job, s, rec = self.job, self.job.settings, self.job.record
+        if self.before:
+            self._passed_before(job.runs / TRAINING)
+            return
         self.judged = True
         job.next_phase("verdict")
-        rec.sanity = self._sanity_result(job.runs / TRAINING, evidence.rows, evidence.batches, evidence.labelled)
+        rec.sanity = self._sanity_result(job.runs / TRAINING, evidence.batches, evidence.labelled)
         rec.sanity.weight_change = evidence.weight_change
         self._startup(evidence.first_batch)
         rec.verdict = verdict(
@@ -214,9 +218,12 @@ class Gate:
             rows = [r for r in read_results(save_dir / "results.csv") if r["epoch"] <= self.job.settings.sanity_epochs]
             self(Evidence(self.job.settings.sanity_epochs, rows, [], None, None))
             return
+        self._passed_before(save_dir)
+
+    def _passed_before(self, save_dir: Path) -> None:
         rec = self.job.record
         self.judged = True
-        rec.sanity = self._sanity_result(save_dir, [], [], None)
+        rec.sanity = self._sanity_result(save_dir, [], None)
         rec.verdict = Verdict(
             [Criterion(**c) for c in self.before.get("criteria", [])], gate_context(self.job, self.device)
         )
@@ -232,9 +239,7 @@ class Gate:
         if self.stall is not None:
             self.stall.phase = "full"
 
-    def _sanity_result(
-        self, save_dir: Path, rows: list[dict[str, float]], batches: list[dict[str, float]], labelled: int | None
-    ) -> PhaseResult:
+    def _sanity_result(self, save_dir: Path, batches: list[dict[str, float]], labelled: int | None) -> PhaseResult:
         """The sanity epochs as their own result: sanity/results.csv is the first rows of the training's,
         uploaded by every attempt (the manifest lists it, with its hash, even on a resumed run)."""
         from pogona_job import training
