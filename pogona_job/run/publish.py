@@ -280,7 +280,8 @@ def final_numbers(rec: RunRecord) -> dict[str, float]:
 def _saved_sentence(job: Job) -> str:
     """The stop's sentence says which epoch the restart resumes from."""
     if job.checkpoints is not None and job.checkpoints.uploaded:
-        phase, epoch = job.checkpoints.uploaded[-1]
+        _, epoch = job.checkpoints.uploaded[-1]  # one training: its first epochs are the sanity epochs
+        phase = "sanity" if epoch <= job.settings.sanity_epochs else "full"
         saved = f"after saving the checkpoint of {phase} epoch {epoch}"
     else:
         saved = "with no new checkpoint (the restart resumes from the last one in the bucket, if any)"

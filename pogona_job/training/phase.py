@@ -352,7 +352,9 @@ def _fit(model: Any, phase: str, args: dict[str, Any], start: float, hardware: H
     except Exception as exc:  # ultralytics raises anything from anywhere; keep the cause for --debug
         log.debug("training exception", exc_info=True)
         first_line = (str(exc).splitlines() or [""])[0][:300]
-        raise TrainingFailed(f"Training ({phase}) failed: {type(exc).__name__}: {first_line}.") from None
+        # The phase the failure happened in: the watchdog's (sanity until the gate passed, then full).
+        failed_in = hooks.watchdog.phase or phase
+        raise TrainingFailed(f"Training ({failed_in}) failed: {type(exc).__name__}: {first_line}.") from None
     hardware.amp = hooks.amp
     save_dir = Path(model.trainer.save_dir)
     params = sum(p.numel() for p in model.model.parameters())
