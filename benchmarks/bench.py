@@ -866,7 +866,8 @@ def overhead_note(med: dict[str, float], outside: float, bare: float, overhead: 
         f"bare yolo train pays that import too), pull {med['pull']:.1f} s, stage {med['stage']:.1f} s, "
         f"per-modality evaluation {med['evaluate']:.1f} s, push {med['push']:.1f} s, and {outside:.1f} s outside "
         f"any phase (interpreter start, imports, report and manifest). The training itself (sanity, verdict and "
-        f"full phases: one training) takes {training - bare:+.1f} s against bare yolo train's whole wall time (which includes its start-up). "
+        f"full phases: one training) takes {training - bare:+.1f} s against bare yolo train's whole wall time "
+        f"(which includes its start-up). "
         f"It is a fixed cost per run: {overhead:.1f} s is {overhead / bare:.1%} of this {bare:.0f} s demo training "
         f"and would be far below 1% of a real run of hours."
     )

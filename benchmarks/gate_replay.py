@@ -429,7 +429,8 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
     ]
     setup = (
         f"{stamp_line()}. Whole job in-process against SeaweedFS on loopback, CPU, yolo11n, imgsz {args.imgsz}, "
-        f"batch 8, {EPOCHS} epochs (the first {SANITY} the sanity epochs) unless the case says otherwise, export off. Demo: "
+        f"batch 8, {EPOCHS} epochs (the first {SANITY} the sanity epochs) unless the case says otherwise, "
+        "export off. Demo: "
         f"{args.images} synthetic images; real: the Roboflow exports in ../shared/realdata/ as they are. "
         "Pretrained-like: yolo11n trained 40 epochs on 80 other demo images by this script. Share = train "
         "batches run / planned (sanity + full epochs x batches per epoch); these plans are tiny, so the 5% goal is "

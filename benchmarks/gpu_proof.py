@@ -16,8 +16,8 @@ GPU utilisation sampled with nvidia-smi, peak GPU memory, time to first batch, a
 (warm-up, AutoBatch, cuDNN autotuning), validation excluded; the same clock serves both runs.
 
 `--tiny` runs every step on the CPU in a few minutes (yolo11n.yaml, 48 images at 128 px, 3 epochs of
-which the first 2 are the sanity epochs, the test suite's tiny settings): the test suite runs it. GPU-only figures then read "n/a"
-and the parity probe "skipped (CPU)".
+which the first 2 are the sanity epochs, the test suite's tiny settings): the test suite runs it.
+GPU-only figures then read "n/a" and the parity probe "skipped (CPU)".
 """
 
 from __future__ import annotations
@@ -425,7 +425,8 @@ class Proof:
         header = (
             f"{stamp_line()}; **{self.device_name}**; torch {torch.__version__}; {cfg.images} demo images at "
             f"{cfg.image_size} px, {cfg.model}, imgsz {cfg.imgsz}, {cfg.epochs} epochs (job: the first "
-            f"{cfg.sanity_epochs} its sanity epochs, one training) vs {cfg.epochs} (bare); took {self.seconds:.0f} s; proof "
+            f"{cfg.sanity_epochs} its sanity epochs, one training) vs {cfg.epochs} (bare); "
+            f"took {self.seconds:.0f} s; proof "
             f"{'PASSED' if self.passed else 'FAILED'}."
         )
         return "\n\n".join(
