@@ -171,7 +171,7 @@ def job_env(s3_env: dict[str, str], work: Path, args: argparse.Namespace) -> dic
         "POGONA_BATCH": str(args.batch),
         "POGONA_WORKERS": "0",
         "POGONA_SANITY_EPOCHS": "2",
-        "POGONA_EPOCHS": "1",
+        "POGONA_EPOCHS": "3",  # in all: the 2 sanity epochs and one more
         "POGONA_LOG_FORMAT": "json",
         "POGONA_DATASET_URI": f"s3://{BUCKET}/datasets/gate",
         "POGONA_OUTPUT_URI": f"s3://{BUCKET}/runs",

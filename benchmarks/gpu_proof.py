@@ -15,9 +15,9 @@ GPU utilisation sampled with nvidia-smi, peak GPU memory, time to first batch, a
 (batch, AMP, cache, parity, gate). Images/s counts the training steps of every epoch but the first
 (warm-up, AutoBatch, cuDNN autotuning), validation excluded; the same clock serves both runs.
 
-`--tiny` runs every step on the CPU in a few minutes (yolo11n.yaml, 48 images at 128 px, 3 sanity + 2
-epochs, the test suite's tiny settings): the test suite runs it. GPU-only figures then read "n/a"
-and the parity probe "skipped (CPU)".
+`--tiny` runs every step on the CPU in a few minutes (yolo11n.yaml, 48 images at 128 px, 3 epochs of
+which the first 2 are the sanity epochs, the test suite's tiny settings): the test suite runs it.
+GPU-only figures then read "n/a" and the parity probe "skipped (CPU)".
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Config:
 
 def config_for(args: argparse.Namespace) -> Config:
     if args.tiny:
-        return Config(args.images or 48, 128, 128, "yolo11n.yaml", 3, 2, args.device or "cpu")  # tests' TINY
+        return Config(args.images or 48, 128, 128, "yolo11n.yaml", 2, 3, args.device or "cpu")  # tests' TINY
     # Two sanity epochs at least: the verdict compares the first with a later one.
     return Config(args.images or 3000, 640, 640, args.model, 2, args.epochs, args.device or "0")
 
@@ -424,8 +424,9 @@ class Proof:
         cfg = self.cfg
         header = (
             f"{stamp_line()}; **{self.device_name}**; torch {torch.__version__}; {cfg.images} demo images at "
-            f"{cfg.image_size} px, {cfg.model}, imgsz {cfg.imgsz}, {cfg.sanity_epochs} sanity + {cfg.epochs} "
-            f"epochs (job) vs {cfg.epochs} (bare); took {self.seconds:.0f} s; proof "
+            f"{cfg.image_size} px, {cfg.model}, imgsz {cfg.imgsz}, {cfg.epochs} epochs (job: the first "
+            f"{cfg.sanity_epochs} its sanity epochs, one training) vs {cfg.epochs} (bare); "
+            f"took {self.seconds:.0f} s; proof "
             f"{'PASSED' if self.passed else 'FAILED'}."
         )
         return "\n\n".join(
@@ -481,10 +482,9 @@ def prove(cfg: Config, work: Path) -> Proof:
         code, manifest, job_start = run_job(env, "proof", clock)
         if code != 0:
             raise SystemExit(f"the job exited {code}: {manifest.get('failure')}")
-        job_phase = clock.phases["full"]
-        sanity = clock.phases.get("sanity")
+        job_phase = clock.phases["full"]  # the one training (its save dir): the sanity epochs are its first
         pull = float(manifest.get("timings_s", {}).get("pull", 0.0))
-        job_first = sanity.first_batch - job_start - pull if sanity and sanity.first_batch else None
+        job_first = job_phase.first_batch - job_start - pull if job_phase.first_batch else None
         from pogona_job import training
         from pogona_job.config import load_settings
 
@@ -523,7 +523,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="every step on the CPU in minutes (tests)")
     parser.add_argument("--images", type=int, default=0, help="demo images; 3000 (48 with --tiny)")
-    parser.add_argument("--epochs", type=int, default=3, help="full-training epochs, job and bare; 3")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="training epochs in all, job and bare (the job's first 2 are its sanity epochs); 3",
+    )
     parser.add_argument("--model", default="yolo11s.yaml", help="model; yolo11s.yaml (no download needed)")
     parser.add_argument("--device", default="", help="device; 0 (cpu with --tiny)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave --output alone")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pogona_job.errors import ConfigError
@@ -91,8 +91,12 @@ class Settings(BaseSettings):
     # --- training -----------------------------------------------------------------------
     model: str = Field("yolo11s.pt", description="pretrained weights name, a `.yaml` (from scratch), or an `s3://` URI")
     class_names: str = Field("pogona_head", description="comma-separated class names, in class-id order")
-    epochs: int = Field(60, ge=1, le=100_000, description="full-training epochs")
-    sanity_epochs: int = Field(3, ge=2, le=1000, description="sanity epochs run before full training")
+    epochs: int = Field(
+        60, ge=1, le=100_000, description="training epochs in all, the sanity epochs included (one training)"
+    )
+    sanity_epochs: int = Field(
+        3, ge=2, le=1000, description="the first epochs of the training, judged by the gate before it continues"
+    )
     imgsz: int = Field(640, ge=32, le=4096, description="training image size (pixels)")
     batch: int = Field(8, ge=-1, le=65_536, description="batch size; `-1` lets ultralytics' AutoBatch fill the GPU")
     device: str = Field(
@@ -274,6 +278,17 @@ class Settings(BaseSettings):
         if value == 0:
             raise ValueError("must be a whole number from 1, or -1 for AutoBatch")
         return value
+
+    @model_validator(mode="after")
+    def _sanity_within_epochs(self) -> Settings:
+        """The sanity epochs are the first epochs of the one training: some must follow the gate."""
+        if self.sanity_epochs >= self.epochs:
+            raise ConfigError(
+                f"POGONA_SANITY_EPOCHS ({self.sanity_epochs}) must be below POGONA_EPOCHS ({self.epochs}), which "
+                "counts every training epoch, the sanity epochs included: raise POGONA_EPOCHS or lower "
+                "POGONA_SANITY_EPOCHS."
+            )
+        return self
 
     @field_validator("dataset_uri", "output_uri", mode="before")
     @classmethod

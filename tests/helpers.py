@@ -34,8 +34,8 @@ BUCKET = "pogona-test"
 # A tiny but honest training setup: a real model from scratch, small images, few epochs.
 TINY = {
     "POGONA_MODEL": "yolo11n.yaml",
-    "POGONA_EPOCHS": "2",
-    "POGONA_SANITY_EPOCHS": "3",
+    "POGONA_EPOCHS": "3",  # in all: the 2 sanity epochs are the first of the one training
+    "POGONA_SANITY_EPOCHS": "2",
     "POGONA_IMGSZ": "128",
     "POGONA_BATCH": "8",
     "POGONA_DEVICE": "cpu",

@@ -15,7 +15,7 @@ from tests.conftest import BUCKET, job_env, out_key, run_here
 
 @pytest.fixture(scope="module")
 def env(s3: Any, demo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    env = job_env(s3, tmp_path_factory.mktemp("compare"), POGONA_DATASET_URI=demo_uri, POGONA_EPOCHS="1")
+    env = job_env(s3, tmp_path_factory.mktemp("compare"), POGONA_DATASET_URI=demo_uri, POGONA_EPOCHS="3")
     for run_id, lr0 in (("cmp-a", "0.001"), ("cmp-b", "0.002")):
         result = run_here(["run"], {**env, "POGONA_RUN_ID": run_id, "POGONA_LR0": lr0})
         assert result.code == 0, result.stderr[-2000:]

@@ -62,6 +62,19 @@ def test_typo_exits_2_naming_the_right_variable() -> None:
     assert result.stderr.strip() == "Unknown variable POGONA_EPOHCS - did you mean POGONA_EPOCHS?"
 
 
+def test_sanity_epochs_not_below_the_epochs_exit_2_in_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """POGONA_EPOCHS counts every epoch of the one training, the sanity epochs included."""
+    result = run_cli(["run"], {**BASE, "POGONA_EPOCHS": "3", "POGONA_SANITY_EPOCHS": "3"})
+    assert result.code == 2
+    assert result.stderr.strip() == (
+        "POGONA_SANITY_EPOCHS (3) must be below POGONA_EPOCHS (3), which counts every training epoch, the sanity "
+        "epochs included: raise POGONA_EPOCHS or lower POGONA_SANITY_EPOCHS."
+    )
+    monkeypatch.setenv("POGONA_EPOCHS", "4")
+    monkeypatch.setenv("POGONA_SANITY_EPOCHS", "3")
+    assert (load_settings().epochs, load_settings().sanity_epochs) == (4, 3)
+
+
 def test_config_prints_effective_settings_with_secrets_masked() -> None:
     env = {
         **BASE,

@@ -92,6 +92,7 @@ def test_watch_follows_a_live_run_and_a_dead_notify_endpoint_does_not_fail_it(
         POGONA_NOTIFY=f"{dead} {hook.url}",
         POGONA_INSTANCE_TYPE="g6.2xlarge",
         POGONA_HOURLY_COST="0.98",
+        POGONA_EPOCHS="4",  # 2 sanity epochs, then 2 full ones: the watcher sees each phase's epoch advance
     )
     watcher = Watcher(env, run)  # started first, from another process: it waits for the run to appear
     result = run_here(["run"], env)
@@ -115,12 +116,12 @@ def test_watch_follows_a_live_run_and_a_dead_notify_endpoint_does_not_fail_it(
     assert acc["gpu_hours"] == 0  # trained on the CPU
     assert acc["estimated_cost_usd"] == pytest.approx(acc["wall_s"] / 3600 * 0.98, abs=1e-3)
     assert {"pull", "stage", "sanity", "verdict", "full", "evaluate"} <= set(acc["attempts"][0]["phases_s"])
-    assert acc["summary"].startswith("2 epochs in ") and "on g6.2xlarge, 0 preemptions, ≈ US$" in acc["summary"]
+    assert acc["summary"].startswith("4 epochs in ") and "on g6.2xlarge, 0 preemptions, ≈ US$" in acc["summary"]
     report = _get(s3_client, prefix + "report.md").decode()
     assert f"**Cost and time:** {acc['summary']}" in report and "## Cost and time" in report
 
     epochs = [e for e in _events(result.stderr) if e.get("event") == "epoch"]
-    assert len(epochs) == 5  # 3 sanity + 2 full
+    assert [(e["phase"], e["epoch"]) for e in epochs] == [("sanity", 1), ("sanity", 2), ("full", 3), ("full", 4)]
     for e in epochs:
         assert e["images_per_s"] > 0 and e["epoch_seconds"] > 0 and 0 <= e["dataloader_share"] <= 1
         assert e["eta_s"] >= 0
@@ -153,7 +154,8 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
     env_for: Callable[..., dict[str, str]], s3_client: Any, hook: Receiver
 ) -> None:
     run = "cost-partial"
-    # 3.6 s: less than the pull and sanity epochs take, so the first full epoch meets the budget.
+    # 3.6 s: less than the pull and sanity epochs take, so the budget stops the training at the gate's epoch
+    # (the sanity epochs are always judged; no full epoch fits).
     env = env_for(run, POGONA_EPOCHS="3", POGONA_MAX_HOURS="0.001", POGONA_NOTIFY=hook.url)
     latest_before = _maybe_json(s3_client, out_key(env, "latest.json"))
     champion_before = _maybe_json(s3_client, out_key(env, "champion.json"))
@@ -171,10 +173,11 @@ def test_budget_stops_at_an_epoch_boundary_and_publishes_best_so_far_as_partial(
     prefix = out_key(env, run) + "/"
     manifest = _json(s3_client, prefix + "manifest.json")
     assert manifest["status"] == "partial" and manifest["exit_code"] == 0
-    assert manifest["failure"].startswith("Stopped by its budget after epoch 1 of 3")
+    assert manifest["failure"].startswith("Stopped by its budget after epoch 2 of 3")
     assert "POGONA_MAX_HOURS=0.001" in manifest["failure"]
     assert manifest["accounting"]["budget"]["stopped"] == manifest["failure"]
-    assert [int(r["epoch"]) for r in _rows(s3_client, prefix + "results.csv")] == [1]
+    assert [int(r["epoch"]) for r in _rows(s3_client, prefix + "results.csv")] == [1, 2]
+    assert not [e for e in events if e.get("event") == "epoch" and e.get("phase") == "full"]
     for key in ("weights/best.pt", "report.md"):
         body = _get(s3_client, prefix + key)
         assert hashlib.sha256(body).hexdigest() == manifest["artifacts"][key]["sha256"], key
@@ -208,7 +211,7 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     # A 1 h checkpoint interval: the full epochs get no checkpoint of their own, but a SIGTERM (the spot
     # notice) saves the last completed one all the same, so neither preemption costs a finished epoch.
     first = Job(env_for(run, "work-1", POGONA_CHECKPOINT_MIN_INTERVAL_S="3600", **common))
-    first.wait_for(_is("epoch", phase="full", epoch=2))
+    first.wait_for(_is("epoch", phase="full", epoch=3))  # the first full epoch: 1-2 are the sanity epochs
     assert first.signal_and_wait(signal.SIGTERM) == 143, first.tail()
     assert hook.messages == []  # one preemption is churn, not news
     second = Job(env_for(run, "work-2", POGONA_CHECKPOINT_MIN_INTERVAL_S="3600", **common))  # a fresh machine
@@ -228,7 +231,7 @@ def test_preempted_twice_reports_each_attempt_and_the_budget_counts_them_all(
     assert all(a["wall_s"] > 0 and "sanity" in a["phases_s"] for a in attempts)
     assert acc["preemptions"] == 2
     done_first = attempts[0]["epochs"]["full"]
-    assert done_first >= 2 and attempts[1]["resumed_from"]["full"] == done_first  # saved by the SIGTERM
+    assert done_first >= 3 and attempts[1]["resumed_from"]["full"] == done_first  # saved by the SIGTERM
     assert attempts[2]["resumed_from"]["full"] == attempts[1]["epochs"]["full"] > done_first
     assert [p["epochs_recomputed"] for p in acc["preemption_details"]] == [0, 0]
     assert acc["epochs_recomputed"] == 0
@@ -249,7 +252,7 @@ def test_a_retry_that_finds_the_budget_spent_trains_no_further_and_publishes_par
 ) -> None:
     run = "cost-spent"
     first = Job(env_for(run, "work-1", POGONA_EPOCHS="4"))
-    first.wait_for(_is("checkpoint uploaded", checkpoint_phase="full", epoch=1))
+    first.wait_for(_is("checkpoint uploaded", checkpoint_phase="full", epoch=2))  # the gate's epoch: passed
     assert first.signal_and_wait(signal.SIGTERM) == 143, first.tail()
     # The retry's budget (3.6 s) is already spent by attempt 1: not one more epoch may run.
     second_env = env_for(run, "work-2", POGONA_EPOCHS="4", POGONA_MAX_HOURS="0.001")

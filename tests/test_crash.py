@@ -34,17 +34,17 @@ import pytest
 from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, ROOT, FaultProxy, job_env
 
-EPOCHS, SANITY = 3, 3
+EPOCHS, SANITY = 3, 2  # one training: epochs 1-2 are the sanity epochs, judged at the end of epoch 2
 
 # (name, regex on "METHOD path", which match in that leg). Order matters: each leg starts where the
 # previous kill left the run and must reach its own crash point.
 CRASH_POINTS = [
-    ("a sanity checkpoint file", r"^PUT .*/checkpoint/sanity/2-[0-9a-f]+/last\.pt", 1),
-    ("the sanity pointer", r"^PUT .*/checkpoint/sanity/pointer\.json", 1),
-    ("the gate", r"^PUT .*/checkpoint/gate\.json", 1),
-    ("a full set's set.json", r"^PUT .*/checkpoint/full/2-[0-9a-f]+/set\.json", 1),
+    ("the gate", r"^PUT .*/checkpoint/gate\.json", 1),  # epoch 1's set is stored: the restart judges at 2
+    ("the gate epoch's checkpoint file", r"^PUT .*/checkpoint/full/2-[0-9a-f]+/last\.pt", 1),
+    ("the gate epoch's set.json", r"^PUT .*/checkpoint/full/2-[0-9a-f]+/set\.json", 1),  # gate.json: not re-judged
+    ("the gate epoch's pointer", r"^PUT .*/checkpoint/full/pointer\.json", 1),
     ("the final set's results.csv", r"^PUT .*/checkpoint/full/3-[0-9a-f]+/results\.csv", 1),
-    ("the final pointer", r"^PUT .*/checkpoint/full/pointer\.json", 1),
+    ("the final pointer", r"^PUT .*/checkpoint/full/pointer\.json", 1),  # resumed past the gate: read back
     ("an artifact", r"^PUT .*/weights/best\.pt", 1),
     ("the results artifact", r"^PUT .*/[0-9a-f]{8}/results\.csv", 1),
     ("the manifest", r"^PUT .*/manifest\.json", 2),  # the 1st is the holder's claim at the start,

@@ -21,7 +21,7 @@ from tests.conftest import BUCKET, job_env, out_key, run_cli
 from tests.fixtures import exports
 
 pytestmark = pytest.mark.slow
-FAST = {"POGONA_SANITY_EPOCHS": "4", "POGONA_EPOCHS": "1", "POGONA_GATE_MIN_LOSS_DROP": "0"}
+FAST = {"POGONA_SANITY_EPOCHS": "4", "POGONA_EPOCHS": "5", "POGONA_GATE_MIN_LOSS_DROP": "0"}
 
 
 def _body(client: Any, key: str) -> bytes:

@@ -95,7 +95,7 @@ def test_job_completes_through_a_flaky_store_with_the_same_artifacts(
         tmp_path,
         POGONA_DATASET_URI=demo_uri,
         POGONA_RUN_ID="faulty",
-        POGONA_EPOCHS="1",
+        POGONA_EPOCHS="3",  # the 2 sanity epochs and one more
         POGONA_S3_MAX_ATTEMPTS="10",
         AWS_ENDPOINT_URL_S3=proxy.endpoint,
     )

@@ -18,6 +18,7 @@ from pogona_job.config import load_settings
 from pogona_job.run import job
 from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, job_env, out_key
+from tests.helpers import run_here
 
 K = 4
 
@@ -146,37 +147,49 @@ def test_a_hung_batch_is_reported_and_exits_75_within_seconds_of_the_stall_limit
 def test_full_training_whose_map_stays_zero_stops_after_k_epochs(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_client: Any
 ) -> None:
-    """A from-scratch tiny model scores 0: with K = 2 the full phase stops after its 2nd of 4 epochs."""
+    """A from-scratch tiny model scores 0: with K = 2 the training stops 2 epochs after the gate (epoch 2 of 5),
+    however many of the sanity epochs also scored 0."""
     monkeypatch.setenv("POGONA_GATE_ZERO_MAP_EPOCHS", "2")
-    monkeypatch.setenv("POGONA_EPOCHS", "4")
+    monkeypatch.setenv("POGONA_EPOCHS", "5")
     code, events = _run("gate-zero-map", monkeypatch)
     assert code == 5
     failed = next(e for e in events if e["event"] == "run failed")
-    assert "val mAP@0.5 stayed exactly 0 for 2 full-training epochs" in failed["reason"]
-    epochs = [e for e in events if e["event"] == "epoch" and e.get("epochs") == 4]
-    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert "val mAP@0.5 stayed exactly 0 for 2 full-training epochs (to epoch 4)" in failed["reason"]
+    epochs = [e for e in events if e["event"] == "epoch" and e.get("epochs") == 5]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
 
 
-def test_a_zero_learning_rate_fails_the_gate_on_weights_that_did_not_move_not_on_a_backend(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+def test_the_sanity_epochs_are_the_first_epochs_of_the_one_training(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_client: Any
 ) -> None:
-    """lr0 = 0 (POGONA_LR0 refuses it; here it arrives as a trainer argument): the batch losses still fall
-    (ultralytics' warm-up moves the biases at its own rate), the weights do not move at all.
-    (Every layer frozen is refused by ultralytics itself before training: exit 6, its own sentence.)"""
-    from pogona_job import training
+    """EPOCHS=3, SANITY=2: one model build and one ultralytics training; results.csv has epochs 1..3 and
+    sanity/results.csv is its first 2 rows (the same epochs, not repeated); the gate judged at epoch 2."""
+    from pogona_job.training import trainer
 
-    original = training.resource_plan
+    assert (env["POGONA_EPOCHS"], env["POGONA_SANITY_EPOCHS"]) == ("3", "2")
+    trainers = []
+    original_init = trainer.PogonaTrainer.__init__
 
-    def plan(*args: Any, **kwargs: Any) -> Any:
-        p = original(*args, **kwargs)
-        p.args["lr0"] = 0.0
-        return p
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        trainers.append(self)
+        original_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(training, "resource_plan", plan)
-    code, events = _run("gate-lr0", monkeypatch)
-    assert code == 5
-    criteria = {e["criterion"]: e for e in events if e["event"] == "sanity criterion"}
-    moved = criteria["the weights changed during the sanity epochs (relative L2 change)"]
-    assert (moved["observed"], moved["passed"]) == ("0", False)
-    reason = next(e for e in events if e["event"] == "run failed")["reason"]
-    assert "a learning rate of 0 (POGONA_LR0)" in reason and "backend" not in reason
+    monkeypatch.setattr(trainer.PogonaTrainer, "__init__", init)
+    result = run_here(["run"], {**env, "POGONA_RUN_ID": "gate-once"})  # JSON lines: each carries its phase
+    events = result.events()
+    assert result.code == 0, result.stderr[-3000:]
+    assert len(trainers) == 1 and [e["epochs"] for e in events if e["event"] == "training started"] == [3]
+
+    def rows(key: str) -> list[str]:
+        body = s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "gate-once", key))["Body"].read().decode()
+        return body.splitlines()
+
+    full, sanity = rows("results.csv"), rows("sanity/results.csv")
+    assert [int(float(line.split(",")[0])) for line in full[1:]] == [1, 2, 3]
+    assert sanity == full[:3]  # the header and the first two rows, byte for byte
+    epochs = [(e["epoch"], e["phase"]) for e in events if e["event"] == "epoch"]
+    assert epochs == [(1, "sanity"), (2, "sanity"), (3, "full")]
+    phases = [e["phase"] for e in events if e["event"] == "phase started"]
+    assert phases[phases.index("sanity") :][:3] == ["sanity", "verdict", "full"]
+    names = [e["event"] for e in events]
+    assert names.index("sanity criterion") < max(i for i, e in enumerate(events) if e["event"] == "epoch")

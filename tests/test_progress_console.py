@@ -93,6 +93,7 @@ def test_an_epoch_end_writes_progress_json_at_once_with_the_logged_eta(s3_client
     run = S3Path(BUCKET, "progress-console/run-1")
     tracker = Tracker(s3_client, run, Settings(), Instance(), "cpu", 1, {})
     live = livestatus.LiveStatus(s3_client, run, tracker, "run-1", interval_s=3600).start()
+    live.set_phase("full")  # the job's phase (Job.phase sets it), not the callbacks'
     callbacks = live.callbacks("full", 3)
     # What the callbacks read of ultralytics' trainer: two batches of eight images, three epochs.
     trainer = SimpleNamespace(start_epoch=0, train_loader=_Loader(), epoch=0, epochs=3, metrics={})

@@ -1,9 +1,9 @@
-"""The whole job as a straight story: config, pull, stage, sanity, verdict, full training,
-evaluate, push. `run()` maps every outcome to an exit code and a one-line reason.
+"""The whole job as a straight story: config, pull, stage, then one training whose first epochs are the
+sanity epochs (sanity, verdict, full), evaluate, push. `run()` maps every outcome to an exit code and a one-line reason.
 
 Preemption: every phase can be interrupted by SIGTERM (exit 143 after saving what it can)
 and a restart with the same run id resumes: a succeeded run is left alone (its latest.json and
-clean-up completed), a passed gate is not re-run, training continues from the last verified
+clean-up completed), a passed gate is not judged again, training continues from the last verified
 checkpoint set (checkpoint.py). Only the lease holder writes under the run (lease.py).
 """
 
@@ -91,12 +91,8 @@ def _execute(job: Job) -> None:
         local = preparation.pull_dataset(job)
     with job.phase("stage"), job.stop.interruptible():
         staged = preparation.stage(job, local, resources)
-    with job.phase("sanity"):
-        phases.sanity(job, resources, staged, on_stall)
-    with job.phase("verdict"):
-        phases.judge_sanity(job, resources)
-    with job.phase("full"):
-        phases.full(job, resources, staged, on_stall)
+    with job.phase("sanity"):  # one training: its gate moves the job on to "verdict", then "full"
+        phases.train(job, resources, staged, on_stall)
     with job.phase("evaluate"), job.stop.interruptible():
         phases.assess(job, resources, staged)
     with job.phase("push"):

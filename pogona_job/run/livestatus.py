@@ -146,17 +146,20 @@ class LiveStatus:
             self.client.delete_object(Bucket=path.bucket, Key=path.key)
 
     # --- the epoch meter -------------------------------------------------------------------
-    def callbacks(self, phase: str, epochs: int) -> dict[str, Callback]:
+    def callbacks(self, phase: str, epochs: int, gate_at: int = 0) -> dict[str, Callback]:
         """The ultralytics callbacks of this module (register them before the job's own, so the
-        epoch's log event carries `trainer.pogona_epoch_fields`)."""
+        epoch's log event carries `trainer.pogona_epoch_fields`). `phase` names the training in the
+        accounting; progress.json's phase is the job's (Job.phase). The budget stops the training only
+        after the gate's epoch `gate_at`: the sanity epochs are always judged."""
         t: dict[str, float] = {"epoch_start": 0.0, "last": 0.0, "wait": 0.0, "step": 0.0}
-        self.set(phase=phase, epochs=epochs, epoch=0, batch=0, eta_s=None)
+        self.set(epochs=epochs, epoch=0, batch=0, eta_s=None)
 
         def on_train_start(trainer: Any) -> None:
             start = int(getattr(trainer, "start_epoch", 0))
             self.tracker.training_started(phase, start)
             self.set(epoch=start, batches=len(trainer.train_loader))
-            self.tracker.refuse_if_spent(phase, start, epochs)  # raises BudgetSpent: the job publishes partial
+            if start >= gate_at:  # past the gate: raises BudgetSpent, the job publishes partial
+                self.tracker.refuse_if_spent(phase, start, epochs)
 
         def on_train_epoch_start(trainer: Any) -> None:
             now = time.monotonic()
@@ -199,7 +202,7 @@ class LiveStatus:
             # Written now, not at the writer's next tick (POGONA_PROGRESS_INTERVAL_S): `runs watch` shows
             # the epoch the log just printed, with the same ETA.
             self.write()
-            if self.tracker.should_stop(phase, epoch, epochs, epoch_s):
+            if epoch >= gate_at and self.tracker.should_stop(phase, epoch, epochs, epoch_s):
                 trainer.stop = True
 
         return {

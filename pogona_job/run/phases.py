@@ -1,5 +1,6 @@
-"""The phases of the story from training on: the sanity epochs and their verdict, full training (each
-resumed from the run's checkpoint), the evaluation of best.pt, its final verdict and the champion decision.
+"""The phases of the story from training on: the one training (resumed from the run's checkpoint) whose
+first POGONA_SANITY_EPOCHS epochs the sanity gate judges before it continues, the evaluation of best.pt,
+its final verdict and the champion decision.
 
 Each takes the job, the `Resources` the config phase decided and the `StagedDataset`, and records its
 results in `job.record` (the report and the manifest read them there)."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import gc
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,102 +30,238 @@ if TYPE_CHECKING:
 from pogona_job.training.gate import (
     BatchWatchdog,
     Context,
+    Criterion,
+    Evidence,
     StallWatchdog,
+    Verdict,
     ZeroMapWatch,
     parity_probe,
     require_parity,
     verdict,
 )
+from pogona_job.training.phase import PhaseResult, read_results
 
 log = get_logger()
+OnStall = Callable[[Stalled], None]
 
 
-def train(
-    job: Job,
-    phase: str,
-    model_source: str,
-    data_yaml: Path,
-    device: str,
-    workers: int,
-    epochs: int,
-    on_stall: Callable[[Stalled], None] | None = None,
-) -> Any:
-    """One training phase, resumed from this run's checkpoint when there is one.
-    `on_stall` (from the no-progress thread) must report the failure and end the process."""
+TRAINING = "full"  # the one training's save dir and checkpoint phase (<run>/checkpoint/full/)
+
+
+def train(job: Job, res: Resources, staged: StagedDataset, on_stall: OnStall | None = None) -> None:
+    """The one training, resumed from this run's checkpoint when there is one: the sanity epochs are its
+    first POGONA_SANITY_EPOCHS epochs, judged by the gate at their end (`Gate`) before it continues; a
+    passed gate costs no epoch. Called inside the job's "sanity" phase: the gate moves the job on to
+    "verdict" and "full". `on_stall` (from the no-progress thread) must report the failure and end the
+    process. A retry that finds the budget spent publishes the checkpoint's best-so-far as partial."""
     from pogona_job import training
+    from pogona_job.run.budget import BudgetSpent
     from pogona_job.training import checkpoint
 
-    save_dir = job.runs / phase
-    restored = checkpoint.restore(job.client, job.out, phase, save_dir)
-    if restored and restored.epoch >= epochs:
-        log.info("phase already complete in the checkpoint; not repeated", epochs=restored.epoch)
-        return training.completed_phase(phase, save_dir, device, data_yaml, job.settings, workers)
-    resume = restored is not None and restored.resumable
-    if restored and not resume:
-        log.warning("checkpoint is not resumable; starting the phase again", epoch=restored.epoch)
-    if resume:
-        assert restored
-        log.info("resuming from checkpoint", from_epoch=restored.epoch + 1, epochs=epochs)
-    # A SIGTERM is honoured between batches, never mid-step.
-    sanity = phase == "sanity"
+    s, rec = job.settings, job.record
+    epochs, gate_at = s.epochs, s.sanity_epochs
+    save_dir = job.runs / TRAINING
+    shutil.rmtree(job.runs / "sanity", ignore_errors=True)  # written from this training's rows only
+    restored = checkpoint.restore(job.client, job.out, TRAINING, save_dir)
+    done = restored.epoch if restored else 0
     watchdog = BatchWatchdog(
-        zero_batches=job.settings.gate_zero_batches,
-        phase=phase,
-        between_batches=job.check,
-        context=gate_context(job, device),
-        keep=1_000_000 if sanity else 0,  # the verdict reads every sanity batch's losses
+        zero_batches=s.gate_zero_batches,
+        phase="sanity",
+        between_batches=job.check,  # a SIGTERM is honoured between batches, never mid-step
+        context=gate_context(job, res.device),
+        keep=1_000_000,  # the verdict reads every sanity batch's losses (the gate freezes the list)
     )
-
-    s = job.settings
-    zero_map = ZeroMapWatch(0 if sanity else s.zero_map_epochs, from_scratch=s.from_scratch)
-
-    def on_epoch(epoch: int, values: dict[str, float]) -> None:
-        job.checkpoints.offer(phase, epoch, epochs, save_dir, {"attempt": job.attempt})
-        zero_map.check(epoch, values.get("map50", 0.0))
-
     stall = (
-        StallWatchdog(s.stall_factor, s.stall_min_s, s.stall_first_batch_s, on_stall, phase=phase)
+        StallWatchdog(s.stall_factor, s.stall_min_s, s.stall_first_batch_s, on_stall, phase="sanity")
         if on_stall is not None
         else None
     )
+    gate = Gate(job, res.device, watchdog, stall)
+    gate.parity(res, staged)
+    if done >= gate_at:  # the gate's epoch is behind this attempt: judged once, not repeated
+        gate.behind(save_dir)
+    zero_map = ZeroMapWatch(s.zero_map_epochs, from_scratch=s.from_scratch)
+
+    def on_epoch(epoch: int, values: dict[str, float]) -> None:
+        job.checkpoints.offer(TRAINING, epoch, epochs, save_dir, {"attempt": job.attempt})
+        if epoch > gate_at:  # the stuck-at-zero count starts after the gate
+            zero_map.check(epoch, values.get("map50", 0.0))
 
     try:
-        result = training.train_phase(
-            phase,
-            model_source=model_source,
-            data_yaml=data_yaml,
-            settings=job.settings,
-            device=device,
-            workers=workers,
+        if restored and done >= epochs:
+            log.info("training already complete in the checkpoint; not repeated", epochs=done)
+            rec.full = training.completed_phase(TRAINING, save_dir, res.device, staged.data_yaml, s, res.workers)
+            return
+        resume = restored is not None and restored.resumable
+        if restored and not resume:
+            log.warning("checkpoint is not resumable; starting the training again", epoch=done)
+        if resume:
+            log.info("resuming from checkpoint", from_epoch=done + 1, epochs=epochs)
+        judged_here = not gate.judged
+        rec.full = training.train_phase(
+            TRAINING,
+            model_source=res.model_source,
+            data_yaml=staged.data_yaml,
+            settings=s,
+            device=res.device,
+            workers=res.workers,
             epochs=epochs,
             save_dir=save_dir,
             watchdog=watchdog,
             on_epoch=on_epoch,
             resume=resume,
             extra=job.extra_args,
-            # Multi-GPU: rank 0 of the DDP workers uploads the checkpoints itself (pogona_job/training/trainer.py).
+            # Multi-GPU: rank 0 of the DDP workers uploads the checkpoints itself (pogona_job/training/trainer.py)
+            # and judges the gate with these thresholds; the job's gate then judges its evidence here.
             ddp_checkpoint={
                 **job.checkpoints.spec(),  # one spec: keys, interval, lease guard, attempt limit
                 "staging": str(job.work / "checkpoint-staging-rank0"),
                 "epochs": epochs,
                 "save_dir": str(save_dir),
+                "phase": TRAINING,
                 "state": {"attempt": job.attempt},
             },
-            callbacks=job.live.callbacks(phase, epochs),
-            weigh_after=epochs if sanity else 0,
+            callbacks=job.live.callbacks(TRAINING, epochs, gate_at=gate_at),
+            weigh_after=gate_at if judged_here else 0,
             stall=stall,
+            gate_at=gate_at if judged_here else 0,
+            on_gate=gate if judged_here else None,
+            gate={"min_loss_drop": s.gate_min_loss_drop, "min_map50": s.min_map50},
         )
-        if sanity and not resume:  # a resumed phase saw only its last batches: the verdict reads the epochs
-            result.batches, result.labelled = list(watchdog.history), watchdog.labelled
-        return result
+        if not gate.judged:  # the training ended before the gate's epoch (early stop): judge what it did
+            resumed = watchdog.batches == 0 or resume
+            rows = [r for r in rec.full.rows if r["epoch"] <= gate_at]
+            batches, labelled = ([], None) if resumed else (list(watchdog.history), watchdog.labelled)
+            gate(Evidence(gate_at, rows, batches, labelled, rec.full.weight_change))
+        if rec.sanity is not None:
+            rec.sanity.params, rec.sanity.hardware = rec.full.params, rec.full.hardware
+    except BudgetSpent:
+        partial = training.partial_phase(TRAINING, save_dir, res.device)
+        if partial is None:
+            raise
+        rec.full = partial
     finally:
-        gc.collect()  # the phase's model and loaders are garbage now: free them before the next phase
-        job.record.watchdog = {
-            "phase": phase,
+        gc.collect()  # the training's model and loaders are garbage now: free them before the evaluation
+        rec.watchdog = {
+            "phase": watchdog.phase,
             "batches": watchdog.batches,
             "tripped": watchdog.tripped,
             "last_batches": list(watchdog.recent),
         }
+    flush_checkpoints(job)  # the final set lands now, never after the clean-up
+
+
+class Gate:
+    """The sanity gate inside the one training: called by the trainer at the end of epoch
+    POGONA_SANITY_EPOCHS with its `Evidence` (or, for an attempt that starts past that epoch, from the
+    checkpoint's rows). It writes sanity/results.csv, judges, logs every criterion, raises SanityFailed
+    (exit 5: the training stops there) or writes checkpoint/gate.json and projects the budget."""
+
+    def __init__(self, job: Job, device: str, watchdog: BatchWatchdog, stall: StallWatchdog | None) -> None:
+        self.job, self.device, self.watchdog, self.stall = job, device, watchdog, stall
+        self.file = job.out / "checkpoint" / "gate.json"
+        self.before: dict[str, Any] = storage.get_json(job.client, self.file) or {}
+        if not self.before.get("passed"):
+            self.before = {}
+        self.judged = False
+
+    def parity(self, res: Resources, staged: StagedDataset) -> None:
+        """The backend parity probe on an accelerator, before any training (not repeated once the gate passed)."""
+        rec, s = self.job.record, self.job.settings
+        if self.before:
+            log.info("sanity gate already passed for this run; not repeated")
+        elif res.device != "cpu":
+            from pogona_job import training
+
+            loss_fn = training.batch_loss_fn(res.model_source, staged.data_yaml, s.imgsz)
+            rec.parity = parity_probe(loss_fn, res.device)
+            log.info("parity probe", passed=rec.parity.passed, cpu=rec.parity.cpu, device=rec.parity.accelerator)
+            require_parity(rec.parity)
+        else:
+            rec.parity_note = "skipped: training runs on the CPU, the reference itself"
+            log.info("parity probe skipped", reason="device is the CPU")
+
+    def __call__(self, evidence: Evidence) -> None:
+        """At the end of the sanity epochs, inside the training. A gate that passed in an earlier attempt
+        (gate.json) is not judged again: its epochs' rows are written, its verdict read back."""
+        job, s, rec = self.job, self.job.settings, self.job.record
+        if self.before:
+            self._passed_before(job.runs / TRAINING)
+            return
+        self.judged = True
+        job.next_phase("verdict")
+        rec.sanity = self._sanity_result(job.runs / TRAINING, evidence.batches, evidence.labelled)
+        rec.sanity.weight_change = evidence.weight_change
+        self._startup(evidence.first_batch)
+        rec.verdict = verdict(
+            rec.sanity.rows,
+            min_loss_drop=s.gate_min_loss_drop,
+            min_map50=s.min_map50,
+            batches=evidence.batches,
+            labelled=evidence.labelled,
+            weight_change=evidence.weight_change,
+            context=gate_context(job, self.device),
+        )
+        for c in rec.verdict.criteria:
+            log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
+        if not rec.verdict.passed:
+            raise SanityFailed(rec.verdict.failure_sentence())
+        assert job.lease is not None and job.live is not None
+        job.lease.fenced_json(self.file, rec.verdict.as_dict())
+        job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
+        self._on_to_full()
+
+    def behind(self, save_dir: Path) -> None:
+        """An attempt that starts past the gate's epoch: the verdict of gate.json, not judged again; without
+        one (a multi-GPU run stopped before its launcher judged), judged now from the checkpoint's epochs."""
+        if not self.before:
+            rows = [r for r in read_results(save_dir / "results.csv") if r["epoch"] <= self.job.settings.sanity_epochs]
+            self(Evidence(self.job.settings.sanity_epochs, rows, [], None, None))
+            return
+        self._passed_before(save_dir)
+
+    def _passed_before(self, save_dir: Path) -> None:
+        rec = self.job.record
+        self.judged = True
+        rec.sanity = self._sanity_result(save_dir, [], None)
+        rec.verdict = Verdict(
+            [Criterion(**c) for c in self.before.get("criteria", [])], gate_context(self.job, self.device)
+        )
+        self.job.next_phase("full")
+        self.watchdog.phase = "full"
+        self.watchdog.keep = 0
+        if self.stall is not None:
+            self.stall.phase = "full"
+
+    def _on_to_full(self) -> None:
+        self.job.next_phase("full")
+        self.watchdog.phase = "full"
+        if self.stall is not None:
+            self.stall.phase = "full"
+
+    def _sanity_result(self, save_dir: Path, batches: list[dict[str, float]], labelled: int | None) -> PhaseResult:
+        """The sanity epochs as their own result: sanity/results.csv is the first rows of the training's,
+        uploaded by every attempt (the manifest lists it, with its hash, even on a resumed run)."""
+        from pogona_job import training
+        from pogona_job.run.publish import upload
+
+        job = self.job
+        sanity_dir = job.runs / "sanity"
+        rows = training.first_epochs(save_dir / "results.csv", sanity_dir / "results.csv", job.settings.sanity_epochs)
+        upload(job, [(sanity_dir / "results.csv", "sanity/results.csv")])
+        seconds = rows[-1].get("time", 0.0) if rows else 0.0
+        hardware = training.describe_hardware(self.device)
+        return PhaseResult("sanity", sanity_dir, rows, seconds, hardware, 0, None, None, batches, labelled)
+
+    def _startup(self, first_batch: float | None) -> None:
+        if first_batch is None:
+            return
+        from pogona_job import PROCESS_START
+
+        rec = self.job.record
+        startup = first_batch - PROCESS_START - rec.timings.get("pull", 0.0)
+        rec.timings["startup_to_first_batch"] = round(startup, 2)
+        log.info("start-up", seconds_to_first_batch_excluding_pull=round(startup, 2))
 
 
 def gate_context(job: Job, device: str) -> Context:
@@ -292,88 +430,6 @@ def _champion_weights(job: Job, champion: dict[str, Any]) -> Path | None:
         with storage.errors_for(src.bucket, f"downloading the champion's weights {uri}"):
             job.client.download_file(src.bucket, src.key, str(dest))
     return dest
-
-
-OnStall = Callable[[Stalled], None]
-
-
-def sanity(job: Job, res: Resources, staged: StagedDataset, on_stall: OnStall) -> None:
-    """The parity probe on an accelerator, then the sanity epochs (not repeated once the gate passed)."""
-    s, rec = job.settings, job.record
-    gate = storage.get_json(job.client, job.out / "checkpoint" / "gate.json") or {}
-    if gate.get("passed"):
-        log.info("sanity gate already passed for this run; not repeated")
-    elif res.device != "cpu":
-        from pogona_job import training
-
-        loss_fn = training.batch_loss_fn(res.model_source, staged.data_yaml, s.imgsz)
-        rec.parity = parity_probe(loss_fn, res.device)
-        log.info("parity probe", passed=rec.parity.passed, cpu=rec.parity.cpu, device=rec.parity.accelerator)
-        require_parity(rec.parity)
-    else:
-        rec.parity_note = "skipped: training runs on the CPU, the reference itself"
-        log.info("parity probe skipped", reason="device is the CPU")
-    rec.sanity = train(
-        job, "sanity", res.model_source, staged.data_yaml, res.device, res.workers, s.sanity_epochs, on_stall=on_stall
-    )
-    # The sanity checkpoint must land before full training's first one could supersede it.
-    flush_checkpoints(job)
-    # Uploaded by every attempt: the manifest lists it (with its hash) even on a resumed run.
-    from pogona_job.run.publish import upload
-
-    upload(job, [(rec.sanity.save_dir / "results.csv", "sanity/results.csv")])
-    if rec.sanity.first_batch_at is not None:
-        from pogona_job import PROCESS_START
-
-        startup = rec.sanity.first_batch_at - PROCESS_START - rec.timings.get("pull", 0.0)
-        rec.timings["startup_to_first_batch"] = round(startup, 2)
-        log.info("start-up", seconds_to_first_batch_excluding_pull=round(startup, 2))
-
-
-def judge_sanity(job: Job, res: Resources) -> None:
-    """The gate: full training starts only when the sanity epochs show the model learning."""
-    s, rec = job.settings, job.record
-    assert rec.sanity is not None and job.lease is not None and job.live is not None
-    rec.verdict = verdict(
-        rec.sanity.rows,
-        min_loss_drop=s.gate_min_loss_drop,
-        min_map50=s.min_map50,
-        batches=rec.sanity.batches,
-        labelled=rec.sanity.labelled,
-        weight_change=rec.sanity.weight_change,
-        context=gate_context(job, res.device),
-    )
-    for c in rec.verdict.criteria:
-        log.info("sanity criterion", criterion=c.name, threshold=c.threshold, observed=c.observed, passed=c.passed)
-    if not rec.verdict.passed:
-        raise SanityFailed(rec.verdict.failure_sentence())
-    job.lease.fenced_json(job.out / "checkpoint" / "gate.json", rec.verdict.as_dict())
-    job.live.tracker.project(rec.sanity.rows, s.epochs)  # right after the verdict: will the budget cover it?
-
-
-def full(job: Job, res: Resources, staged: StagedDataset, on_stall: OnStall) -> None:
-    """Full training; a retry that finds the budget spent publishes the checkpoint's best-so-far as partial."""
-    from pogona_job import training
-    from pogona_job.run.budget import BudgetSpent
-
-    rec = job.record
-    try:
-        rec.full = train(
-            job,
-            "full",
-            res.model_source,
-            staged.data_yaml,
-            res.device,
-            res.workers,
-            job.settings.epochs,
-            on_stall=on_stall,
-        )
-    except BudgetSpent:
-        partial = training.partial_phase("full", job.runs / "full", res.device)
-        if partial is None:
-            raise
-        rec.full = partial
-    flush_checkpoints(job)  # the final set lands now, never after the clean-up
 
 
 def assess(job: Job, res: Resources, staged: StagedDataset) -> None:

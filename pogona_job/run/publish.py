@@ -280,7 +280,8 @@ def final_numbers(rec: RunRecord) -> dict[str, float]:
 def _saved_sentence(job: Job) -> str:
     """The stop's sentence says which epoch the restart resumes from."""
     if job.checkpoints is not None and job.checkpoints.uploaded:
-        phase, epoch = job.checkpoints.uploaded[-1]
+        _, epoch = job.checkpoints.uploaded[-1]  # one training: its first epochs are the sanity epochs
+        phase = "sanity" if epoch <= job.settings.sanity_epochs else "full"
         saved = f"after saving the checkpoint of {phase} epoch {epoch}"
     else:
         saved = "with no new checkpoint (the restart resumes from the last one in the bucket, if any)"
@@ -290,7 +291,7 @@ def _saved_sentence(job: Job) -> str:
 def publish_failure(job: Job) -> None:
     """Best effort within the stop budget: newest checkpoint, then the report and a manifest that
     says `failed`/`interrupted` - never presented as complete."""
-    from pogona_job.training import partial_phase
+    from pogona_job.training import first_epochs, partial_phase
 
     rec = job.record
     try:
@@ -309,7 +310,10 @@ def publish_failure(job: Job) -> None:
                 rec.failure = _saved_sentence(job)
         # The epochs a failed phase did finish belong in its report.
         device = str(rec.settings_used.get("device", "cpu"))
-        if rec.sanity is None:
+        if rec.sanity is None:  # stopped before the gate: the sanity epochs are the training's first rows
+            first_epochs(
+                job.runs / "full" / "results.csv", job.runs / "sanity" / "results.csv", job.settings.sanity_epochs
+            )
             rec.sanity = partial_phase("sanity", job.runs / "sanity", device)
             upload(job, [(job.runs / "sanity" / "results.csv", "sanity/results.csv")])
         elif rec.full is None and rec.verdict is not None and rec.verdict.passed:

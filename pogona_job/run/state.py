@@ -90,6 +90,7 @@ class Job:
     live: Any = None  # livestatus.LiveStatus: progress.json, accounting, budget (once the lease is held)
     extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
     local_files: dict[str, Path] = field(default_factory=dict)  # uploaded key -> local file (report.html embeds them)
+    _current: tuple[str, float] = ("config", 0.0)  # the phase in progress and its time.monotonic() start
 
     def outcome(self) -> str:
         """The attempt's outcome for the accounting: a user's Ctrl-C (SIGINT) is a stop, not a preemption."""
@@ -110,16 +111,31 @@ class Job:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self.check()
+        self._begin(name)
+        try:
+            yield
+        except BaseException:
+            self.record.failed_phase = self.record.failed_phase or self._current[0]
+            raise
+        finally:
+            self.record.timings[self._current[0]] = round(time.monotonic() - self._current[1], 2)
+        log.info("phase finished", seconds=self.record.timings[self._current[0]])
+
+    def next_phase(self, name: str) -> None:
+        """Inside a phase: it ends here and `name` begins (the sanity gate inside the one training:
+        sanity, then verdict, then full, in the logs, the timings, progress.json and failed_phase)."""
+        current, started = self._current
+        self.record.timings[current] = round(time.monotonic() - started, 2)
+        log.info("phase finished", seconds=self.record.timings[current])
+        self._begin(name)
+
+    @property
+    def current_phase(self) -> str:
+        return self._current[0]
+
+    def _begin(self, name: str) -> None:
         bind(phase=name)
         if self.live is not None:
             self.live.set_phase(name)
         log.info("phase started")
-        start = time.monotonic()
-        try:
-            yield
-        except BaseException:
-            self.record.failed_phase = self.record.failed_phase or name
-            raise
-        finally:
-            self.record.timings[name] = round(time.monotonic() - start, 2)
-        log.info("phase finished", seconds=self.record.timings[name])
+        self._current = (name, time.monotonic())

@@ -14,6 +14,9 @@ Layers, cheapest first:
   model's epoch-mean loss can rise while it learns) and the sanity mAP where it exists.
 - `ZeroMapWatch` stops full training whose val mAP stays exactly 0 for K epochs.
 
+The sanity epochs are the first epochs of the one training: the trainer hands the gate its `Evidence`
+at the end of epoch POGONA_SANITY_EPOCHS, and training continues only when the verdict passed.
+
 Every failure sentence names causes that fit the run (`Context`): on the CPU never a backend.
 """
 
@@ -418,6 +421,21 @@ def verdict(
     if labelled is not None and batches:
         criteria.append(Criterion(NO_LABELS, ">= 1", f"{labelled} of {len(batches)}", labelled > 0))
     return Verdict(criteria, ctx, seen)
+
+
+@dataclass
+class Evidence:
+    """What the trainer hands the gate at the end of sanity epoch `epoch`, inside the one training."""
+
+    epoch: int
+    rows: list[dict[str, float]]  # results.csv, epochs 1..epoch
+    batches: list[dict[str, float]]  # the sanity batches' losses; empty when training resumed mid-sanity
+    labelled: int | None  # of those, batches with a labelled box (None: not seen, a resumed run)
+    weight_change: float | None  # relative L2 change of the weights by this epoch
+    first_batch: float | None = None  # time.monotonic() when the first training batch of this process ended
+
+
+GateHook = Callable[[Evidence], None]  # raises SanityFailed to stop the training at the gate
 
 
 # --- full training that stays at zero ----------------------------------------------------

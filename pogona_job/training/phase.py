@@ -21,7 +21,7 @@ from pogona_job.errors import ConfigError, JobError, TrainingFailed
 from pogona_job.logs import get_logger
 from pogona_job.training import gpu_policy
 from pogona_job.training.columns import LOSSES, METRICS
-from pogona_job.training.gate import BatchWatchdog, StallWatchdog
+from pogona_job.training.gate import BatchWatchdog, GateHook, StallWatchdog
 
 if TYPE_CHECKING:
     from pogona_job.training.trainer import Hooks
@@ -225,12 +225,16 @@ def train_phase(
     callbacks: Mapping[str, Callable[[Any], None]] | None = None,
     weigh_after: int = 0,
     stall: StallWatchdog | None = None,
+    gate_at: int = 0,
+    on_gate: GateHook | None = None,
+    gate: Mapping[str, Any] | None = None,
 ) -> PhaseResult:
     """Train `epochs` epochs into save_dir (or resume its last.pt); the watchdog sees every batch.
     `callbacks` (livestatus: meter, budget) run before the job's own, so the epoch event carries their fields.
     Under DDP they do not reach ultralytics' worker processes (only the trainer class's own hooks do), so
     progress and budget are single-process features for now. `stall` (the no-progress thread) watches
-    from before the model is built until training returns."""
+    from before the model is built until training returns. `on_gate` judges the end of epoch `gate_at`
+    (the sanity gate inside this one training; `gate`: its thresholds, for DDP rank 0)."""
 
     # Multi-GPU: the batches run in ultralytics' worker processes, which this process cannot watch.
     if stall is not None and "," not in device:
@@ -253,6 +257,9 @@ def train_phase(
             callbacks,
             weigh_after,
             stall if "," not in device else None,
+            gate_at,
+            on_gate,
+            gate,
         )
     finally:
         if stall is not None:
@@ -276,6 +283,9 @@ def _train_phase(
     callbacks: Mapping[str, Callable[[Any], None]] | None,
     weigh_after: int,
     stall: StallWatchdog | None,
+    gate_at: int,
+    on_gate: GateHook | None,
+    gate: Mapping[str, Any] | None,
 ) -> PhaseResult:
     from pogona_job.training.trainer import Hooks, process_local
 
@@ -290,6 +300,9 @@ def _train_phase(
         checkpoint=dict(ddp_checkpoint) if ddp_checkpoint else None,
         weights_at=weigh_after,
         stall=stall,
+        gate_at=gate_at if on_gate is not None else 0,
+        on_gate=on_gate,
+        gate=dict(gate) if gate else None,
     )
     for event, callback in (callbacks or {}).items():  # registered on the model: they run before the trainer's
         model.add_callback(event, process_local(callback))
@@ -339,7 +352,9 @@ def _fit(model: Any, phase: str, args: dict[str, Any], start: float, hardware: H
     except Exception as exc:  # ultralytics raises anything from anywhere; keep the cause for --debug
         log.debug("training exception", exc_info=True)
         first_line = (str(exc).splitlines() or [""])[0][:300]
-        raise TrainingFailed(f"Training ({phase}) failed: {type(exc).__name__}: {first_line}.") from None
+        # The phase the failure happened in: the watchdog's (sanity until the gate passed, then full).
+        failed_in = hooks.watchdog.phase or phase
+        raise TrainingFailed(f"Training ({failed_in}) failed: {type(exc).__name__}: {first_line}.") from None
     hardware.amp = hooks.amp
     save_dir = Path(model.trainer.save_dir)
     params = sum(p.numel() for p in model.model.parameters())
@@ -401,6 +416,20 @@ def partial_phase(phase: str, save_dir: Path, device: str) -> PhaseResult | None
         return None
     seconds = rows[-1].get("time", 0.0)
     return PhaseResult(phase, save_dir, rows, seconds, describe_hardware(device), 0, None)
+
+
+def first_epochs(results: Path, dest: Path, epochs: int) -> list[dict[str, float]]:
+    """Copy results.csv's header and its rows up to `epochs` to `dest` (the sanity epochs' own
+    results.csv, cut from the one training's); their rows."""
+    lines = results.read_text().splitlines(keepends=True) if results.exists() else []
+    if not lines:
+        return []
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    header = next(csv.reader([lines[0]]))
+    column = [h.strip() for h in header].index("epoch")
+    kept = [line for line in lines[1:] if line.strip() and int(float(next(csv.reader([line]))[column])) <= epochs]
+    dest.write_text("".join([lines[0], *kept]))
+    return read_results(dest)
 
 
 def read_results(path: Path) -> list[dict[str, float]]:

@@ -11,6 +11,16 @@ registers in `__init__`, on every rank, and what they need reaches the workers a
 - DDP worker: `Hooks` rebuilt from the context. Rank 0 checks every batch and broadcasts its verdict,
   so all ranks stop together; rank 0 alone offers checkpoints. Rank 0 writes the watchdog's state to
   a file that the launching process reads back: a tripped worker becomes SanityFailed (exit 5) there.
+
+The sanity gate sits inside the one training: at the end of epoch `gate_at` (POGONA_SANITY_EPOCHS) the
+trainer hands `on_gate` the `Evidence` (the first rows of results.csv, the sanity batches, the weights'
+change), before that epoch's checkpoint is offered. In one process the job's gate judges there and its
+SanityFailed ends `train()`. Under DDP, rank 0 judges the same evidence with the thresholds of the
+context and, on a failure, stops every rank through ultralytics' own stop broadcast (raising in one rank
+would leave the others waiting in a collective); the launching process then hands the evidence from
+rank 0's state file to the job's gate, which gives the same verdict (and writes gate.json, the report's
+table). Under DDP the phases sanity/verdict/full therefore switch in the logs only when training returns.
+The DDP path is not exercised by the test suite (no machine with several GPUs runs it); keep it simple.
 """
 
 from __future__ import annotations
@@ -32,7 +42,15 @@ from ultralytics.utils import DEFAULT_CFG, RANK
 from pogona_job.errors import SanityFailed
 from pogona_job.logs import get_logger
 from pogona_job.training.columns import METRICS
-from pogona_job.training.gate import BatchWatchdog, Context, StallWatchdog, watchdog_causes
+from pogona_job.training.gate import (
+    BatchWatchdog,
+    Context,
+    Evidence,
+    GateHook,
+    StallWatchdog,
+    verdict,
+    watchdog_causes,
+)
 
 log = get_logger()
 RANK_CONTEXT = "POGONAJOB_RANK_CONTEXT"  # not POGONA_*: the settings refuse unknown variables of that prefix
@@ -53,6 +71,12 @@ class Hooks:
     weights_at: int = 0  # after this epoch, measure how far the weights moved since the start (0: never)
     weight_change: float | None = None  # relative L2 change of the weights: exactly 0 when nothing can learn
     stall: StallWatchdog | None = None  # this process's no-progress thread (not under DDP: see train_phase)
+    gate_at: int = 0  # the epoch whose end the gate judges (POGONA_SANITY_EPOCHS; 0: no gate in this training)
+    on_gate: GateHook | None = None  # the job's gate (one process, or the DDP launcher after training)
+    gate: dict[str, Any] | None = None  # DDP rank 0: the verdict's thresholds {"min_loss_drop", "min_map50"}
+    gated: bool = False  # the gate has judged in this process
+    worker: bool = False  # a DDP worker (rebuilt from the context)
+    start_epoch: int = 0  # where this process's training began (0: from the start; else resumed)
     _initial: Any = field(default=None, repr=False)  # the weights at the start, on the CPU, until measured
     _sync: Any = field(default=None, repr=False)
 
@@ -67,6 +91,8 @@ class Hooks:
                 "from_scratch": self.watchdog.context.from_scratch,
                 "sanity_epochs": self.watchdog.context.sanity_epochs,
                 "weights_at": self.weights_at,
+                "gate_at": self.gate_at,
+                "gate": self.gate,
                 "state_file": str(self.state_file) if self.state_file else None,
                 "checkpoint": self.checkpoint,
             }
@@ -89,9 +115,14 @@ class Hooks:
             state_file=Path(ctx["state_file"]) if ctx.get("state_file") else None,
             checkpoint=ctx.get("checkpoint"),
             weights_at=int(ctx.get("weights_at", 0)),
+            gate_at=int(ctx.get("gate_at", 0)),
+            gate=ctx.get("gate"),
+            worker=True,
         )
         if hooks.checkpoint and RANK in {-1, 0}:
             hooks.on_epoch = hooks._offer_checkpoint
+        if hooks.gate and hooks.gate_at and RANK in {-1, 0}:
+            hooks.on_gate = hooks._judge_as_rank0
         return hooks
 
     def _offer_checkpoint(self, epoch: int, _values: dict[str, float]) -> None:
@@ -100,7 +131,56 @@ class Hooks:
         spec = self.checkpoint or {}
         if self._sync is None:  # the job's own spec (CheckpointSync.spec): same keys, guard and limits
             self._sync = CheckpointSync.from_spec(spec, Path(spec["staging"]))
-        self._sync.offer(self.watchdog.phase, epoch, int(spec["epochs"]), Path(spec["save_dir"]), spec["state"])
+        phase = str(spec.get("phase") or self.watchdog.phase)
+        self._sync.offer(phase, epoch, int(spec["epochs"]), Path(spec["save_dir"]), spec["state"])
+
+    def _judge_as_rank0(self, evidence: Evidence) -> None:
+        """DDP rank 0: the same verdict as the job's gate, to stop every rank at a failed gate."""
+        spec = self.gate or {}
+        judged = verdict(
+            evidence.rows,
+            min_loss_drop=float(spec.get("min_loss_drop", 0.0)),
+            min_map50=float(spec.get("min_map50", 0.0)),
+            batches=evidence.batches,
+            labelled=evidence.labelled,
+            weight_change=evidence.weight_change,
+            context=self.watchdog.context,
+        )
+        if not judged.passed:
+            raise SanityFailed(judged.failure_sentence())
+
+    def evidence(self, save_dir: Path, epoch: int) -> Evidence:
+        """What the gate judges at the end of `epoch`; a resumed training saw only its last sanity batches,
+        so the verdict reads the epochs then."""
+        from pogona_job.training.phase import read_results
+
+        rows = [r for r in read_results(save_dir / "results.csv") if int(r["epoch"]) <= epoch]
+        resumed = self.start_epoch > 0
+        return Evidence(
+            epoch,
+            rows,
+            [] if resumed else list(self.watchdog.history),
+            None if resumed else self.watchdog.labelled,
+            self.weight_change,
+            self.first_batch,
+        )
+
+    def judge(self, trainer: Any, epoch: int) -> bool:
+        """The gate at the end of epoch `gate_at`, True when it passed; afterwards the watchdog keeps no
+        more batches."""
+        self.gated = True
+        evidence = self.evidence(Path(trainer.save_dir), epoch)
+        self.watchdog.keep = len(self.watchdog.history)  # the verdict's batches: the sanity epochs' only
+        try:
+            assert self.on_gate is not None
+            self.on_gate(evidence)
+        except SanityFailed:
+            if not self.worker:
+                raise  # one process: out of train(), exit 5
+            trainer.stop = True  # DDP: every rank stops with rank 0 (ultralytics broadcasts `stop`)
+            return False
+        self.watchdog.phase = "full"  # the watchdog's sentences name the phase its batches belong to
+        return True
 
     def finish(self) -> None:
         """Rank 0 (or the only process): flush our own checkpoint uploads, leave the state for the launcher."""
@@ -119,6 +199,7 @@ class Hooks:
                 "weight_change": self.weight_change,
                 "first_batch": self.first_batch,
                 "amp": self.amp,
+                "start_epoch": self.start_epoch,
             }
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             self.state_file.write_text(json.dumps(state))
@@ -158,7 +239,7 @@ class PogonaTrainer(DetectionTrainer):  # type: ignore[misc]
         previous = os.environ.get(RANK_CONTEXT)
         os.environ[RANK_CONTEXT] = hooks.context()
         try:
-            return super().train()
+            result = super().train()
         except subprocess.CalledProcessError:
             state = _read_state(hooks.state_file)
             if state.get("tripped"):
@@ -178,6 +259,13 @@ class PogonaTrainer(DetectionTrainer):  # type: ignore[misc]
             hooks.weight_change = state.get("weight_change", hooks.weight_change)
             hooks.first_batch = state.get("first_batch", hooks.first_batch)
             hooks.amp = state.get("amp", hooks.amp)
+            hooks.start_epoch = int(state.get("start_epoch", hooks.start_epoch))
+        # The job's gate judges rank 0's evidence now (a failed gate stopped the workers at its epoch).
+        done = max((int(r["epoch"]) for r in _rows(Path(self.save_dir))), default=0)
+        if hooks.on_gate is not None and hooks.gate_at and not hooks.gated and done >= hooks.gate_at:
+            hooks.gated = True
+            hooks.on_gate(hooks.evidence(Path(self.save_dir), hooks.gate_at))
+        return result
 
 
 def trainer_for(hooks: Hooks) -> Callable[..., PogonaTrainer]:
@@ -208,6 +296,12 @@ def _read_state(path: Path | None) -> dict[str, Any]:
         return dict(json.loads(path.read_text())) if path else {}
     except (OSError, ValueError):
         return {}
+
+
+def _rows(save_dir: Path) -> list[dict[str, float]]:
+    from pogona_job.training.phase import read_results
+
+    return read_results(save_dir / "results.csv")
 
 
 def _sentence(signature: str, causes: str) -> str:
@@ -241,6 +335,7 @@ def on_train_start(trainer: Any) -> None:
     hooks.amp = bool(getattr(trainer, "amp", False))
     if getattr(trainer, "validator", None) is not None:
         trainer.validator.pogona = hooks  # its val batches are progress too (on_val_batch_end)
+    hooks.start_epoch = int(trainer.start_epoch)
     if hooks.weights_at > trainer.start_epoch and RANK in {-1, 0}:
         hooks._initial = _weights(trainer.model)
 
@@ -309,6 +404,10 @@ def on_fit_epoch_end(trainer: Any) -> None:
     if hooks._initial is not None and trainer.epoch + 1 >= hooks.weights_at:
         hooks.weight_change = weight_change(hooks._initial, trainer.model)
         hooks._initial = None
+    # The gate before this epoch's checkpoint: a set past the gate implies the gate passed.
+    at_gate = hooks.on_gate is not None and trainer.epoch + 1 == hooks.gate_at and not hooks.gated
+    if at_gate and not hooks.judge(trainer, trainer.epoch + 1):
+        return  # DDP rank 0: the gate failed, every rank stops; no checkpoint of it
     if hooks.on_epoch:
         hooks.on_epoch(trainer.epoch + 1, values)
 
