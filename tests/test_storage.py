@@ -450,6 +450,14 @@ def test_each_storage_answer_maps_to_its_documented_exit_code_and_sentence(
         assert "the detail" in err.sentence
 
 
+def test_a_sentence_names_the_uri_once_whether_the_action_carries_it_or_only_the_bucket() -> None:
+    with_uri = storage._refusal("data-bkt", "listing the open uploads under s3://data-bkt/runs/r1", "", "503", "")
+    assert "while listing the open uploads under s3://data-bkt/runs/r1 after retries" in with_uri.sentence
+    assert with_uri.sentence.count("s3://") == 1
+    bucket_only = storage._refusal("data-bkt", "deleting objects in", "", "503", "")
+    assert "while deleting objects in s3://data-bkt after retries" in bucket_only.sentence
+
+
 def test_obstore_errors_are_read_for_their_s3_code_status_or_certificate() -> None:
     def read(text: str) -> Any:
         err = storage.obstore_error(Exception(text), "data-bkt", "pulling")

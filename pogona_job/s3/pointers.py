@@ -72,7 +72,7 @@ def put_bytes(
 ) -> str | None:
     """PUT `body` only if the object still has ETag `expected` (None: only if absent); None on conflict."""
     condition = {"IfMatch": expected} if expected is not None else {"IfNoneMatch": "*"}
-    with storage.errors_for(path.bucket, f"writing {path.key}"):
+    with storage.errors_for(path.bucket, f"writing {path.uri}"):
         try:
             response = client.put_object(
                 Bucket=path.bucket,
@@ -124,7 +124,7 @@ def update(
 
 def delete(client: Any, path: S3Path, *, expected: str) -> bool:
     """Delete the object only if it still has ETag `expected`; False when it changed (or is gone)."""
-    with storage.errors_for(path.bucket, f"deleting {path.key}"):
+    with storage.errors_for(path.bucket, f"deleting {path.uri}"):
         try:
             client.delete_object(Bucket=path.bucket, Key=path.key, IfMatch=expected)
         except ClientError as exc:

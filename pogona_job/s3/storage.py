@@ -161,6 +161,11 @@ def _where() -> str:
     return f"endpoint {_custom_endpoint() or 'AWS S3'}, region {region}"
 
 
+def _at(bucket: str, doing: str) -> str:
+    """What was being done, with where: `doing` names its s3:// URI itself or gets the bucket's."""
+    return doing if "s3://" in doing else f"{doing} s3://{bucket}"
+
+
 def _refusal(bucket: str, doing: str, code: str, status: str, detail: str) -> JobError:
     """The exit for an S3 error code (or HTTP status) that is left after retries."""
     if code == "NoSuchBucket":
@@ -179,15 +184,15 @@ def _refusal(bucket: str, doing: str, code: str, status: str, detail: str) -> Jo
         )
     if code in _TRANSIENT or status.startswith("5") or status in ("408", "429"):
         return TransientFailure(
-            f"Storage kept failing ({code or status}) while {doing} s3://{bucket} after retries: "
+            f"Storage kept failing ({code or status}) while {_at(bucket, doing)} after retries: "
             "the scheduler should retry the job later."
         )
-    return JobError(f"Storage error {code or status} while {doing} s3://{bucket}: {detail}.")
+    return JobError(f"Storage error {code or status} while {_at(bucket, doing)}: {detail}.")
 
 
 def _untrusted(bucket: str, doing: str) -> StorageDenied:
     return StorageDenied(
-        f"The storage endpoint's TLS certificate is not trusted (while {doing} s3://{bucket}): set AWS_CA_BUNDLE "
+        f"The storage endpoint's TLS certificate is not trusted (while {_at(bucket, doing)}): set AWS_CA_BUNDLE "
         "(or ca_bundle in the AWS config) to the CA that signed it; the job will not connect unverified."
     )
 
@@ -202,7 +207,7 @@ def obstore_error(exc: Exception, bucket: str, doing: str) -> JobError:
     if code or status:
         return _refusal(bucket, doing, code.group(1) if code else "", status.group(1) if status else "", text[:200])
     return TransientFailure(
-        f"Could not reach the storage endpoint while {doing} s3://{bucket} after retries "
+        f"Could not reach the storage endpoint while {_at(bucket, doing)} after retries "
         f"({text.splitlines()[0][:200]}): check the network or AWS_ENDPOINT_URL_S3, or retry later."
     )
 
@@ -218,7 +223,7 @@ def errors_for(bucket: str, doing: str) -> Iterator[None]:
         raise
     except NoCredentialsError:
         raise StorageDenied(
-            f"No AWS credentials were found while {doing} s3://{bucket}: set AWS_ACCESS_KEY_ID and "
+            f"No AWS credentials were found while {_at(bucket, doing)}: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the job an IAM role."
         ) from None
     except ClientError as exc:
@@ -229,11 +234,11 @@ def errors_for(bucket: str, doing: str) -> Iterator[None]:
         raise _untrusted(bucket, doing) from None
     except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError) as exc:
         raise TransientFailure(
-            f"Could not reach the storage endpoint while {doing} s3://{bucket} ({type(exc).__name__}) "
+            f"Could not reach the storage endpoint while {_at(bucket, doing)} ({type(exc).__name__}) "
             "after retries: check the network or AWS_ENDPOINT_URL_S3, or retry later."
         ) from None
     except BotoCoreError as exc:
-        raise TransientFailure(f"Storage failed while {doing} s3://{bucket}: {exc}.") from None
+        raise TransientFailure(f"Storage failed while {_at(bucket, doing)}: {exc}.") from None
     except ObstoreError as exc:
         raise obstore_error(exc, bucket, doing) from None
 
@@ -265,7 +270,7 @@ def read_json(client: S3Client, path: S3Path, *, tries: int = _READ_TRIES) -> Js
     for attempt in range(tries):
         if attempt:
             time.sleep(min(0.2 * 2**attempt, 2.0))
-        with errors_for(path.bucket, f"reading {path.key}"):
+        with errors_for(path.bucket, f"reading {path.uri}"):
             try:
                 response: dict[str, Any] = dict(client.get_object(Bucket=path.bucket, Key=path.key))
             except ClientError as exc:
@@ -318,7 +323,7 @@ def put_bytes(
     content_type: str = "application/octet-stream",
     metadata: dict[str, str] | None = None,
 ) -> None:
-    with errors_for(path.bucket, f"writing {path.key}"):
+    with errors_for(path.bucket, f"writing {path.uri}"):
         client.put_object(
             Bucket=path.bucket, Key=path.key, Body=data, ContentType=content_type, Metadata=metadata or {}
         )
@@ -330,7 +335,7 @@ def put_json(client: S3Client, path: S3Path, obj: Any) -> None:
 
 
 def head(client: S3Client, path: S3Path) -> dict[str, Any] | None:
-    with errors_for(path.bucket, f"checking {path.key}"):
+    with errors_for(path.bucket, f"checking {path.uri}"):
         try:
             return dict(client.head_object(Bucket=path.bucket, Key=path.key))
         except ClientError as exc:
@@ -572,7 +577,7 @@ async def _upload(client: S3Client, path: Path, dest: S3Path) -> Artifact:
     kind = content_type(path)
     store = object_store(client, dest.bucket)
     started = datetime.now(UTC) - timedelta(minutes=10)  # clock skew; one run writes a key at a time
-    with errors_for(dest.bucket, f"uploading {dest.key}"):
+    with errors_for(dest.bucket, f"uploading {dest.uri}"):
         try:
             if store is None:  # botocore this run (see object_store); s3transfer aborts its own multipart uploads
                 from boto3.s3.transfer import TransferConfig

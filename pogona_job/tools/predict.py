@@ -86,7 +86,7 @@ def _source_images(src: str, client: Any, scratch: Path) -> tuple[Path, list[Pat
         for obj in objects:
             rel = storage.safe_relative(obj.key.removeprefix(prefix.key).lstrip("/"), obj.key)
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            with storage.errors_for(prefix.bucket, f"downloading {obj.key}"):
+            with storage.errors_for(prefix.bucket, f"downloading s3://{prefix.bucket}/{obj.key}"):
                 client.download_file(prefix.bucket, obj.key, str(root / rel))
         if not objects:
             raise DatasetError(f"No images under {prefix.uri}: check SRC (jpg, png, bmp, webp or tif files).")

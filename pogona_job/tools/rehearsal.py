@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -117,7 +118,12 @@ def _next_steps(here: Path, env: dict[str, str], local: Path) -> None:
 def _job(args: list[str], env: dict[str, str], *, check: bool = True) -> int:
     code = subprocess.call([sys.executable, "-m", "pogona_job", *args], env=env)
     if check and code != 0:
-        raise SystemExit(code)
+        # A job error has printed its sentence; a death by a signal (a negative code here) printed nothing,
+        # and SystemExit(-6) would leave make showing a bare "Error 250".
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            print(f"`pogona-job {args[0]} {args[1]}` was killed by {name}; the rehearsal stops here.", file=sys.stderr)
+        raise SystemExit(code if code > 0 else 128 - code)
     return code
 
 
