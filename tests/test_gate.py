@@ -349,6 +349,22 @@ def test_lr0_zero_fails_on_weights_that_did_not_move_and_blames_the_learning_rat
     assert "MPS" not in sentence and "backend" not in sentence and "SANITY_EPOCHS" not in sentence
 
 
+def test_weights_not_yet_stepped_by_the_optimizer_are_not_judged_and_the_criterion_says_why() -> None:
+    # A small export: fewer sanity batches than ultralytics accumulates for one optimizer step (64/batch), so
+    # the trainer measured nothing (None). A healthy run, not "lr0 = 0 or frozen".
+    v = verdict(
+        RISING, min_loss_drop=0.02, min_map50=0.0, batches=BATCHES, labelled=15, weight_change=None, context=SCRATCH_CPU
+    )
+    assert v.passed, v.as_dict()
+    weights = next(
+        c for c in v.criteria if c.name == "the weights changed during the sanity epochs (relative L2 change)"
+    )
+    assert weights.passed and weights.observed.startswith("not judged: too few sanity batches for an optimizer step")
+    # A resumed run saw no sanity batch: nothing to say about the weights at all.
+    resumed = verdict(RISING, min_loss_drop=0.02, min_map50=0.0, weight_change=None, context=SCRATCH_CPU)
+    assert all("weights" not in c.name for c in resumed.criteria)
+
+
 def test_from_scratch_the_trend_is_shown_not_judged_because_every_loss_can_rise_in_warm_up() -> None:
     """Measured in the gate replay: a healthy demo run at 96 px, batch medians box 2.32 -> 4.68, cls 2.29 ->
     3.24, dfl 1.31 -> 2.60 over its 12 sanity batches (the assigner hands more anchors larger targets)."""

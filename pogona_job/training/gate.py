@@ -314,6 +314,10 @@ ZERO_EPOCHS = "no epoch with box_loss = dfl_loss = 0"
 MAP = "mAP@0.5 after the sanity epochs"
 WEIGHTS = "the weights changed during the sanity epochs (relative L2 change)"
 NO_LABELS = "sanity batches with at least one labelled box"
+WEIGHTS_UNMEASURED = (
+    "not judged: too few sanity batches for an optimizer step with a learning rate (ultralytics accumulates "
+    "64/POGONA_BATCH batches a step); more sanity epochs judge it"
+)
 SHOWN = "shown, not judged: from scratch all losses can rise in warm-up"
 
 
@@ -366,7 +370,8 @@ def verdict(
     the epoch means can rise; its cls loss falls. Pretrained weights that already fit show a flat
     loss: their sanity mAP is the evidence then. Without batches (a resumed run), the epoch means.
     `labelled`: sanity batches with a labelled box. `weight_change`: the weights' relative L2 change
-    (lr0 = 0 or everything frozen gives exactly 0, however the losses wander with the batches).
+    (lr0 = 0 or everything frozen gives exactly 0, however the losses wander with the batches); None with
+    `batches` when the trainer did not measure it (fewer than two optimizer steps in the sanity epochs).
     """
     ctx = context or Context()
     seen = f"{labelled} of {len(batches)} sanity batches carried labelled boxes" if labelled is not None else ""
@@ -418,6 +423,8 @@ def verdict(
     criteria.append(Criterion(MAP, f">= {min_map50:g}", f"{map50:.3f}", map50 >= min_map50))
     if weight_change is not None:
         criteria.append(Criterion(WEIGHTS, "> 0", f"{weight_change:.3g}", weight_change > 0))
+    elif batches:  # seen from the start, yet not measured: the optimizer had not stepped with a learning rate
+        criteria.append(Criterion(WEIGHTS, "> 0", WEIGHTS_UNMEASURED, True))
     if labelled is not None and batches:
         criteria.append(Criterion(NO_LABELS, ">= 1", f"{labelled} of {len(batches)}", labelled > 0))
     return Verdict(criteria, ctx, seen)

@@ -70,6 +70,7 @@ class Hooks:
     amp: bool | None = None
     weights_at: int = 0  # after this epoch, measure how far the weights moved since the start (0: never)
     weight_change: float | None = None  # relative L2 change of the weights: exactly 0 when nothing can learn
+    optimizer_steps: int = 0  # optimizer steps this process took (ultralytics accumulates nbs/batch batches a step)
     stall: StallWatchdog | None = None  # this process's no-progress thread (not under DDP: see train_phase)
     gate_at: int = 0  # the epoch whose end the gate judges (POGONA_SANITY_EPOCHS; 0: no gate in this training)
     on_gate: GateHook | None = None  # the job's gate (one process, or the DDP launcher after training)
@@ -332,6 +333,13 @@ def on_train_start(trainer: Any) -> None:
         return original(batch)  # type: ignore[no-any-return]
 
     trainer.preprocess_batch = counting
+    step = trainer.optimizer_step
+
+    def counting_step() -> None:
+        hooks.optimizer_steps += 1
+        step()
+
+    trainer.optimizer_step = counting_step
     hooks.amp = bool(getattr(trainer, "amp", False))
     if getattr(trainer, "validator", None) is not None:
         trainer.validator.pogona = hooks  # its val batches are progress too (on_val_batch_end)
@@ -402,7 +410,11 @@ def on_fit_epoch_end(trainer: Any) -> None:
     )
     hooks: Hooks = trainer.pogona
     if hooks._initial is not None and trainer.epoch + 1 >= hooks.weights_at:
-        hooks.weight_change = weight_change(hooks._initial, trainer.model)
+        # Ultralytics' first optimizer step comes at the start of its warm-up, where the weights' learning rate
+        # is 0, and the next only after up to nbs/batch batches (64/8 = 8 at batch 8): a sanity span of fewer
+        # batches has not yet given the weights a chance to move. Not measured then (None): the gate says so.
+        if hooks.optimizer_steps >= 2:
+            hooks.weight_change = weight_change(hooks._initial, trainer.model)
         hooks._initial = None
     # The gate before this epoch's checkpoint: a set past the gate implies the gate passed.
     at_gate = hooks.on_gate is not None and trainer.epoch + 1 == hooks.gate_at and not hooks.gated
