@@ -217,6 +217,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     its own children; the controller's children are the workers themselves."""
     if session.config.getoption("numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
         return
+    from tests import forkserver
+
+    forkserver.close()
     left = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()
     alive = [pid for pid in left if Path(f"/proc/{pid}").exists()]
     if alive:

@@ -19,6 +19,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,9 @@ TINY = {
     # A from-scratch model scores 0 for its first ~10 epochs: tiny test runs would all fail the final verdict.
     # Tests of the verdict set it themselves (tests/test_report_headline.py).
     "POGONA_MIN_FINAL_MAP50": "0",
+    # The ONNX export and its onnxruntime check cost seconds a run; the runs that test them turn them on
+    # (tests/test_job.py's healthy run, the promotion runs, tests/test_export.py).
+    "POGONA_EXPORT_FORMATS": "none",
 }
 Event = dict[str, Any]
 
@@ -124,43 +128,48 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> Resul
 
 
 class JobProcess:
-    """`pogona-job ARGS` (default: run) in a child process of its own session, for signals and kills;
-    its stderr lines are collected as they come (and copied to `log` when given)."""
+    """`pogona-job ARGS` (default: run) in a child process of its own session, for signals and kills, forked
+    from the test process's fork server (tests/forkserver.py: a real process without the imports' seconds);
+    its stderr lines are collected as they come, from `log` (a file of the test's own when not given)."""
 
     started: list[JobProcess] = []  # noqa: RUF012 - every one, so that a fixture can reap them
 
     def __init__(self, env: Mapping[str, str], args: list[str] | None = None, log: Path | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pogona_job", *(args or ["run"])],
-            env=dict(env),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        JobProcess.started.append(self)
+        from tests import forkserver
+
+        self._own_log = log is None
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix="pogona-job-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
         self.log = log
+        self.proc = forkserver.server().start(args or ["run"], env, stderr=log)
+        JobProcess.started.append(self)
         self.lines: list[str] = []
         self._events: queue.Queue[Event] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stderr
-        sink = open(self.log, "w") if self.log else None  # noqa: SIM115 - open for the reader's lifetime
-        try:
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if sink:
-                    sink.write(line)
-                    sink.flush()
-                if line.startswith("{"):
-                    with contextlib.suppress(ValueError):
-                        self._events.put(json.loads(line))
-        finally:
-            if sink:
-                sink.close()
+        """Follow the log file as the job writes it, until the job has ended and every line is read."""
+        with open(self.log, encoding="utf-8", errors="replace") as source:
+            partial = ""
+            while True:
+                ended = self.proc.poll() is not None  # before reading: what it wrote before ending is read below
+                chunk = source.read()
+                partial += chunk
+                *complete, partial = partial.split("\n")
+                for line in complete:
+                    self.lines.append(line + "\n")
+                    if line.startswith("{"):
+                        with contextlib.suppress(ValueError):
+                            self._events.put(json.loads(line))
+                if ended and not chunk:
+                    if partial:
+                        self.lines.append(partial)
+                    return
+                if not chunk:
+                    time.sleep(0.05)
 
     def wait_for(self, match: Callable[[Event], bool], timeout: float = 180) -> Event:
         """The first log event that matches (events already consumed by an earlier wait_for are not seen again)."""
@@ -169,7 +178,7 @@ class JobProcess:
             try:
                 event = self._events.get(timeout=1)
             except queue.Empty:
-                if self.proc.poll() is not None:
+                if self.proc.poll() is not None and not self._reader.is_alive():
                     break
                 continue
             if match(event):
@@ -191,6 +200,7 @@ class JobProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
+        self._reader.join(10)
 
     def events(self) -> list[Event]:
         return events("".join(self.lines))
@@ -201,7 +211,10 @@ class JobProcess:
     @classmethod
     def reap(cls) -> None:
         while cls.started:
-            cls.started.pop().kill()
+            job = cls.started.pop()
+            job.kill()
+            if job._own_log:
+                job.log.unlink(missing_ok=True)
 
 
 # --- what the job left in the bucket ----------------------------------------------------------------

@@ -19,20 +19,15 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from pogona_job.tools.locals3 import LocalS3
-from tests.conftest import BUCKET, ROOT, FaultProxy, job_env
+from tests.conftest import BUCKET, FaultProxy, job_env
+from tests.helpers import JobProcess, run_here
 
 EPOCHS, SANITY = 3, 2  # one training: epochs 1-2 are the sanity epochs, judged at the end of epoch 2
 
@@ -67,33 +62,6 @@ class PauseProxy(FaultProxy):
         return None
 
 
-class Leg:
-    """One attempt of the job in its own process group, on a fresh work dir."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pogona_job", "run"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "wb"),  # noqa: SIM115
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def events(self) -> list[dict[str, Any]]:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return [json.loads(x) for x in lines if x.startswith("{")]
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-25:])
-
-
 def _objects(s3_client: Any, prefix: str) -> dict[str, Any]:
     pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return {o["Key"].removeprefix(prefix): o for page in pages for o in page.get("Contents", [])}
@@ -108,16 +76,8 @@ def _epochs(s3_client: Any, key: str) -> list[int]:
     return [int(r["epoch"]) for r in csv.DictReader(io.StringIO(_body(s3_client, key).decode()))]
 
 
-@pytest.fixture()
-def legs() -> Any:
-    started: list[Leg] = []
-    yield started
-    for leg in started:  # a failed test must not leave a job running
-        leg.kill()
-
-
 def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
-    s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path, legs: list[Leg]
+    s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path
 ) -> None:
     output = f"crash-{secrets.token_hex(4)}"
     run = secrets.token_hex(4)  # 8 hex digits: the results-artifact crash point matches on it
@@ -141,8 +101,7 @@ def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
     for attempt, (name, match, nth) in enumerate(CRASH_POINTS, start=1):
         proxy = PauseProxy(s3.endpoint, tmp_path, match, nth)
         try:
-            leg = Leg(env(attempt, proxy.endpoint), tmp_path / f"leg-{attempt}.log")
-            legs.append(leg)
+            leg = JobProcess(env(attempt, proxy.endpoint), log=tmp_path / f"leg-{attempt}.log")
             deadline = time.monotonic() + 300
             while proxy.paused() is None and leg.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -164,9 +123,8 @@ def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
             came_back = {"checkpoint restored", "run already finished; nothing redone"}
             assert any(e.get("event") in came_back for e in leg.events()), leg.tail()
 
-    final = Leg(env(len(CRASH_POINTS) + 1, s3.endpoint), tmp_path / "final.log")
-    legs.append(final)
-    assert final.proc.wait(600) == 0, final.tail()
+    final = run_here(["run"], env(len(CRASH_POINTS) + 1, s3.endpoint))
+    assert final.code == 0, final.stderr[-3000:]
     print("crash points hit:\n  " + "\n  ".join(seen))
 
     manifest = json.loads(_body(s3_client, prefix + "manifest.json"))

@@ -33,7 +33,8 @@ from pogona_job.s3 import pointers, storage
 from pogona_job.s3.storage import S3Path
 from pogona_job.tools.locals3 import LocalS3
 from pogona_job.training import checkpoint
-from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, output_uri, run_cli
+from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, output_uri
+from tests.helpers import JobProcess, run_here
 
 TTL = 1.0
 
@@ -415,14 +416,7 @@ def test_a_job_paused_at_its_report_and_continued_after_a_takeover_exits_75_havi
     common = {"POGONA_DATASET_URI": demo_uri, "POGONA_RUN_ID": "paused", "POGONA_OUTPUT_URI": output}
     own = {**PAUSED_AT[publishing], "POGONA_LEASE_TTL_S": "8", "AWS_ENDPOINT_URL_S3": proxy.endpoint}
     env_a = job_env(s3, tmp_path / "a", **common, **own)
-    a = subprocess.Popen(
-        [sys.executable, "-m", "pogona_job", "run"],
-        env=env_a,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "a.log", "wb"),  # noqa: SIM115
-        start_new_session=True,
-    )
+    a = JobProcess(env_a, log=tmp_path / "a.log").proc
     try:
         deadline = time.monotonic() + 600
         while "PAUSED " not in proxy.log.read_text(errors="replace"):
@@ -430,7 +424,7 @@ def test_a_job_paused_at_its_report_and_continued_after_a_takeover_exits_75_havi
             time.sleep(0.5)
         os.killpg(a.pid, signal.SIGSTOP)
         time.sleep(9)  # past A's TTL on the server's clock
-        b = run_cli(["run"], job_env(s3, tmp_path / "b", **common))
+        b = run_here(["run"], job_env(s3, tmp_path / "b", **common))
         assert b.code == 0, b.stderr[-3000:]
         run = out_key(common | {"POGONA_OUTPUT_URI": output}, "paused") + "/"
         after_b = _objects(s3_client, run)
@@ -495,13 +489,13 @@ def test_a_job_whose_every_small_json_read_comes_back_damaged_once_completes_and
     # run still reads it back at least once and the flip can land on it.
     common["POGONA_PROGRESS_INTERVAL_S"] = "0.5"
     try:
-        first = run_cli(["run"], job_env(s3, tmp_path / "m1", **common, AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        first = run_here(["run"], job_env(s3, tmp_path / "m1", **common, AWS_ENDPOINT_URL_S3=proxy.endpoint))
         assert first.code == 0, first.stderr[-3000:]
         base = {"POGONA_OUTPUT_URI": output}
         pointers_after = {k: _body(s3_client, S3Path(BUCKET, out_key(base, k))) for k in ("latest.json",)}
         run = out_key(base, "flipped") + "/"
         objects = _objects(s3_client, run)
-        again = run_cli(["run"], job_env(s3, tmp_path / "m2", **common, AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        again = run_here(["run"], job_env(s3, tmp_path / "m2", **common, AWS_ENDPOINT_URL_S3=proxy.endpoint))
         assert again.code == 0 and "already succeeded" in again.stderr, again.stderr[-3000:]
     finally:
         proxy.stop()

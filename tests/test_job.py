@@ -27,7 +27,14 @@ RUN = "e2e-healthy"
 
 @pytest.fixture(scope="module")
 def healthy_env(s3: LocalS3, demo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return job_env(s3, tmp_path_factory.mktemp("healthy"), POGONA_DATASET_URI=demo_uri, POGONA_RUN_ID=RUN)
+    # The default export (ONNX, verified with onnxruntime) on: this run is the one that shows the default path.
+    return job_env(
+        s3,
+        tmp_path_factory.mktemp("healthy"),
+        POGONA_DATASET_URI=demo_uri,
+        POGONA_RUN_ID=RUN,
+        POGONA_EXPORT_FORMATS="onnx",
+    )
 
 
 @pytest.fixture(scope="module")

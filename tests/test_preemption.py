@@ -11,12 +11,8 @@ import hashlib
 import io
 import json
 import os
-import queue
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,52 +21,12 @@ from typing import Any
 import pytest
 
 from pogona_job.tools.locals3 import LocalS3
-from tests.conftest import BUCKET, ROOT, FaultProxy, job_env, out_key, output_uri, run_cli
+from tests.conftest import BUCKET, FaultProxy, job_env, out_key, output_uri
+from tests.helpers import JobProcess as Job
+from tests.helpers import run_here
 
 EPOCHS, SANITY = 4, 2  # one training: epochs 1-2 are the sanity epochs, 3-4 full
 Event = dict[str, Any]
-
-
-class Job:
-    """A job in a child process whose JSON log lines are read as they come."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pogona_job", "run"],
-            env=env,
-            cwd=ROOT,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        STARTED.append(self)
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if line.startswith("{"):
-                self.events.put(json.loads(line))
-
-    def wait_for(self, match: Callable[[Event], bool], timeout: float = 180) -> Event:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                event = self.events.get(timeout=1)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if match(event):
-                return event
-        raise AssertionError("event never came; log tail:\n" + "".join(self.lines[-20:]))
-
-    def signal_and_wait(self, signum: int) -> int:
-        os.kill(self.proc.pid, signum)
-        return self.proc.wait(120)
 
 
 def _epochs(s3_client: Any, key: str) -> list[int]:
@@ -149,7 +105,7 @@ def test_sigterm_in_each_phase_takes_the_graceful_path_and_a_restart_completes(
             proxy.stop()
     assert code == 143, "".join(job.lines[-15:])
     # The graceful path, not the forced os._exit(143): it wrote the interrupted report and kept the checkpoint.
-    assert any(e.get("event") == "failure report pushed" for e in _events(job)), "".join(job.lines[-15:])
+    assert any(e.get("event") == "failure report pushed" for e in job.events()), "".join(job.lines[-15:])
     manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=out_key(env, run, "manifest.json"))["Body"].read())
     assert manifest["status"] == "interrupted"
     assert manifest["failed_phase"] in LANDS_IN.get(phase, {phase}), manifest["failed_phase"]
@@ -158,7 +114,7 @@ def test_sigterm_in_each_phase_takes_the_graceful_path_and_a_restart_completes(
     if phase in ("sanity", "full", "evaluate", "push"):  # one training, one checkpoint phase
         assert out_key(env, run, "checkpoint/full/pointer.json") in _keys(s3_client, out_key(env, run) + "/")
 
-    again = run_cli(["run"], env_for(run))
+    again = run_here(["run"], env_for(run))
     assert again.code == 0, again.stderr[-3000:]
     _assert_complete(s3_client, env, run)
     if phase == "full":
@@ -171,10 +127,6 @@ def test_sigterm_in_each_phase_takes_the_graceful_path_and_a_restart_completes(
         assert '"sanity gate already passed for this run; not repeated"' in again.stderr
 
 
-def _events(job: Job) -> list[Event]:
-    return [json.loads(line) for line in job.lines if line.startswith("{")]
-
-
 def test_kill_9_mid_training_resumes_from_the_bucket_on_a_new_machine(
     env_for: Callable[..., dict[str, str]], s3_client: Any
 ) -> None:
@@ -184,14 +136,14 @@ def test_kill_9_mid_training_resumes_from_the_bucket_on_a_new_machine(
     job = Job(env)
     job.wait_for(_is("checkpoint uploaded", checkpoint_phase="full", epoch=3))  # past the gate (epoch 2)
     os.killpg(job.proc.pid, signal.SIGKILL)
-    job.proc.wait(30)
+    job.wait(30)
     # The dead holder's lease still stands: an unrelated job with the run id is refused, writing nothing...
     before = _keys(s3_client, run)
-    busy = run_cli(["run"], env_for("killed"))
+    busy = run_here(["run"], env_for("killed"))
     assert busy.code == 75 and "being trained by another job" in busy.stderr
     assert _keys(s3_client, run) == before
     # ...while the scheduler's next attempt of the same job takes the dead attempt's lease over at once.
-    again = run_cli(["run"], env_for("killed", AWS_BATCH_JOB_ATTEMPT="2", **batch))
+    again = run_here(["run"], env_for("killed", AWS_BATCH_JOB_ATTEMPT="2", **batch))
     assert again.code == 0, again.stderr[-3000:]
     resumed = [json.loads(x) for x in again.stderr.splitlines() if '"resuming from checkpoint"' in x]
     assert resumed and resumed[0]["from_epoch"] == 4, "lost more than one checkpoint interval"
@@ -208,7 +160,7 @@ def test_a_job_refused_the_lease_writes_nothing_under_the_run(
     holder = Lease(s3_client, S3Path(BUCKET, out_key(env, "held", "lease.json")), 30)
     holder.acquire("held")  # a live holder, renewing from this process
     try:
-        refused = run_cli(["run"], env)
+        refused = run_here(["run"], env)
         keys = set(_keys(s3_client, out_key(env, "held") + "/"))
     finally:
         holder.release()
@@ -232,7 +184,7 @@ def test_a_holder_whose_lease_is_taken_stops_with_75_and_publishes_nothing(
     thief = {"holder": "thief", "run_id": "stolen", "attempt": 9, "ttl_s": 600, "beat": 1}
     assert pointers.write(s3_client, path, thief, expected=current.etag)  # another job took the run over
     at_theft = _keys(s3_client, run)
-    assert job.proc.wait(120) == 75, "".join(job.lines[-15:])
+    assert job.wait(120) == 75, "".join(job.lines[-15:])
     assert "lost the lease" in job.lines[-1]
     keys = _keys(s3_client, run)
     assert not {run + "report.md", run + "config.json"} & set(keys)
@@ -245,7 +197,7 @@ def test_a_holder_whose_lease_is_taken_stops_with_75_and_publishes_nothing(
 def test_two_jobs_with_one_run_id_only_one_publishes(env_for: Callable[..., dict[str, str]], s3_client: Any) -> None:
     env = env_for("twins")
     first, second = Job(env), Job(env_for("twins"))  # two machines, one output prefix
-    codes = sorted([first.proc.wait(300), second.proc.wait(300)])
+    codes = sorted([first.wait(300), second.wait(300)])
     assert codes == [0, 75], codes
     loser = first if first.proc.returncode == 75 else second
     assert "being trained by another job" in "".join(loser.lines[-3:])
@@ -253,18 +205,12 @@ def test_two_jobs_with_one_run_id_only_one_publishes(env_for: Callable[..., dict
     assert out_key(env, "twins", "lease.json") not in _keys(s3_client, out_key(env, "twins") + "/")
 
 
-STARTED: list[Job] = []
-
-
 @pytest.fixture(autouse=True)
 def _no_leftover_processes() -> Iterator[None]:
+    """Every job this test started has ended, with its whole process group, when the test ends."""
     yield
-    for job in STARTED:  # a failed test must not leave a job running
-        if job.proc.poll() is None:
-            os.killpg(job.proc.pid, signal.SIGKILL)
-            job.proc.wait()
-    groups = [job.proc.pid for job in STARTED]
-    STARTED.clear()
-    for pgid in groups:  # only the jobs this test started (each leads its own process group)
+    jobs = list(Job.started)
+    Job.reap()
+    for job in jobs:  # only the jobs this test started (each leads its own process group)
         with pytest.raises(ProcessLookupError):
-            os.killpg(pgid, 0)
+            os.killpg(job.proc.pid, 0)
