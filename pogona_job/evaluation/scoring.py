@@ -12,6 +12,7 @@ Per-modality metrics cover only images whose modality is known ("unknown" is lef
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     pass
 
 SPLITS = ("val", "test")
+# Ultralytics' drawings of a validation pass that the run publishes (its confusion matrix is redrawn at
+# POGONA_CONF: evaluation/plots.py).
+PLOTS = ("BoxPR_curve.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg")
 
 
 @dataclass
@@ -51,9 +55,18 @@ class SplitRun:
 
 
 def validate(
-    weights: Path, data_yaml: Path, *, imgsz: int, batch: int, device: str, work_dir: Path, name: str
+    weights: Path,
+    data_yaml: Path,
+    *,
+    imgsz: int,
+    batch: int,
+    device: str,
+    work_dir: Path,
+    name: str,
+    plots: bool = False,
 ) -> tuple[PerImage, dict[str, float]]:
-    """Run `YOLO.val()` once, keeping each image's matching results (tp, conf, classes) as it goes."""
+    """Run `YOLO.val()` once, keeping each image's matching results (tp, conf, classes) as it goes; with
+    `plots`, ultralytics' drawings of the pass (PLOTS) land in work_dir/name/."""
     from ultralytics import YOLO
     from ultralytics.models.yolo.detect import DetectionValidator
 
@@ -82,7 +95,7 @@ def validate(
         imgsz=imgsz,
         batch=batch,
         device=device,
-        plots=False,
+        plots=plots,
         verbose=False,
         project=str(work_dir),
         name=name,
@@ -130,15 +143,29 @@ def run_split(
     device: str,
     work_dir: Path,
     tag: str = "pt",
+    plots_to: Path | None = None,
 ) -> SplitRun | None:
-    """Validate `weights` on one split of the staged dataset (None when the split has no images)."""
+    """Validate `weights` on one split of the staged dataset (None when the split has no images); with
+    `plots_to`, ultralytics' drawings of this pass (PLOTS) are copied there."""
     images = split_images(staged, split)
     if not images:
         return None
-    data_yaml = write_listing_yaml(staged.data_yaml, sorted(images), work_dir, f"{split}-{tag}")
+    name = f"{split}-{tag}"
+    data_yaml = write_listing_yaml(staged.data_yaml, sorted(images), work_dir, name)
     per, official = validate(
-        weights, data_yaml, imgsz=imgsz, batch=batch, device=device, work_dir=work_dir, name=f"{split}-{tag}"
+        weights,
+        data_yaml,
+        imgsz=imgsz,
+        batch=batch,
+        device=device,
+        work_dir=work_dir,
+        name=name,
+        plots=plots_to is not None,
     )
+    if plots_to is not None:
+        for plot in PLOTS:
+            if (work_dir / name / plot).exists():
+                shutil.copyfile(work_dir / name / plot, plots_to / plot)
     return SplitRun(split, per, images, official, split_groups(staged, split))
 
 
@@ -189,12 +216,31 @@ def summarise(
 
 
 def evaluate(
-    weights: Path, staged: StagedDataset, *, imgsz: int, batch: int, device: str, work_dir: Path, tag: str = "pt"
+    weights: Path,
+    staged: StagedDataset,
+    *,
+    imgsz: int,
+    batch: int,
+    device: str,
+    work_dir: Path,
+    tag: str = "pt",
+    plots_to: Path | None = None,
 ) -> dict[str, SplitRun]:
-    """One validation pass per split that has images: {"val": ..., "test": ...}."""
+    """One validation pass per split that has images: {"val": ..., "test": ...}; the val pass's drawings
+    copied to `plots_to` when given."""
     runs: dict[str, SplitRun] = {}
     for split in SPLITS:
-        run = run_split(weights, staged, split, imgsz=imgsz, batch=batch, device=device, work_dir=work_dir, tag=tag)
+        run = run_split(
+            weights,
+            staged,
+            split,
+            imgsz=imgsz,
+            batch=batch,
+            device=device,
+            work_dir=work_dir,
+            tag=tag,
+            plots_to=plots_to if split == "val" else None,
+        )
         if run is not None:
             runs[split] = run
     return runs

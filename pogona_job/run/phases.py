@@ -90,7 +90,7 @@ def train(job: Job, res: Resources, staged: StagedDataset, on_stall: OnStall | N
     try:
         if restored and done >= epochs:
             log.info("training already complete in the checkpoint; not repeated", epochs=done)
-            rec.full = training.completed_phase(TRAINING, save_dir, res.device, staged.data_yaml, s, res.workers)
+            rec.full = training.completed_phase(TRAINING, save_dir, res.device)
             return
         resume = restored is not None and restored.resumable
         if restored and not resume:
@@ -312,7 +312,11 @@ def evaluate_model(job: Job, best: Path, staged: StagedDataset, device: str) -> 
     """The evaluate phase: best.pt on val and test, the figures into the record, then the export check."""
     s, rec = job.settings, job.record
     batch = max(s.batch, 1)
-    runs = evaluate(best, staged, imgsz=s.imgsz, batch=batch, device=device, work_dir=job.runs / "eval")
+    # The one validation of best.pt after training (ultralytics' own is skipped: trainer.py); its drawings are
+    # the published validation plots, beside best.pt's training folder.
+    runs = evaluate(
+        best, staged, imgsz=s.imgsz, batch=batch, device=device, work_dir=job.runs / "eval", plots_to=best.parent.parent
+    )
     rec.evaluation = {split: summarise(run, seed=s.seed, conf=s.conf) for split, run in runs.items()}
     rec.per_modality = rec.evaluation.get("val", {}).get("per_modality", {})
     rec.lagging = lagging_modalities(rec.per_modality, s.modality_lag_margin)

@@ -315,7 +315,7 @@ def _train_phase(
             "save_dir": str(save_dir),
             "device": device,
             "workers": workers,
-            "plots": True,
+            "plots": False,  # see below
         }
         log.info("training resumed", epochs=epochs, checkpoint=str(last), device=device)
         return _fit(model, phase, args, start, hardware, hooks)
@@ -334,7 +334,10 @@ def _train_phase(
         "project": str(save_dir.parent),
         "name": save_dir.name,
         "exist_ok": True,
-        "plots": True,
+        # No drawing during training (label histograms, train batches, the last epoch's validation plots, all
+        # redrawn or unpublished): results.png is drawn after it (`_fit`), and the validation plots by the
+        # evaluate phase's one pass over best.pt (which the published plots describe).
+        "plots": False,
         "verbose": settings.debug,
         **(extra or {}),
     }
@@ -357,6 +360,7 @@ def _fit(model: Any, phase: str, args: dict[str, Any], start: float, hardware: H
         raise TrainingFailed(f"Training ({failed_in}) failed: {type(exc).__name__}: {first_line}.") from None
     hardware.amp = hooks.amp
     save_dir = Path(model.trainer.save_dir)
+    plot_results(save_dir)
     params = sum(p.numel() for p in model.model.parameters())
     return PhaseResult(
         phase=phase,
@@ -370,34 +374,12 @@ def _fit(model: Any, phase: str, args: dict[str, Any], start: float, hardware: H
     )
 
 
-def completed_phase(
-    phase: str, save_dir: Path, device: str, data_yaml: Path, settings: Settings, workers: int
-) -> PhaseResult:
-    """A phase whose every epoch is already in the checkpoint: rebuild its plots with one validation
-    of best.pt instead of training again."""
+def completed_phase(phase: str, save_dir: Path, device: str) -> PhaseResult:
+    """A phase whose every epoch is already in the checkpoint: its results.png drawn again, nothing trained.
+    (Its validation plots come from the evaluate phase, as for any training.)"""
     start = time.monotonic()
-    best = save_dir / "weights" / "best.pt"
-    model = load_model(str(best))
-    if phase == "full":
-        from ultralytics.utils.plotting import plot_results
-
-        model.val(
-            data=str(data_yaml),
-            imgsz=settings.imgsz,
-            batch=max(settings.batch, 1),
-            device=device,
-            workers=workers,
-            project=str(save_dir.parent),
-            name=f"{phase}-val",
-            exist_ok=True,
-            plots=True,
-            verbose=False,
-        )
-        val_dir = save_dir.parent / f"{phase}-val"
-        for name in ("BoxPR_curve.png", "confusion_matrix.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg"):
-            if (val_dir / name).exists():
-                shutil.copyfile(val_dir / name, save_dir / name)
-        plot_results(file=save_dir / "results.csv")
+    model = load_model(str(save_dir / "weights" / "best.pt"))
+    plot_results(save_dir)
     return PhaseResult(
         phase=phase,
         save_dir=save_dir,
@@ -407,6 +389,14 @@ def completed_phase(
         params=sum(p.numel() for p in model.model.parameters()),
         first_batch_at=None,
     )
+
+
+def plot_results(save_dir: Path) -> None:
+    """results.png: ultralytics' drawing of results.csv (every epoch's losses and metrics)."""
+    from ultralytics.utils.plotting import plot_results as draw
+
+    if (save_dir / "results.csv").exists():
+        draw(file=save_dir / "results.csv")
 
 
 def partial_phase(phase: str, save_dir: Path, device: str) -> PhaseResult | None:

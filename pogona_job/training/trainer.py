@@ -268,6 +268,17 @@ class PogonaTrainer(DetectionTrainer):  # type: ignore[misc]
             hooks.on_gate(hooks.evidence(Path(self.save_dir), hooks.gate_at))
         return result
 
+    def final_eval(self) -> None:
+        """Ultralytics validates best.pt once more after the last epoch; the job's evaluate phase validates it
+        anyway (with intervals, per modality, and the plots), so that second pass is skipped here. What stays:
+        the optimizer stripped from the weight files, as ultralytics ships them."""
+        from ultralytics.utils.torch_utils import strip_optimizer
+
+        if RANK in {-1, 0}:
+            train_results = strip_optimizer(self.last).get("train_results") if self.last.exists() else None
+            if self.best.exists():
+                strip_optimizer(self.best, updates={"train_results": train_results})
+
 
 def trainer_for(hooks: Hooks) -> Callable[..., PogonaTrainer]:
     """What `YOLO.train(trainer=...)` needs: it calls this with (overrides=, _callbacks=)."""
