@@ -1,3 +1,3 @@
-from pogona_job.cli import main
+from pogona_job.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -7,11 +7,14 @@ so `--help` and `config` answer instantly.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from pogona_job.config import Settings, effective_config, load_settings
 from pogona_job.errors import ConfigError, Interrupted, JobError
@@ -78,6 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("src", help="folder, image or s3:// prefix of images")
     predict.add_argument("dest", help="folder or s3:// prefix for the results")
     return parser
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """The console script (`pogona-job`, `python -m pogona_job`): `main`, then the process ends with its exit
+    code once the exit handlers ran and the output is flushed, without the interpreter's own teardown.
+
+    obstore's Rust runtime keeps worker threads that are never told the process is ending; one that is busy
+    while Python finalises panics and aborts the process (SIGABRT, exit 134), after the work is done and its
+    exit code decided. Seen here: `dataset push` printed its result and exited -6. A scheduler would retry a
+    run that had succeeded. Skipping the teardown leaves no window for it."""
+    code = main(argv)
+    atexit._run_exitfuncs()  # what a normal exit runs (logging's flush, temporary folders, ...)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

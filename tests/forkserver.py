@@ -76,9 +76,9 @@ def _child(request: dict[str, Any]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = ["pogona-job", *request["args"]]
-        from pogona_job.cli import main
+        from pogona_job.cli import entry
 
-        code = main(request["args"])
+        entry(request["args"])  # as the console script ends: exit handlers, then the process exits
     except SystemExit as done:
         code = done.code
     except BaseException:
@@ -90,7 +90,7 @@ def _child(request: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-    # Python's own exit, as `python -m pogona_job` ends: atexit handlers and finalisation run.
+    # Only when the command raised before it could end the process itself: the interpreter's own exit.
     raise SystemExit(code)
 
 

@@ -260,3 +260,24 @@ def test_the_probe_passes_an_honest_device(fake_gpu: dict[str, str], monkeypatch
     probe = next(e for e in events if e["event"] == "parity probe")
     assert probe["passed"] is True and probe["cpu"] == probe["device"] and all(v > 0 for v in probe["cpu"].values())
     assert code != 5 and not any("Refusing device" in e.get("reason", "") for e in events)
+
+
+def test_the_console_script_ends_with_mains_code_after_the_exit_handlers_ran(tmp_path: Path) -> None:
+    """`pogona-job` ends without the interpreter's teardown (where obstore's runtime threads can abort a
+    finished process with SIGABRT), yet what a normal exit does still happens: exit handlers, flushed output."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys\n"
+        "from pogona_job import cli\n"
+        "atexit.register(lambda: print('exit handlers ran'))\n"
+        "print('unflushed output', end='')\n"
+        "cli.entry(['dataset', 'validate', sys.argv[1]])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "missing")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "unflushed outputexit handlers ran\n"
+    assert done.stderr.strip().endswith("is not a folder.")
