@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pogona_job.errors import SanityFailed, Stalled
+from pogona_job.errors import ConfigError, SanityFailed, Stalled
 from pogona_job.training.columns import LOSSES, METRICS, loss_column
 
 
@@ -251,6 +251,37 @@ def require_parity(result: ParityResult) -> None:
             f"Refusing device {result.device}: its training loss disagrees with the CPU's on the same batch "
             f"({result.reason}); {_likely([backend_cause(Context(result.device))])}."
         )
+
+
+# --- a model with nothing left to train ---------------------------------------------------
+
+
+def frozen_layers(freeze: object) -> list[str]:
+    """The parameter-name fragments ultralytics freezes for its `freeze` argument (its trainer's own rule): an
+    int N freezes layers 0..N-1, a list those layer indices; the DFL layer is always frozen."""
+    chosen: Sequence[object] = (
+        freeze if isinstance(freeze, list) else range(freeze) if isinstance(freeze, int) and freeze > 0 else []
+    )
+    return [f"model.{x}." for x in chosen] + [".dfl"]
+
+
+def require_trainable(freeze: object, parameters: Sequence[str], model: str) -> None:
+    """Refuse, before any training, a `freeze` that leaves no parameter of the model trainable.
+
+    Ultralytics refuses it itself only once the trainer is built (exit 6 with its own sentence); this is a
+    configuration mistake (exit 2) that names the argument and what would train. `parameters`: the model's
+    parameter names (`model.named_parameters()`)."""
+    frozen = frozen_layers(freeze)
+    if not parameters or any(not any(f in name for f in frozen) for name in parameters):
+        return
+    layers = sorted({int(n.split(".")[1]) for n in parameters if n.startswith("model.") and n.split(".")[1].isdigit()})
+    last = layers[-1] if layers else 0
+    raise ConfigError(
+        f"The trainer argument freeze={freeze!r} freezes every layer of {model} (layers 0-{last} hold its "
+        f"{len(parameters)} parameter tensors; the DFL is always frozen): nothing is left to train, so the run "
+        f"is refused before training. Freeze fewer layers (freeze={last} trains the detection head only) or "
+        "remove the argument."
+    )
 
 
 # --- verdict after the sanity epochs -------------------------------------------------
