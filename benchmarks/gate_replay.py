@@ -531,36 +531,26 @@ def _probe_text(r: Result) -> str:
     return f"{r.probe.gap:+.3f} / {r.probe.win:.2f}" if r.probe and r.probe.win is not None else "-"
 
 
-def _span(values: Sequence[float], fmt: str) -> str:
-    if not values:
-        return "-"
-    low, high = format(min(values), fmt), format(max(values), fmt)
-    return low if low == high else f"{low} to {high}"
-
-
 def probe_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
-    """The label-permutation readings at the gate, grouped by case kind: healthy against mislabelled."""
-    groups: dict[str, list[Result]] = {}
+    """The label-permutation readings at the gate, per run, grouped by case kind: healthy against broken."""
+    groups: dict[str, list[Probe]] = {}
+    batches: dict[str, int] = {}
     for r in results:
-        if r.probe is None or r.probe.win is None:
+        if r.probe is None or r.probe.gap is None or r.probe.win is None:
             continue
-        kind = r.case.name.rsplit("-s", 1)[0] if r.case.healthy else r.case.name
-        groups.setdefault(("healthy " if r.case.healthy else "broken ") + kind, []).append(r)
-    rows = []
-    for kind, rs in groups.items():
-        gaps = [r.probe.gap for r in rs if r.probe and r.probe.gap is not None]
-        wins = [r.probe.win for r in rs if r.probe and r.probe.win is not None]
-        rows.append(
-            (
-                kind,
-                str(len(rs)),
-                str(rs[0].per_epoch * rs[0].probe.at if rs[0].probe else "-"),
-                _span(gaps, "+.3f"),
-                _span(wins, ".2f"),
-                str(min(r.probe.pairs for r in rs if r.probe)),
-            )
+        kind = ("healthy " + r.case.name.rsplit("-s", 1)[0]) if r.case.healthy else ("broken " + r.case.name)
+        groups.setdefault(kind, []).append(r.probe)
+        batches[kind] = r.per_epoch * r.probe.at
+    return [
+        (
+            kind,
+            str(batches[kind]),
+            ", ".join(f"{p.gap:+.3f}" for p in probes if p.gap is not None),
+            ", ".join(f"{p.win:.2f}" for p in probes if p.win is not None),
+            str(min(p.pairs for p in probes)),
         )
-    return rows
+        for kind, probes in groups.items()
+    ]
 
 
 def table(results: Sequence[Result], args: argparse.Namespace) -> str:
@@ -639,7 +629,7 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
                 markdown_grid(("healthy runs", "runs", "false stops", "mean s", "stops"), healthy_rows),
                 probe_note,
                 markdown_grid(
-                    ("runs", "n", "sanity batches", "loss gap", "own-box wins", "pairs per run (min)"),
+                    ("runs", "sanity batches", "loss gap, per run", "own-box wins, per run", "pairs per run (min)"),
                     probe_rows(results),
                 ),
             ]
@@ -736,6 +726,21 @@ def study(args: argparse.Namespace) -> str:
     )
 
 
+def _record(r: Result) -> dict[str, Any]:
+    probe = {"gap": r.probe.gap, "win": r.probe.win, "pairs": r.probe.pairs} if r.probe else None
+    return {
+        "case": r.case.name,
+        "healthy": r.case.healthy,
+        "code": r.code,
+        "batches": r.batches,
+        "planned": r.planned,
+        "per_epoch": r.per_epoch,
+        "seconds": round(r.seconds, 1),
+        "probe": probe,
+        "failure": r.failure,
+    }
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=40, help="demo images; 40")
@@ -762,6 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Wrote {args.output}")
         return 0
     results = measure(args)
+    (ROOT / "results.json").write_text(json.dumps([_record(r) for r in results], indent=1))
     text = table(results, args)
     print(text)
     if not args.only:
