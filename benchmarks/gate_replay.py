@@ -616,8 +616,9 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
         "not a gate criterion): loss gap = the training loss with each image's labels moved to the other images "
         "of its batch, relative to the loss with its own labels; own-box wins = the share of (image, other image) "
         "pairs where the image's own boxes hold a higher mean class logit than the other image's boxes. Labels "
-        "that do not belong to their images leave both at chance (0 and 0.50); a model that learned where its "
-        "objects are departs from it."
+        "that do not belong to their images leave both at chance (0 and 0.50) whatever the model learned; labels "
+        "that belong can move them in either direction, even untrained (lr0-0: its random features already respond "
+        "to the objects), or not yet at all."
     )
     return (
         "\n\n".join(
@@ -707,9 +708,9 @@ def study(args: argparse.Namespace) -> str:
             )
     intro = (
         f"{stamp_line()}. Tiny CPU runs: bare ultralytics trainings of yolo11n.yaml from scratch, stopped at the end "
-        f"of their {SANITY} sanity epochs, {args.study_seeds} seeds each (POGONA_SEED 0, 1, ...), batch 8, AdamW lr0 "
-        f"0.001, the warm-up and schedule of a {PRODUCTION}-epoch plan, the job's split; demo200: 200 demo images. "
-        "The same probe as above, at the gate's epoch."
+        f"of their {SANITY} sanity epochs, training seeds 0 to {args.study_seeds - 1}, batch 8, AdamW lr0 0.001, the "
+        f"warm-up and schedule of a {PRODUCTION}-epoch plan, the job's split (seed 42); demo200: 200 demo images "
+        "(another draw of the generator). The same probe as above, at the gate's epoch."
     )
     return (
         "\n\n".join(
