@@ -8,7 +8,8 @@ Layers, cheapest first:
 - `StallWatchdog` (a thread) notices when no batch finishes for far longer than the
   batches so far took: a stalled data loader, a hung collective, a dead worker.
 - `parity_probe` compares one batch's loss on the CPU and on the accelerator before
-  any training, so a broken backend is refused in seconds.
+  any training, so a broken backend is refused in seconds; `require_trainable` refuses
+  a `freeze` argument that leaves nothing to train (a configuration mistake, exit 2).
 - `verdict` judges the sanity epochs as a whole. Its learning criterion reads the
   batch-level trend of each loss (robust to ultralytics' warm-up, where a from-scratch
   model's epoch-mean loss can rise while it learns) and the sanity mAP where it exists.
@@ -259,9 +260,7 @@ def require_parity(result: ParityResult) -> None:
 def frozen_layers(freeze: object) -> list[str]:
     """The parameter-name fragments ultralytics freezes for its `freeze` argument (its trainer's own rule): an
     int N freezes layers 0..N-1, a list those layer indices; the DFL layer is always frozen."""
-    chosen: Sequence[object] = (
-        freeze if isinstance(freeze, list) else range(freeze) if isinstance(freeze, int) and freeze > 0 else []
-    )
+    chosen: Sequence[object] = freeze if isinstance(freeze, list) else range(freeze) if isinstance(freeze, int) else []
     return [f"model.{x}." for x in chosen] + [".dfl"]
 
 
@@ -477,7 +476,8 @@ class ZeroMapWatch:
     """Stops full training whose val mAP@0.5 is exactly 0 for `epochs` epochs after the gate passed.
 
     Labels that do not belong to their images give a loss that falls while the mAP stays 0: the
-    sanity gate cannot tell that from a from-scratch model still in its first epochs, so the count
+    sanity gate cannot tell that from a from-scratch model still in its first epochs (nor could a
+    label-permutation probe on the replay's tiny runs: BENCHMARKS.md, gate replay), so the count
     starts after it. `epochs` 0 switches it off.
     """
 
