@@ -32,7 +32,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BENCH_DIR, BENCHMARKS_MD, BUCKET, base_env, markdown_grid, stamp_line, update_section
+from bench import (
+    BENCH_DIR,
+    BENCHMARKS_MD,
+    BUCKET,
+    base_env,
+    git_state,
+    load_line,
+    markdown_grid,
+    stamp_line,
+    update_section,
+)
 from bench import in_process_env as environment
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"  # ../shared/realdata from the repository
@@ -590,7 +600,8 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
         for kind, rs in kinds.items()
     ]
     setup = (
-        f"{stamp_line()}. Tiny CPU runs: the whole job in-process against SeaweedFS on loopback, yolo11n, "
+        f"{stamp_line(args.load_at_start, args.state)}. Tiny CPU runs: the whole job in-process against SeaweedFS "
+        "on loopback, yolo11n, "
         f"imgsz {args.imgsz}, batch 8, {EPOCHS} epochs (the first {SANITY} the sanity epochs, judged at their end) "
         f"unless the case says otherwise, export off. Demo: {args.images} synthetic images (4 train batches per "
         "epoch); real: the Roboflow exports in ../shared/realdata/ as they are, at 64 px. Pretrained-like: yolo11n "
@@ -707,7 +718,8 @@ def study(args: argparse.Namespace) -> str:
                 )
             )
     intro = (
-        f"{stamp_line()}. Tiny CPU runs: bare ultralytics trainings of yolo11n.yaml from scratch, stopped at the end "
+        f"{stamp_line(args.load_at_start, args.state)}. Tiny CPU runs: bare ultralytics trainings of yolo11n.yaml "
+        "from scratch, stopped at the end "
         f"of their {SANITY} sanity epochs, training seeds 0 to {args.study_seeds - 1}, batch 8, AdamW lr0 0.001, the "
         f"warm-up and schedule of a {PRODUCTION}-epoch plan, the job's split (seed 42); demo200: 200 demo images "
         "(another draw of the generator). The same probe as above, at the gate's epoch."
@@ -757,6 +769,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.state, args.load_at_start = git_state(), load_line()  # what ran: a commit made meanwhile is not it
     from pogona_job import logs
 
     logs.configure("json")
