@@ -470,6 +470,18 @@ def cases(seeds: int, real_seeds: int) -> list[Case]:
                 f"pretrained-demo-s{seed}", "demo", True, env={"POGONA_SEED": str(seed), "POGONA_MODEL": "@pretrained"}
             ),
         ]
+    # A partial freeze is a legitimate fine-tune (freeze=23: yolo11n's detection head alone trains): neither the
+    # freeze refusal nor the weights criterion may stop it.
+    healthy += [
+        Case(
+            f"head-only-pretrained-demo-s{seed}",
+            "demo",
+            True,
+            env={"POGONA_SEED": str(seed), "POGONA_MODEL": "@pretrained"},
+            inject=lambda: train_args(freeze=23),
+        )
+        for seed in range(2)
+    ]
     real = {"POGONA_IMGSZ": "64"}  # 142 / 90 train images: 64 px keeps the suite inside 15 minutes
     for seed in range(real_seeds):
         healthy += [
@@ -759,7 +771,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=40, help="demo images; 40")
     parser.add_argument("--imgsz", type=int, default=96, help="training image size; 96")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per demo healthy kind; 8")
-    parser.add_argument("--real-seeds", type=int, default=3, help="seeds per real export; 3 (-> 22 healthy runs)")
+    parser.add_argument("--real-seeds", type=int, default=3, help="seeds per real export; 3 (-> 24 healthy runs)")
     parser.add_argument("--only", nargs="*", default=[], help="run only these cases")
     parser.add_argument("--study", action="store_true", help="only the probe on bare trainings (its own section)")
     parser.add_argument("--study-seeds", type=int, default=3, help="seeds per study row; 3")
