@@ -533,6 +533,7 @@ def measure(args: argparse.Namespace) -> list[Result]:
             # The final verdict judges a finished training (100% of its plan), not a stop; 5 tiny epochs from
             # scratch never reach its default mAP@0.5 0.05, so it is off here: a false stop is the gate's.
             "POGONA_MIN_FINAL_MAP50": "0",
+            "POGONA_PROMOTE": "never",  # one output prefix for all cases: no run judged against another's champion
             "POGONA_OUTPUT_URI": f"s3://{BUCKET}/runs",
             "YOLO_CONFIG_DIR": str(ROOT / "ultralytics"),
         }
@@ -613,14 +614,14 @@ def table(results: Sequence[Result], args: argparse.Namespace) -> str:
     ]
     setup = (
         f"{stamp_line(args.load_at_start, args.state)}. Tiny CPU runs: the whole job in-process against SeaweedFS "
-        "on loopback, yolo11n, "
-        f"imgsz {args.imgsz}, batch 8, {EPOCHS} epochs (the first {SANITY} the sanity epochs, judged at their end) "
-        f"unless the case says otherwise, export off. Demo: {args.images} synthetic images (4 train batches per "
-        "epoch); real: the Roboflow exports in ../shared/realdata/ as they are, at 64 px. Pretrained-like: yolo11n "
-        "trained 40 epochs on 80 other demo images by this script. Mislabelled: each image carries the next "
-        "image's label file. The final verdict (POGONA_MIN_FINAL_MAP50) is off: it judges a finished training, and "
-        "5 tiny epochs from scratch never score its 0.05. Share = train batches run / planned (epochs x batches per "
-        "epoch); these plans are tiny, so the 5% goal is read against the default plan of the same data "
+        f"on loopback, yolo11n, imgsz {args.imgsz}, batch 8, {EPOCHS} epochs (the first {SANITY} the sanity epochs, "
+        f"judged at their end) unless the case says otherwise, export off. Demo: {args.images} synthetic images (4 "
+        "train batches per epoch); real: the Roboflow exports in ../shared/realdata/ as they are, at 64 px. "
+        "Pretrained-like: yolo11n trained 40 epochs on 80 other demo images by this script. Mislabelled: each image "
+        "carries the next image's label file. The final verdict (POGONA_MIN_FINAL_MAP50) is off: it judges a "
+        "finished training, and 5 tiny epochs from scratch never score its 0.05; promotion is off (one output "
+        "prefix for every case). Share = train batches run / planned (epochs x batches per epoch); these plans are "
+        "tiny, so the 5% goal is read against the default plan of the same data "
         f"({PRODUCTION} epochs, POGONA_EPOCHS, the first 3 of them the sanity epochs: a verdict at their end is 5.0%)."
     )
     head = (
