@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
-from pogona_job.errors import SanityFailed
+from pogona_job.errors import ConfigError, SanityFailed
 from pogona_job.training.gate import (
     BatchWatchdog,
     Context,
+    frozen_layers,
     parity_probe,
     require_parity,
+    require_trainable,
     verdict,
     watchdog_causes,
 )
@@ -420,6 +422,40 @@ def test_all_background_batches_fail_and_the_sentence_says_what_was_seen() -> No
     assert failed["sanity batches with at least one labelled box"] == "0 of 9"
     assert "labels that ultralytics cannot see (0 of 9 sanity batches carried labelled boxes" in v.failure_sentence()
     assert "backend" not in v.failure_sentence() and "no prediction is assigned" not in v.failure_sentence()
+
+
+# --- a model with nothing left to train ------------------------------------------------------------------
+
+# yolo11n's parameter names, as `named_parameters()` lists them: layers 0-23, the detection head last, its DFL
+# (never trained) inside it. Layers 11-13 (upsample, concat) hold no parameters.
+YOLO11N = [f"model.{i}.conv.weight" for i in range(11)] + [f"model.{i}.cv1.conv.weight" for i in range(14, 23)]
+YOLO11N += ["model.23.cv2.0.0.conv.weight", "model.23.cv3.0.0.0.conv.weight", "model.23.dfl.conv.weight"]
+
+
+@pytest.mark.parametrize("freeze", [24, 100, list(range(24)), [*range(23), 23, 99]], ids=["24", "100", "list", "extra"])
+def test_a_freeze_that_leaves_nothing_to_train_is_a_configuration_mistake_named_before_training(freeze: object) -> None:
+    """Ultralytics refuses it only once its trainer is built (exit 6, its own sentence); we refuse it first."""
+    with pytest.raises(ConfigError) as err:
+        require_trainable(freeze, YOLO11N, "yolo11n.yaml")
+    assert err.value.exit_code == 2
+    sentence = err.value.sentence
+    assert sentence.startswith(f"The trainer argument freeze={freeze!r} freezes every layer of yolo11n.yaml")
+    assert "layers 0-23 hold its 23 parameter tensors" in sentence
+    assert "freeze=23 trains the detection head only" in sentence
+
+
+@pytest.mark.parametrize("freeze", [0, 23, [0, 5], [23], -1, None, "backbone"], ids=str)
+def test_a_freeze_that_leaves_a_layer_to_train_is_left_to_the_weights_criterion(freeze: object) -> None:
+    require_trainable(freeze, YOLO11N, "yolo11n.yaml")  # no exception: the head (or more) still trains
+
+
+def test_the_frozen_names_follow_ultralytics_rule_and_the_dfl_is_always_frozen() -> None:
+    assert frozen_layers(3) == ["model.0.", "model.1.", "model.2.", ".dfl"]
+    assert frozen_layers([4, 10]) == ["model.4.", "model.10.", ".dfl"]
+    assert frozen_layers(None) == frozen_layers(0) == frozen_layers(-2) == [".dfl"]
+    require_trainable(24, [], "yolo11n.yaml")  # no parameter names known: nothing to judge
+    with pytest.raises(ConfigError):  # only the DFL left: frozen by ultralytics whatever freeze says
+        require_trainable(1, ["model.0.conv.weight", "model.1.dfl.conv.weight"], "tiny.yaml")
 
 
 # --- no progress, and a model that stays at zero ---------------------------------------------------------

@@ -105,6 +105,31 @@ def test_nan_loss_stops_at_the_first_nan_batch(
     assert "non-finite loss" in failed["reason"] and "sanity batch 3" in failed["reason"]
 
 
+def test_a_freeze_of_every_layer_is_refused_before_training_with_exit_2_and_our_sentence(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer argument freeze=24 (every layer of yolo11n) is a configuration mistake: exit 2 before the first
+    batch, naming the argument; never ultralytics' RuntimeError (exit 6) from inside its trainer."""
+    from pogona_job import training
+    from pogona_job.training import trainer
+
+    original = training.resource_plan
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        p = original(*args, **kwargs)
+        p.args["freeze"] = 24
+        return p
+
+    built: list[Any] = []
+    monkeypatch.setattr(training, "resource_plan", plan)
+    monkeypatch.setattr(trainer.PogonaTrainer, "__init__", lambda *a, **k: built.append(a))
+    code, events = _run("gate-frozen", monkeypatch)
+    assert code == 2 and not built  # refused before ultralytics' trainer was built
+    failed = next(e for e in events if e["event"] == "run failed")
+    assert failed["reason"].startswith("The trainer argument freeze=24 freezes every layer of yolo11n.yaml")
+    assert "froze the entire model" not in failed["reason"]
+
+
 HANG = """
 import time
 from ultralytics.models.yolo.detect import DetectionTrainer

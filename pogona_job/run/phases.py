@@ -37,6 +37,7 @@ from pogona_job.training.gate import (
     ZeroMapWatch,
     parity_probe,
     require_parity,
+    require_trainable,
     verdict,
 )
 from pogona_job.training.phase import PhaseResult, read_results
@@ -77,6 +78,7 @@ def train(job: Job, res: Resources, staged: StagedDataset, on_stall: OnStall | N
         else None
     )
     gate = Gate(job, res.device, watchdog, stall)
+    refuse_frozen_model(job, res.model_source)
     gate.parity(res, staged)
     if done >= gate_at:  # the gate's epoch is behind this attempt: judged once, not repeated
         gate.behind(save_dir)
@@ -262,6 +264,19 @@ class Gate:
         startup = first_batch - PROCESS_START - rec.timings.get("pull", 0.0)
         rec.timings["startup_to_first_batch"] = round(startup, 2)
         log.info("start-up", seconds_to_first_batch_excluding_pull=round(startup, 2))
+
+
+def refuse_frozen_model(job: Job, model_source: str) -> None:
+    """A `freeze` trainer argument that leaves nothing to train is a configuration mistake: exit 2 with our
+    sentence before any training (ultralytics would refuse it only after building its trainer, exit 6).
+    Costs a model build only when the argument is there."""
+    freeze = job.extra_args.get("freeze")
+    if not freeze:
+        return
+    from pogona_job import training
+
+    names = [name for name, _ in training.load_model(model_source).model.named_parameters()]
+    require_trainable(freeze, names, job.settings.model)
 
 
 def gate_context(job: Job, device: str) -> Context:

@@ -8,7 +8,8 @@ Layers, cheapest first:
 - `StallWatchdog` (a thread) notices when no batch finishes for far longer than the
   batches so far took: a stalled data loader, a hung collective, a dead worker.
 - `parity_probe` compares one batch's loss on the CPU and on the accelerator before
-  any training, so a broken backend is refused in seconds.
+  any training, so a broken backend is refused in seconds; `require_trainable` refuses
+  a `freeze` argument that leaves nothing to train (a configuration mistake, exit 2).
 - `verdict` judges the sanity epochs as a whole. Its learning criterion reads the
   batch-level trend of each loss (robust to ultralytics' warm-up, where a from-scratch
   model's epoch-mean loss can rise while it learns) and the sanity mAP where it exists.
@@ -31,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pogona_job.errors import SanityFailed, Stalled
+from pogona_job.errors import ConfigError, SanityFailed, Stalled
 from pogona_job.training.columns import LOSSES, METRICS, loss_column
 
 
@@ -253,6 +254,35 @@ def require_parity(result: ParityResult) -> None:
         )
 
 
+# --- a model with nothing left to train ---------------------------------------------------
+
+
+def frozen_layers(freeze: object) -> list[str]:
+    """The parameter-name fragments ultralytics freezes for its `freeze` argument (its trainer's own rule): an
+    int N freezes layers 0..N-1, a list those layer indices; the DFL layer is always frozen."""
+    chosen: Sequence[object] = freeze if isinstance(freeze, list) else range(freeze) if isinstance(freeze, int) else []
+    return [f"model.{x}." for x in chosen] + [".dfl"]
+
+
+def require_trainable(freeze: object, parameters: Sequence[str], model: str) -> None:
+    """Refuse, before any training, a `freeze` that leaves no parameter of the model trainable.
+
+    Ultralytics refuses it itself only once the trainer is built (exit 6 with its own sentence); this is a
+    configuration mistake (exit 2) that names the argument and what would train. `parameters`: the model's
+    parameter names (`model.named_parameters()`)."""
+    frozen = frozen_layers(freeze)
+    if not parameters or any(not any(f in name for f in frozen) for name in parameters):
+        return
+    layers = sorted({int(n.split(".")[1]) for n in parameters if n.startswith("model.") and n.split(".")[1].isdigit()})
+    last = layers[-1] if layers else 0
+    raise ConfigError(
+        f"The trainer argument freeze={freeze!r} freezes every layer of {model} (layers 0-{last} hold its "
+        f"{len(parameters)} parameter tensors; the DFL is always frozen): nothing is left to train, so the run "
+        f"is refused before training. Freeze fewer layers (freeze={last} trains the detection head only) or "
+        "remove the argument."
+    )
+
+
 # --- verdict after the sanity epochs -------------------------------------------------
 
 
@@ -453,7 +483,8 @@ class ZeroMapWatch:
     """Stops full training whose val mAP@0.5 is exactly 0 for `epochs` epochs after the gate passed.
 
     Labels that do not belong to their images give a loss that falls while the mAP stays 0: the
-    sanity gate cannot tell that from a from-scratch model still in its first epochs, so the count
+    sanity gate cannot tell that from a from-scratch model still in its first epochs (nor could a
+    label-permutation probe on the replay's tiny runs: BENCHMARKS.md, gate replay), so the count
     starts after it. `epochs` 0 switches it off.
     """
 
