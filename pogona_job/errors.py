@@ -8,7 +8,9 @@ The policy lives on the classes, so no other module compares exit codes:
 - `retryable`: the scheduler should try again (the run's checkpoints are kept for the retry);
 - `publishes_report`: the failure is written into the run (report.md, a failed manifest). Not when
   there is nothing or nowhere to write (configuration, storage refused), nor when the run is another
-  job's (busy, lease lost).
+  job's (busy, lease lost);
+- `reports_once_claimed`: written into the run all the same when it was found after this job claimed the
+  run (its manifest then says an attempt is working on it, until the failure replaces that).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class JobError(Exception):
     status = "failed"
     retryable = False
     publishes_report = True
+    reports_once_claimed = True
 
     def __init__(self, sentence: str) -> None:
         sentence = redact(sentence)  # a sentence reaches stderr, the log, the manifest and report.md
@@ -48,6 +51,7 @@ class StorageDenied(JobError):
 
     exit_code = 4
     publishes_report = False
+    reports_once_claimed = False  # the bucket refuses the report too
 
 
 class SanityFailed(JobError):
@@ -81,6 +85,7 @@ class RunBusy(JobError):
     exit_code = 75
     retryable = True
     publishes_report = False
+    reports_once_claimed = False
 
 
 class Interrupted(JobError):
@@ -97,3 +102,4 @@ class LeaseLost(JobError):
     exit_code = 75
     retryable = True
     publishes_report = False
+    reports_once_claimed = False

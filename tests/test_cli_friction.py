@@ -50,11 +50,18 @@ def test_an_empty_output_uri_is_reported_as_required_not_as_a_pattern(s3: Any, t
     assert "POGONA_OUTPUT_URI is required" in result.stderr and "pattern" not in result.stderr
 
 
-def test_a_misspelled_model_name_exits_2_with_a_did_you_mean(s3: Any, demo_uri: str, tmp_path: Path) -> None:
-    result = run_cli(["run"], job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_MODEL="yolo11x-typo.pt"))
+def test_a_misspelled_model_name_exits_2_with_a_did_you_mean_and_the_run_says_it_failed(
+    s3: Any, s3_client: Any, demo_uri: str, tmp_path: Path
+) -> None:
+    env = job_env(s3, tmp_path, POGONA_DATASET_URI=demo_uri, POGONA_MODEL="yolo11x-typo.pt", POGONA_RUN_ID="typo")
+    result = run_cli(["run"], env)
     assert result.code == 2, result.stderr[-1500:]
     assert "POGONA_MODEL yolo11x-typo.pt is neither a file nor a known pretrained model - did you mean" in result.stderr
     assert "Traceback" not in result.stderr
+    # Found after the run was claimed: its manifest no longer says an attempt is working on it.
+    manifest = json.loads(s3_client.get_object(Bucket=BUCKET, Key=out_key(env, "typo", "manifest.json"))["Body"].read())
+    assert (manifest["status"], manifest["exit_code"], manifest.get("in_progress")) == ("failed", 2, None)
+    assert manifest["failure"] == result.sentence()
 
 
 def test_an_s3_model_that_does_not_exist_exits_2_with_one_sentence(s3: Any, demo_uri: str, tmp_path: Path) -> None:

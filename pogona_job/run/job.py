@@ -134,7 +134,8 @@ def _finish_failed(job: Job | None, err: JobError) -> int:
         rec.retryable = err.retryable
         # Without the lease (refused, or lost to another job) the run is not ours; after the succeeded
         # manifest, nothing may rewrite it.
-        if err.publishes_report and job.lease is not None and not job.lease.lost and not job.final:
+        reports = err.publishes_report or (err.reports_once_claimed and job.claimed)
+        if reports and job.lease is not None and not job.lease.lost and not job.final:
             try:
                 publish_failure(job)
             except LeaseLost as lost:  # lost the run while reporting: the new holder's, untouched

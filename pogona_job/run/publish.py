@@ -85,6 +85,7 @@ def claim_run(job: Job) -> None:
         }
         job.lease.confirm()
         if pointers.write(job.client, path, stamp, expected=current.etag):
+            job.claimed = True
             return
     raise TransientFailure(f"{path.uri} kept changing while this job took the run over; retry the job.")
 

@@ -86,6 +86,7 @@ class Job:
     sums: dict[str, storage.Artifact]
     checkpoints: Any = None  # CheckpointSync once training starts
     lease: Any = None  # set only once acquired: a job without it writes nothing under the run
+    claimed: bool = False  # its manifest says this attempt is working on the run (publish.claim_run)
     final: bool = False  # a succeeded (or partial) manifest is published: nothing may rewrite it
     live: Any = None  # livestatus.LiveStatus: progress.json, accounting, budget (once the lease is held)
     extra_args: dict[str, Any] = field(default_factory=dict)  # the resource plan's ultralytics args
