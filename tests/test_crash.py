@@ -50,15 +50,21 @@ CRASH_POINTS = [
 
 
 class PauseProxy(FaultProxy):
-    """mitmdump in reverse mode in front of the S3 server, holding the request that matches."""
+    """mitmdump in reverse mode in front of the S3 server, holding the request that matches this leg's rule
+    (one proxy for every leg: the rule is a control file the addon reads again when it changes)."""
 
-    def __init__(self, upstream: str, tmp: Path, match: str, nth: int) -> None:
-        super().__init__(upstream, "", tmp, addon="pause_addon.py", env={"PAUSE_MATCH": match, "PAUSE_NTH": str(nth)})
+    def __init__(self, upstream: str, tmp: Path) -> None:
+        self.control = tmp / "pause-rule.json"
+        super().__init__(upstream, "", tmp, addon="pause_addon.py", env={"PAUSE_CONTROL": str(self.control)})
 
-    def paused(self) -> str | None:
+    def hold(self, leg: int, match: str, nth: int) -> None:
+        """From now on, hold the `nth` request of leg `leg` that matches."""
+        self.control.write_text(json.dumps({"leg": leg, "match": match, "nth": nth}))
+
+    def paused(self, leg: int) -> str | None:
         for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("PAUSED "):
-                return line
+            if line.startswith(f"PAUSED {leg} "):
+                return line.replace(f"PAUSED {leg} ", "PAUSED ", 1)
         return None
 
 
@@ -98,30 +104,31 @@ def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
         return e
 
     seen: list[str] = []
-    for attempt, (name, match, nth) in enumerate(CRASH_POINTS, start=1):
-        proxy = PauseProxy(s3.endpoint, tmp_path, match, nth)
-        try:
+    proxy = PauseProxy(s3.endpoint, tmp_path)
+    try:
+        for attempt, (name, match, nth) in enumerate(CRASH_POINTS, start=1):
+            proxy.hold(attempt, match, nth)
             leg = JobProcess(env(attempt, proxy.endpoint), log=tmp_path / f"leg-{attempt}.log")
             deadline = time.monotonic() + 300
-            while proxy.paused() is None and leg.proc.poll() is None and time.monotonic() < deadline:
+            while proxy.paused(attempt) is None and leg.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
-            paused = proxy.paused()
+            paused = proxy.paused(attempt)
             leg.kill()
-        finally:
-            proxy.stop()
-        assert paused, f"leg {attempt} never reached {name} (exit {leg.proc.returncode}):\n{leg.tail()}"
-        seen.append(paused)
-        manifest = _objects(s3_client, prefix).get("manifest.json")
-        if name in ("latest.json", "champion.json", "the checkpoint clean-up"):
-            assert json.loads(_body(s3_client, prefix + "manifest.json"))["status"] == "succeeded"
-        else:
-            # only the holder's claim (`interrupted`), never a result, before the run's own manifest
-            status = json.loads(_body(s3_client, prefix + "manifest.json"))["status"] if manifest else None
-            claimed = status in (None, "interrupted")
-            assert claimed, f"a killed attempt published a manifest at {name}"
-        if attempt > 1:  # every restart came from the bucket, never from a local file
-            came_back = {"checkpoint restored", "run already finished; nothing redone"}
-            assert any(e.get("event") in came_back for e in leg.events()), leg.tail()
+            assert paused, f"leg {attempt} never reached {name} (exit {leg.proc.returncode}):\n{leg.tail()}"
+            seen.append(paused)
+            manifest = _objects(s3_client, prefix).get("manifest.json")
+            if name in ("latest.json", "champion.json", "the checkpoint clean-up"):
+                assert json.loads(_body(s3_client, prefix + "manifest.json"))["status"] == "succeeded"
+            else:
+                # only the holder's claim (`interrupted`), never a result, before the run's own manifest
+                status = json.loads(_body(s3_client, prefix + "manifest.json"))["status"] if manifest else None
+                claimed = status in (None, "interrupted")
+                assert claimed, f"a killed attempt published a manifest at {name}"
+            if attempt > 1:  # every restart came from the bucket, never from a local file
+                came_back = {"checkpoint restored", "run already finished; nothing redone"}
+                assert any(e.get("event") in came_back for e in leg.events()), leg.tail()
+    finally:
+        proxy.stop()
 
     final = run_here(["run"], env(len(CRASH_POINTS) + 1, s3.endpoint))
     assert final.code == 0, final.stderr[-3000:]

@@ -265,10 +265,11 @@ def judge(image: Image.Image) -> Verdict:
     bar = palette_bar(np.asarray(rgb_image, np.float32))
     if bar:
         return Verdict("thermal", bar)
-    fit = palette_fit(pixels)
+    fits = on_palettes(pixels)
+    fit = palette_fit(fits)
     if fit:
         return Verdict("thermal", fit)
-    near = nearest_palette(pixels)
+    near = nearest_palette(fits)
     e = evidence_of(pixels, np.asarray(rgb_image.resize((64, 64), Image.Resampling.BILINEAR), np.float32))
     curve_like = e.coloured >= 0.3 and ((e.curve <= 0.2 and e.chroma >= 0.75) or (e.curve <= 0.04 and e.chroma >= 0.4))
     photo = (e.chroma <= 0.5 and e.curve >= 0.05) or e.curve >= 0.3
@@ -312,11 +313,19 @@ def _nearest_on(pixels: Rgb, lut: Rgb) -> tuple[Rgb, npt.NDArray[np.intp]]:
     return distance, at
 
 
-def palette_fit(pixels: Rgb) -> str:
+PaletteFits = dict[str, tuple[Rgb, npt.NDArray[np.intp]]]
+
+
+def on_palettes(pixels: Rgb) -> PaletteFits:
+    """Every pixel's distance to each known palette and its position on it, computed once per image for both
+    questions asked of them (does one palette fit, which palette is nearest)."""
+    return {name: _nearest_on(pixels, lut) for name, lut in PALETTES.items()}
+
+
+def palette_fit(fits: PaletteFits) -> str:
     """The evidence when the colours lie on one known palette over a good part of it, else ""."""
     best = ("", 0.0, 0.0)
-    for name, lut in PALETTES.items():
-        distance, at = _nearest_on(pixels, lut)
+    for name, (distance, at) in fits.items():
         on = distance <= _ON_PALETTE
         share = float(on.mean())
         if share < _PALETTE_FIT:
@@ -332,9 +341,9 @@ def palette_fit(pixels: Rgb) -> str:
     return f"{share:.0%} of the pixels on the {name} palette, over {span:.0%} of its range"
 
 
-def nearest_palette(pixels: Rgb) -> tuple[str, float]:
+def nearest_palette(fits: PaletteFits) -> tuple[str, float]:
     """The palette most pixels lie on, and their share."""
-    shares = {name: float((_nearest_on(pixels, lut)[0] <= _ON_PALETTE).mean()) for name, lut in PALETTES.items()}
+    shares = {name: float((distance <= _ON_PALETTE).mean()) for name, (distance, _) in fits.items()}
     name = max(shares, key=lambda n: shares[n])
     return name, shares[name]
 
