@@ -111,7 +111,11 @@ class Job:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self.check()
+        try:
+            self.check()
+        except BaseException:  # a signal between two phases: the run stopped before this one began
+            self.record.failed_phase = self.record.failed_phase or name
+            raise
         self._begin(name)
         try:
             yield
