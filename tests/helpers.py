@@ -2,9 +2,10 @@
 child process, and readers of what it left in the bucket.
 
 In this process (`run_here`) is the default: the same `cli.main` the console script calls, with the
-same environment, about 10-13 s cheaper than a child's `import torch, ultralytics`. A child process
-(`run_cli`, `JobProcess`) is for what only a process shows: a signal, a kill, the exit code the console
-script returns, stderr that nothing but our JSON lines may reach.
+same environment, without a child's seconds of `import torch, ultralytics`. A child process is for what
+only a process shows: `JobProcess` (forked from a pre-imported fork server, tests/forkserver.py) for a
+signal, a kill -9, a pause; `run_cli` (a new interpreter, `python -m pogona_job`) for the exit code the
+console script itself returns and stderr that nothing but our JSON lines may reach.
 """
 
 from __future__ import annotations
