@@ -12,7 +12,17 @@ import pytest
 from PIL import Image
 
 from pogona_job.dataset import Options, inspect_dataset, stage_dataset
-from pogona_job.dataset.split import check_rules, group_keys, source_name
+from pogona_job.dataset.model import ImageItem
+from pogona_job.dataset.split import (
+    LEAKAGE_COMPARED,
+    _share,
+    _take,
+    assign_splits,
+    check_rules,
+    group_keys,
+    near_duplicates,
+    source_name,
+)
 from pogona_job.errors import DatasetError
 from pogona_job.tools.demo import write_demo
 from tests.fixtures import exports
@@ -263,3 +273,151 @@ def test_filled_in_forms_on_one_template_are_not_leaks_but_a_real_copy_is(tmp_pa
 def root_file(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --- the split rules at their edges (synthetic images: no files, milliseconds) ---------------------------------
+
+
+def _item(rel: str, group: str = "", modality: str = "visible", split: str | None = None, phash: int = 0) -> ImageItem:
+    return ImageItem(Path(rel), None, rel, modality, 1, split, group=group, phash=phash)
+
+
+def _groups(n_images_per_group: list[int], modality: str = "visible") -> list[ImageItem]:
+    """Groups g0, g1 ... of the given sizes; image `g<i>/<j>.jpg`."""
+    return [_item(f"g{i}/{j}.jpg", f"g{i}", modality) for i, n in enumerate(n_images_per_group) for j in range(n)]
+
+
+def _count(splits: dict[str, str]) -> dict[str, int]:
+    return {s: sum(1 for v in splits.values() if v == s) for s in ("train", "val", "test")}
+
+
+def test_an_export_with_a_val_split_is_kept_as_it_is_and_its_unsplit_images_train() -> None:
+    items = [_item("a.jpg", split="val"), _item("b.jpg", split="test"), _item("c.jpg"), _item("d.jpg", split="train")]
+    assert assign_splits(items, 0.5, 0.5, seed=0) == (
+        {"a.jpg": "val", "b.jpg": "test", "c.jpg": "train", "d.jpg": "train"},
+        "export",
+    )
+
+
+def test_one_image_of_two_is_held_out_however_small_the_fraction() -> None:
+    splits, source = assign_splits(_groups([1, 1]), 0.01, 0.0, seed=0)
+    assert _count(splits) == {"train": 1, "val": 1, "test": 0} and source == "made by the job"
+
+
+def test_the_train_split_keeps_one_image_however_large_the_fraction() -> None:
+    assert _count(assign_splits(_groups([1, 1, 1]), 0.99, 0.0, seed=0)[0]) == {"train": 1, "val": 2, "test": 0}
+
+
+def test_the_held_out_share_is_the_rounded_fraction_of_each_modality() -> None:
+    items = _groups([1] * 10) + [_item(f"t{i}.jpg", f"t{i}", "thermal") for i in range(20)]
+    splits, _ = assign_splits(items, 0.3, 0.0, seed=5)
+    val = [rel for rel, s in splits.items() if s == "val"]
+    assert sum(rel.startswith("g") for rel in val) == 3 and sum(rel.startswith("t") for rel in val) == 6
+
+
+def test_a_modality_with_a_single_image_holds_nothing_out() -> None:
+    items = [*_groups([1, 1, 1, 1]), _item("lonely.jpg", "lonely", "thermal")]
+    splits, _ = assign_splits(items, 0.5, 0.0, seed=0)
+    assert splits["lonely.jpg"] == "train" and _count(splits) == {"train": 3, "val": 2, "test": 0}
+
+
+def test_a_test_fraction_makes_a_test_split_from_the_rest_unless_the_export_has_one() -> None:
+    splits, _ = assign_splits(_groups([1] * 10), 0.2, 0.3, seed=1)
+    assert _count(splits) == {"train": 5, "val": 2, "test": 3}
+    exported_test = [*_groups([1] * 10), _item("given.jpg", split="test")]
+    splits, _ = assign_splits(exported_test, 0.2, 0.3, seed=1)
+    assert _count(splits) == {"train": 8, "val": 2, "test": 1} and splits["given.jpg"] == "test"
+
+
+def test_the_test_split_never_takes_the_last_training_image() -> None:
+    splits, _ = assign_splits(_groups([1, 1, 1]), 0.34, 0.9, seed=0)
+    assert _count(splits) == {"train": 1, "val": 1, "test": 1}
+
+
+def test_when_no_group_fits_the_held_out_share_the_smallest_group_is_held_out() -> None:
+    for seed in range(5):  # whatever the seeded order
+        splits, _ = assign_splits(_groups([3, 2, 4]), 0.1, 0.0, seed=seed)
+        assert {rel for rel, s in splits.items() if s == "val"} == {"g1/0.jpg", "g1/1.jpg"}
+
+
+def test_whole_groups_fill_the_held_out_share_up_to_exactly_its_size() -> None:
+    for seed in range(8):
+        splits, _ = assign_splits(_groups([2, 1, 2, 1, 2, 2]), 0.4, 0.0, seed=seed)
+        assert _count(splits)["val"] == 4  # round(0.4 * 10): groups that exactly fill it are taken
+
+
+def test_groups_are_taken_in_the_seeded_order_until_none_fits() -> None:
+    groups = {"a": ["a1", "a2"], "b": ["b1"], "c": ["c1", "c2"]}
+    assert _take(["a", "b", "c"], groups, 3) == {"a", "b"}
+    assert _take(["c", "b", "a"], groups, 3) == {"c", "b"}
+    assert _take(["a", "c", "b"], groups, 3) == {"a", "b"}  # c passes the target; b still fits
+    assert _take(["a", "b"], {"a": ["a1", "a2"], "b": ["b1", "b2", "b3"]}, 1) == {"a"}  # the smallest
+    assert _take(["a"], {"a": ["a1", "a2"]}, 1) == set()  # never everything
+    assert _take(["a", "b"], groups, 0) == set()
+
+
+def test_the_share_held_out_at_its_edges() -> None:
+    assert [_share(n, 0.5) for n in (0, 1, 2, 3)] == [0, 0, 1, 2]
+    assert [_share(10, f) for f in (-0.1, 0.0, 0.01, 0.26, 0.99, 1.0)] == [0, 0, 1, 3, 9, 9]
+
+
+def test_a_group_goes_with_the_modality_most_of_its_images_have_and_a_known_one_wins_a_tie() -> None:
+    mixed = [_item("m/1.jpg", "m", "unknown"), _item("m/2.jpg", "m", "thermal")]
+    items = mixed + [_item(f"t{i}.jpg", f"t{i}", "thermal") for i in range(3)] + _groups([1] * 4)
+    for seed in range(6):  # the mixed group is thermal: 5 thermal images, 2 held out; 4 visible, 2 held out
+        splits, _ = assign_splits(items, 0.5, 0.0, seed=seed)
+        assert splits["m/1.jpg"] == splits["m/2.jpg"]
+        thermal = [rel for rel in ("m/1.jpg", "m/2.jpg", "t0.jpg", "t1.jpg", "t2.jpg") if splits[rel] == "val"]
+        assert len(thermal) == 2 and _count(splits)["val"] == 4
+
+
+def test_an_image_without_a_group_is_a_group_of_its_own() -> None:
+    items = [_item(f"{i}.jpg") for i in range(4)]  # group ""
+    assert _count(assign_splits(items, 0.5, 0.0, seed=0)[0]) == {"train": 2, "val": 2, "test": 0}
+
+
+def test_a_dataset_that_cannot_be_split_names_its_counts() -> None:
+    with pytest.raises(DatasetError) as err:
+        assign_splits(_groups([3]), 0.2, 0.0, seed=0)
+    assert err.value.sentence == (
+        "The dataset cannot be split into train and val without leakage (3 / 0 images): its images form too few "
+        "groups (POGONA_GROUP_RULES). Give a split or a groups.csv."
+    )
+
+
+def test_near_duplicates_are_pairs_within_the_distance_across_each_pair_of_splits() -> None:
+    base = 0b1111 << 60  # a high bit set: hashes are unsigned 64-bit
+    items = [
+        _item("tr/a.jpg", phash=base),
+        _item("tr/b.jpg", phash=base ^ 0b1),
+        _item("va/a.jpg", phash=base ^ 0b111111),  # 6 bits from tr/a: a near-duplicate at the limit
+        _item("va/far.jpg", phash=base ^ 0b1111111 << 8),  # 7 bits from tr/a, 8 from tr/b
+        _item("te/a.jpg", phash=base ^ 0b11),  # 2 from tr/a, 1 from tr/b, 4 from va/a
+    ]
+    splits = {"tr/a.jpg": "train", "tr/b.jpg": "train", "va/a.jpg": "val", "va/far.jpg": "val", "te/a.jpg": "test"}
+    assert near_duplicates(items, splits) == {
+        "compared": LEAKAGE_COMPARED.format(distance=6),
+        "pairs": 5,
+        "held_out_images_with_a_near_duplicate": 2,
+        "share": round(2 / 3, 4),
+        "max_hash_distance": 6,
+        "examples": [
+            ["tr/b.jpg", "te/a.jpg", 1],
+            ["tr/a.jpg", "te/a.jpg", 2],
+            ["va/a.jpg", "te/a.jpg", 4],
+            ["tr/b.jpg", "va/a.jpg", 5],
+            ["tr/a.jpg", "va/a.jpg", 6],
+        ],
+        "alike_but_labels_differ": 0,
+        "alike_but_labels_differ_examples": [],
+    }
+    tight = near_duplicates(items, splits, distance=1, examples=1)
+    assert (tight["pairs"], tight["examples"], tight["max_hash_distance"]) == (1, [["tr/b.jpg", "te/a.jpg", 1]], 1)
+
+
+def test_near_duplicates_are_looked_for_between_train_and_test_when_there_is_no_val() -> None:
+    items = [_item("a.jpg", phash=1), _item("b.jpg", phash=1), _item("c.jpg", phash=None)]  # type: ignore[arg-type]
+    found = near_duplicates(items, {"a.jpg": "train", "b.jpg": "test", "c.jpg": "val"})
+    assert (found["pairs"], found["share"], found["examples"]) == (1, 1.0, [["a.jpg", "b.jpg", 0]])
+    alone = near_duplicates(items[:1], {"a.jpg": "train"})
+    assert (alone["pairs"], alone["share"], alone["examples"]) == (0, 0.0, [])
