@@ -452,3 +452,72 @@ def test_a_spec_without_a_lease_or_attempt_limit_gives_an_unguarded_sync_with_fi
         assert (twin.guard, twin.max_attempts, twin.lease) == (None, 5, lease)
         assert twin.client.meta.config.retries == _client_config(5)[0]
         assert twin.tag == str(spec.get("tag") or "")
+
+
+def test_a_failed_upload_is_logged_and_raised_at_the_next_flush_whatever_failed(
+    s3_client: Any, run: S3Path, tmp_path: Path
+) -> None:
+    def lost() -> None:
+        raise LeaseLost("lost the lease")
+
+    def broken() -> None:
+        raise RuntimeError("disk on fire")
+
+    with capture_logs() as logs:
+        for n, guard in enumerate((lost, broken)):
+            sync = _sync(s3_client, run / str(n), tmp_path / str(n), guard=guard)
+            sync.offer("full", 4, 9, _train_dir(tmp_path / "train", 4), {})
+            with pytest.raises((LeaseLost, TransientFailure)) as err:
+                sync.flush(60)
+            sync.close()
+            if guard is broken:
+                assert err.value.sentence == "Checkpoint upload failed: RuntimeError: disk on fire."
+                assert err.value.exit_code == 75
+    failed = [(e["event"], e["log_level"], e["epoch"], e["reason"]) for e in logs if e["log_level"] == "error"]
+    assert failed == [
+        ("checkpoint upload failed", "error", 4, "lost the lease"),
+        ("checkpoint upload failed", "error", 4, "disk on fire"),
+    ]
+
+
+def test_a_newer_epoch_replaces_one_still_waiting_and_close_drops_the_one_waiting(
+    s3_client: Any, run: S3Path, tmp_path: Path
+) -> None:
+    busy, release = threading.Event(), threading.Event()
+
+    def slow() -> None:  # the first upload holds the worker until the test releases it
+        busy.set()
+        release.wait(10)
+
+    sync = _sync(s3_client, run, tmp_path, guard=slow)
+    sync.offer("full", 1, 9, _train_dir(tmp_path / "train", 1), {})
+    assert busy.wait(10)
+    sync.offer("full", 2, 9, _train_dir(tmp_path / "train", 2), {})
+    sync.offer("full", 3, 9, _train_dir(tmp_path / "train", 3), {})  # replaces 2, which never uploads
+    assert sync.skipped == [("full", 2)]
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == ["full-1", "full-3"]
+    release.set()
+    assert sync.flush(60) and sync.uploaded == [("full", 1), ("full", 3)]
+    assert list((tmp_path / "staging").iterdir()) == []  # each uploaded snapshot's copy is removed
+    busy.clear()
+    release.clear()
+    sync.offer("full", 4, 9, _train_dir(tmp_path / "train", 4), {})
+    assert busy.wait(10)
+    sync.offer("full", 5, 9, _train_dir(tmp_path / "train", 5), {})
+    threading.Timer(0.5, release.set).start()
+    sync.close()  # 5 waits: dropped with its copy; 4 is finished first
+    assert sync.uploaded == [("full", 1), ("full", 3), ("full", 4)] and sync.error is None
+    assert list((tmp_path / "staging").iterdir()) == []
+    assert _pointer(s3_client, run)["epoch"] == 4
+
+
+def test_only_set_folders_are_pruned_and_a_pointer_names_its_phase(s3_client: Any, run: S3Path, tmp_path: Path) -> None:
+    s3_client.put_object(Bucket=BUCKET, Key=f"{run.key}/checkpoint/full/9", Body=b"a file named like a set")
+    _upload_sets(s3_client, run, tmp_path, range(1, 4))
+    assert "checkpoint/full/9" in _keys(s3_client, run)
+    assert {k for k in _keys(s3_client, run) if k.endswith("set.json")} == {
+        "checkpoint/full/2/set.json",
+        "checkpoint/full/3/set.json",
+    }
+    pointer = _pointer(s3_client, run)
+    assert (pointer["phase"], pointer["epoch"], pointer["epochs"], pointer["attempt"]) == ("full", 3, 5, 1)
