@@ -1,70 +1,148 @@
-"""`make mutants`: mutation testing (mutmut) of the code whose rules the tests must pin down.
+"""`make mutants`: mutation testing (mutmut 3) of the code whose rules the tests must pin down.
 
-Each target mutates one module (or only its named functions) and runs only the test files that
-specify it, in a scratch copy of the tree (mutmut writes a `mutants/` folder and reads its
-settings from pyproject.toml, which differ per target). Prints mutmut's final count
-(N/total, 🎉 killed, 🫥 no tests, ⏰ timeout, 🤔 suspicious, 🙁 survived, 🔇 skipped), every surviving mutant
-and a summary line per target; exits 1 when any survives. Not part of `make test`: minutes per module.
+Each target mutates one module (or only its named functions) and runs only the test files that specify it, in a
+scratch copy of the tree (mutmut writes a `mutants/` folder there and reads its settings from pyproject.toml,
+which differ per target). Prints each target's count by status (killed, survived, no tests, timeout, ...),
+every surviving mutant with the reason it may survive (SURVIVORS below: an equivalent mutant, say why) and a
+summary line per target; exits 1 when a mutant survives without a reason. Not part of `make test`: minutes per
+target.
 
-    python .ci/mutants.py [--show] [--keep DIR] [--write] [gate|checkpoint|dataset|storage ...]   (default: all)
+    python .ci/mutants.py [--show] [--keep DIR] [--write] [--max-children N] [gate|checkpoint|dataset|storage ...]
 
---show prints each survivor's diff (`mutmut show` takes seconds per mutant); --keep DIR keeps each
-target's scratch tree in DIR/<target> (for `mutmut show NAME` there); --write records the counts in
-BENCHMARKS.md's `mutants.py` section (`make mutants` does).
+--show prints each survivor's diff (`mutmut show` takes seconds per mutant); --keep DIR keeps each target's
+scratch tree in DIR/<target> (for `mutmut show NAME` there); --write records the counts in BENCHMARKS.md's
+`mutants.py` section (`make mutants` does), keeping the other targets' last counts.
+
+How the tests run (what made the checkpoint target end every mutant in a timeout before):
+- mutmut's fork server (`process_isolation = "forkserver"`): the default forks each mutant's test run from
+  mutmut's own process after it ran the whole suite there, and obstore's Rust runtime (its threads) does not
+  survive a fork: the first upload in the child hangs until mutmut's timeout. The fork server only imports and
+  collects the tests before it forks; each mutant's run starts obstore (and torch's pools) itself.
+- SeaweedFS: the targets whose tests need S3 get a few servers started here, once, shared by all the mutants'
+  pytest sessions (tests/conftest.py's `s3` fixture takes one through TESTS_SHARED_S3, holds it for the
+  session and empties its buckets first), instead of one started per mutant.
+- The fork server passes a mutant's tests in no particular order; a small plugin written into the copy
+  (ORDER_PLUGIN) runs them fastest first, as mutmut's plain fork runner does, so a killed mutant costs its
+  fastest failing test rather than the slowest tests that cover it.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+S3_BUCKETS = ["pogona-test", "pogona-other"]  # tests/helpers.py's BUCKET and the second one the tests use
 
 
 @dataclass(frozen=True)
 class Target:
-    paths: tuple[str, ...]  # files or folders to mutate (those that exist)
+    files: tuple[str, ...]  # the modules mutated (mutmut's only_mutate); the whole package is copied
     tests: tuple[str, ...]  # the test files that specify them (globs)
-    names: tuple[str, ...] = ()  # mutmut name globs: only these functions' mutants ("" = all)
+    functions: tuple[str, ...] = ()  # only these functions' mutants (names as in the module; () = all)
+    s3: bool = False  # the tests need a SeaweedFS server
+    # pytest-timeout per test: a mutant that deadlocks (the checkpoint worker thread) fails its test after this
+    # long instead of running into mutmut's limit, (the covering tests' time + 2 s) * 15 per mutant
+    test_timeout_s: int = 60
 
 
 TARGETS = {
     # The watchdog, parity probe and verdict; test_gate_training (real training) is left out: minutes per mutant.
-    # Every target copies the whole package (mutmut runs the tests in its copy, where a module it did not copy
-    # cannot be imported) and mutates only its own module's functions (the name globs).
-    "gate": Target(("pogona_job",), ("tests/test_gate.py",), ("pogona_job.training.gate.*",)),
-    # The checkpoint sets, pointer and restore; the end-to-end kills (test_crash, test_preemption) run the job in
-    # child processes, where mutmut cannot see which mutant they cover, and take minutes: left out.
-    "checkpoint": Target(("pogona_job",), ("tests/test_checkpoint.py",), ("pogona_job.training.checkpoint.*",)),
-    # The validation rules (label lines, boxes, image sizes) and the split rules of the dataset package;
-    # test_dataset_e2e (real training) is left out.
-    "dataset": Target(
-        ("pogona_job",),  # the whole package is copied (mutmut runs the tests in its copy) ...
-        ("tests/test_dataset_validate.py", "tests/test_dataset_split.py", "tests/test_dataset_stage.py"),
-        ("pogona_job.dataset.validate.*", "pogona_job.dataset.split.*"),  # ... and only these rules are mutated
+    "gate": Target(("pogona_job/training/gate.py",), ("tests/test_gate.py",)),
+    # The checkpoint sets, pointer, restore and the interval rules; the end-to-end kills (test_crash,
+    # test_preemption) run the job in child processes and take minutes each: left out.
+    "checkpoint": Target(
+        ("pogona_job/training/checkpoint.py",), ("tests/test_checkpoint.py",), s3=True, test_timeout_s=30
     ),
-    # Only the S3 error -> exit code mapping.
-    "storage": Target(
-        ("pogona_job",),
-        ("tests/test_storage.py",),  # test_faults runs the job in child processes, outside mutmut's copy
-        # mutmut leaves decorated functions alone (errors_for is a @contextmanager), so the mapping lives in
-        # these undecorated functions; a target that yields no mutant fails loudly.
+    # The dataset rules: what a label line, a label file, an image's size and the dataset as a whole must be
+    # (validate.py), and how images are grouped and split and how near-duplicates across the split are counted
+    # (split.py). Left out, so that the target can be measured in minutes: the plumbing that walks the folder
+    # and joins the rules' answers into the inventory (inspect_dataset, _pair_labels, _class_names,
+    # _groups_csv, _sidecars: 550 mutants, each test of them builds a dataset on disk), the image decoding
+    # (_check_image: Pillow's draft and verify calls, whose mutants change hash bits, not rules), and the
+    # pixel comparison of labelled regions (same_labelled_regions and its helpers, pair_sheet), which only the
+    # cheque test reaches. test_dataset_e2e (real training) is left out.
+    "dataset": Target(
+        ("pogona_job/dataset/validate.py", "pogona_job/dataset/split.py"),
+        ("tests/test_dataset_validate.py", "tests/test_dataset_split.py", "tests/test_dataset_stage.py"),
         (
-            "pogona_job.s3.storage.x__refusal*",
-            "pogona_job.s3.storage.x__untrusted*",
-            "pogona_job.s3.storage.x_obstore_error*",
+            "validate.parse_line",
+            "validate.check_label",
+            "validate.valid_ids",
+            "validate._is_number",
+            "validate._dataset_problems",
+            "validate._pixels_problem",
+            "validate._extension_problem",
+            "validate._duplicate_stem_problem",
+            "validate._looks_like_labels",
+            "split.check_rules",
+            "split.source_name",
+            "split.group_keys",
+            "split._sequences",
+            "split._alike",
+            "split.assign_splits",
+            "split._share",
+            "split._size",
+            "split._take",
+            "split.near_duplicates",
         ),
+        test_timeout_s=120,
+    ),
+    # The answer table: what S3 (botocore or obstore) answered after retries -> the job's exit code and
+    # sentence, and the two helpers those sentences are made of. errors_for, the @contextmanager that calls
+    # them, is not mutated by mutmut (decorated functions are left alone). test_faults runs the job in child
+    # processes: left out.
+    "storage": Target(
+        ("pogona_job/s3/storage.py",),
+        ("tests/test_storage.py",),
+        ("storage._refusal", "storage._untrusted", "storage.obstore_error", "storage._at", "storage._where"),
+        s3=True,
     ),
 }
+
+# Mutants that survive the tests on purpose: each is equivalent (no input the code can receive tells it apart
+# from the original) or out of the tests' reach for a stated reason. mutmut numbers a function's mutants in
+# order: a changed function renumbers them, and `make mutants` then lists a survivor without a reason.
+SURVIVORS: dict[str, str] = {}
+
+ORDER_PLUGIN = '''"""Written by .ci/mutants.py into mutmut's copy: run a mutant's tests fastest first (by the
+durations mutmut measured), so that a killed mutant costs its fastest failing test, not the slowest ones."""
+
+import json
+from pathlib import Path
+
+
+def pytest_collection_modifyitems(items):  # type: ignore[no-untyped-def]
+    try:
+        durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        return
+    items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
+'''
+
+
+def _globs(target: Target) -> list[str]:
+    """mutmut's names for the target's mutants: `pogona_job.dataset.split.x__share__mutmut_3`."""
+    if not target.functions:
+        return [f.removesuffix(".py").replace("/", ".") + ".*" for f in target.files]
+    globs = []
+    for function in target.functions:
+        module, _, name = function.rpartition(".")
+        (path,) = [f for f in target.files if f.removesuffix(".py").endswith("/" + module)]
+        globs.append(f"{path.removesuffix('.py').replace('/', '.')}.x_{name}__mutmut_*")
+    return globs
 
 
 def _copy_tree(dest: Path) -> None:
@@ -86,26 +164,76 @@ def _config(target: Target, tests: list[str]) -> str:
     def toml_list(items: list[str] | tuple[str, ...]) -> str:
         return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
-    paths = [p if p.endswith(".py") else p.rstrip("/") + "/" for p in target.paths]
+    pytest_args = ["-p", "no:randomly", "-p", "no:cacheprovider", "-p", "_mutants_order", "-q", "-x"]
+    pytest_args.append(f"--timeout={target.test_timeout_s}")
+
     return (
         "\n[tool.mutmut]\n"
-        f"paths_to_mutate = {toml_list(paths)}\n"
-        'also_copy = ["tests/", "dataset/", "benchmarks/", "docs/", "README.md"]\n'
+        'source_paths = ["pogona_job/"]\n'
+        f"only_mutate = {toml_list(target.files)}\n"
+        'also_copy = ["tests/", "dataset/", "benchmarks/", "docs/", "README.md", "_mutants_order.py"]\n'
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]\n'
+        f"pytest_add_cli_args = {toml_list(pytest_args)}\n"
+        'process_isolation = "forkserver"\n'
+        # mutmut's wall limit per mutant is (the tests' measured time + this) * 15: room for pytest's start
+        # in the forked process on a loaded machine
+        "timeout_constant = 2.0\n"
     )
+
+
+class SharedS3:
+    """`n` SeaweedFS servers for all the mutants' test sessions (TESTS_SHARED_S3, see tests/conftest.py)."""
+
+    def __init__(self, n: int) -> None:
+        sys.path.insert(0, str(ROOT))
+        from pogona_job.tools.locals3 import LocalS3
+
+        self.servers = [LocalS3(buckets=list(S3_BUCKETS)) for _ in range(n)]
+
+    def __enter__(self) -> str:
+        for server in self.servers:
+            server.start(timeout=120)
+        specs = [{"port": s.port, "data_dir": str(s.data_dir), "buckets": s.buckets} for s in self.servers]
+        return json.dumps(specs)
+
+    def __exit__(self, *exc: object) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 @dataclass
 class Outcome:
-    paths: tuple[str, ...]
+    files: list[str]
+    functions: list[str]
     tests: list[str]
-    count: str  # mutmut's final count line
-    survivors: list[str]
+    counts: dict[str, int]  # status -> mutants
+    survivors: dict[str, str]  # mutant -> reason ("" when none is given)
+    others: dict[str, str]  # mutant -> status, for statuses other than killed and survived
+    minutes: float
+    date: str
+    load: str
+    mutmut: str = ""
+    commit: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def unexplained(self) -> list[str]:
+        return sorted(m for m, why in self.survivors.items() if not why)
 
 
-def run_target(name: str, target: Target, show: bool = False, keep: Path | None = None) -> Outcome:
-    """Mutate, run, and return the surviving mutants' names (a missing module or test is an error)."""
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _mutmut_version(mutmut: str) -> str:
+    out = subprocess.run([mutmut, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.strip().rpartition(" ")[2] or "?"
+
+
+def run_target(name: str, target: Target, workers: int, show: bool = False, keep: Path | None = None) -> Outcome:
+    """Mutate, run, and return the counts and the surviving mutants (a missing module or test is an error)."""
+    started, load_start = time.monotonic(), _load()
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     with tempfile.TemporaryDirectory(prefix=f"mutants-{name}-") as tmp:
         work = Path(tmp)
         if keep is not None:  # to `mutmut show NAME` there afterwards
@@ -113,60 +241,130 @@ def run_target(name: str, target: Target, show: bool = False, keep: Path | None 
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
         _copy_tree(work)
+        (work / "_mutants_order.py").write_text(ORDER_PLUGIN)
         tests = sorted({str(p.relative_to(work)) for pattern in target.tests for p in work.glob(pattern)})
-        paths = tuple(p for p in target.paths if (work / p).exists())
-        if not tests or not paths:
-            raise SystemExit(f"{name}: nothing to mutate or no tests ({target.paths}, {target.tests})")
-        target = Target(paths, target.tests, target.names)
+        missing = [f for f in target.files if not (work / f).is_file()]
+        if not tests or missing:
+            raise SystemExit(f"{name}: no tests ({target.tests}) or no module {missing}")
         pyproject = work / "pyproject.toml"
         text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject.read_text())
         pyproject.write_text(text + _config(target, tests))
         mutmut = str(Path(sys.executable).parent / "mutmut")
-        print(f"== {name}: mutating {', '.join(paths)}; tests {' '.join(tests)}", flush=True)
-        # One thread per test process: mutmut forks its workers, and a forked torch thread pool deadlocks.
+        globs = _globs(target)
+        print(f"== {name}: mutating {', '.join(target.functions or target.files)}; tests {' '.join(tests)}", flush=True)
+        # One thread per test process: torch and numpy pools are sized for a machine, not for one mutant's tests.
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "YOLO_OFFLINE": "true"}
-        run = subprocess.run(
-            [mutmut, "run", *target.names], cwd=work, capture_output=True, text=True, check=False, env=env
-        )
-        # mutmut mutates the whole copied package; only the target's own mutants (its name globs) count.
+        args = [mutmut, "run", "--max-children", str(workers), *(globs if target.functions else [])]
+        if target.s3:
+            with SharedS3(workers) as servers:
+                run = subprocess.run(
+                    args, cwd=work, capture_output=True, text=True, env={**env, "TESTS_SHARED_S3": servers}
+                )
+        else:
+            run = subprocess.run(args, cwd=work, capture_output=True, text=True, check=False, env=env)
         listing = subprocess.run(
             [mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True, check=False
         ).stdout
         statuses: dict[str, str] = {}
         for line in listing.splitlines():
             mutant, sep, status = line.strip().rpartition(": ")
-            if sep and (not target.names or any(fnmatch.fnmatch(mutant, g) for g in target.names)):
+            if sep and any(fnmatch.fnmatch(mutant, g) for g in globs):
                 statuses[mutant] = status.strip()
         tally = Counter(statuses.values())
         if not statuses or tally.get("not checked", 0) == len(statuses):
             # mutmut's clean run failed (e.g. a test that cannot run in its copy): no mutant was checked
             raise SystemExit(f"{name}: mutmut checked no mutant; its output ends:\n{(run.stdout + run.stderr)[-3000:]}")
+        survivors = {m: SURVIVORS.get(m, "") for m, st in sorted(statuses.items()) if st in ("survived", "no tests")}
+        others = {m: st for m, st in sorted(statuses.items()) if st not in ("killed", "survived", "no tests")}
         count = f"{len(statuses)} mutants: " + ", ".join(f"{n} {status}" for status, n in sorted(tally.items()))
         print(count, flush=True)
-        survivors = sorted(m for m, status in statuses.items() if status == "survived")
-        for mutant in survivors:
-            diff = (
-                subprocess.run([mutmut, "show", mutant], cwd=work, capture_output=True, text=True).stdout
-                if show
-                else ""
-            )
-            print(f"-- survived: {mutant}\n{diff}".rstrip(), flush=True)
-        others = sorted(f"{m}: {st}" for m, st in statuses.items() if st not in ("killed", "survived"))
-        print(f"== {name}: {len(survivors)} survived; not killed for another reason: {others or 'none'}")
-        return Outcome(paths, tests, count, survivors)
+        for mutant, why in survivors.items():
+            diff = ""
+            if show:
+                diff = subprocess.run([mutmut, "show", mutant], cwd=work, capture_output=True, text=True).stdout
+            print(f"-- {statuses[mutant]}: {mutant}: {why or 'NO REASON GIVEN'}\n{diff}".rstrip(), flush=True)
+        for mutant, status in others.items():
+            print(f"-- {status}: {mutant}", flush=True)
+        stale = sorted(m for m in SURVIVORS if any(fnmatch.fnmatch(m, g) for g in globs) and m not in survivors)
+        notes = [f"a reason is given for {m}, which no longer survives" for m in stale]
+        for note in notes:
+            print(f"-- note: {note}")
+        version = _mutmut_version(mutmut)
+    minutes = (time.monotonic() - started) / 60
+    outcome = Outcome(
+        files=list(target.files),
+        functions=list(target.functions),
+        tests=tests,
+        counts=dict(sorted(tally.items())),
+        survivors=survivors,
+        others=others,
+        minutes=round(minutes, 1),
+        date=date,
+        load=f"{load_start} at the start, {_load()} at the end",
+        mutmut=version,
+        commit=_commit(),
+        notes=notes,
+    )
+    print(
+        f"== {name}: {tally.get('killed', 0)}/{len(statuses)} killed, {len(survivors)} survived "
+        f"({len(outcome.unexplained)} without a reason), {len(others)} otherwise; {minutes:.1f} min",
+        flush=True,
+    )
+    return outcome
+
+
+def _commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT, check=False).returncode != 0
+    return head.strip() + (" + uncommitted changes" if dirty else "")
+
+
+DATA = re.compile(r"<!-- mutants.json (.*?) -->", re.DOTALL)
+STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "segfault", "not checked")
 
 
 def record(outcomes: dict[str, Outcome], output: Path) -> None:
-    """The BENCHMARKS.md section `mutants.py`: date, commit, and each target's count and survivors."""
+    """The BENCHMARKS.md section `mutants.py`: every target's last count (this run's and earlier ones', kept in
+    the section as JSON), its survivors with their reasons, when and how long."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench import markdown_grid, stamp_line, update_section
+    from bench import machine_line, markdown_grid, update_section
 
-    rows = [
-        [name, ", ".join(o.paths), " ".join(o.tests), o.count, str(len(o.survivors)), " ".join(o.survivors) or "-"]
-        for name, o in outcomes.items()
+    text = output.read_text() if output.exists() else ""
+    found = DATA.search(text)
+    known = {k: Outcome(**v) for k, v in json.loads(found.group(1)).items()} if found else {}
+    known.update(outcomes)
+    known = {name: known[name] for name in TARGETS if name in known}
+    rows = []
+    for name, o in known.items():
+        mutated = ", ".join(f"`{f}`" for f in (o.functions or o.files))
+        counts = [str(o.counts.get(s, 0)) for s in STATUSES]
+        total = str(sum(o.counts.values()))
+        rows.append([name, mutated, " ".join(o.tests), total, *counts, f"{o.minutes:g}", o.date])
+    headers = ["target", "mutated", "tests", "mutants", *STATUSES, "minutes", "measured"]
+    lines = [
+        "## Mutation testing (make mutants)",
+        "",
+        f"mutmut {', '.join(sorted({o.mutmut for o in known.values()}))} on {machine_line()}, with the fork server "
+        "(`.ci/mutants.py` says why), 2 workers under `nice`; each target mutates only its module (or the "
+        "functions named) and runs only its test files; a mutant's tests run fastest first and stop at the "
+        "first failure. The counts are mutmut's (`mutmut results --all true`). The machine is shared: "
+        "the load average is given per target.",
+        "",
+        markdown_grid(headers, rows),
+        "",
     ]
-    table = markdown_grid(["target", "mutated", "tests", "mutmut's count", "survived", "survivors"], rows)
-    update_section("mutants.py", f"## Mutation testing (make mutants)\n\n{stamp_line()}\n\n{table}\n", output)
+    for name, o in known.items():
+        lines.append(
+            f"- **{name}** ({o.date}, commit {o.commit}, {o.minutes:g} min, load average {o.load}): "
+            f"{o.counts.get('killed', 0)} of {sum(o.counts.values())} killed"
+            + (f"; {len(o.survivors)} survive:" if o.survivors else "; none survives.")
+        )
+        lines += [f"  - `{m}`: {why or '**no reason given**'}" for m, why in o.survivors.items()]
+        lines += [f"  - `{m}`: {status}" for m, status in o.others.items()]
+        lines += [f"  - note: {n}" for n in o.notes]
+    data = json.dumps({k: asdict(v) for k, v in known.items()}, ensure_ascii=False)
+    lines += ["", f"<!-- mutants.json {data} -->"]
+    update_section("mutants.py", "\n".join(lines) + "\n", output)
 
 
 def main(argv: list[str]) -> int:
@@ -176,17 +374,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="keep each target's scratch tree in KEEP/<target>")
     parser.add_argument("--write", action="store_true", help="record the counts in --output's mutants.py section")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.targets if n not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
     keep = args.keep.resolve() if args.keep else None
-    outcomes = {name: run_target(name, TARGETS[name], args.show, keep) for name in args.targets or TARGETS}
+    outcomes = {}
+    for name in args.targets or TARGETS:
+        outcomes[name] = run_target(name, TARGETS[name], args.max_children, args.show, keep)
     print("\nmutants surviving: " + ", ".join(f"{n} {len(o.survivors)}" for n, o in outcomes.items()))
+    unexplained = [m for o in outcomes.values() for m in o.unexplained]
+    if unexplained:
+        print(f"without a reason (SURVIVORS in {Path(__file__).relative_to(ROOT)}): {' '.join(unexplained)}")
     if args.write:
         record(outcomes, args.output)
         print(f"Wrote {args.output}")
-    return 1 if any(o.survivors for o in outcomes.values()) else 0
+    return 1 if unexplained else 0
 
 
 if __name__ == "__main__":
