@@ -444,6 +444,16 @@ def test_the_multi_gpu_process_builds_the_same_sync_from_its_spec(
 def test_a_spec_without_a_lease_or_attempt_limit_gives_an_unguarded_sync_with_five_attempts(
     s3_client: Any, run: S3Path, tmp_path: Path
 ) -> None:
+    unleased = CheckpointSync(s3_client, run, tmp_path / "u")
+    unleased.close()
+    assert unleased.spec() == {
+        "out": run.uri,
+        "every_epochs": 1,
+        "min_interval_s": 0.0,
+        "tag": "",
+        "lease": None,
+        "max_attempts": 5,
+    }
     base = {"out": run.uri, "every_epochs": 1, "min_interval_s": 0}
     for spec in (base, {**base, "tag": "t1", "lease": None}, {**base, "lease": (run / "lease.json").uri, "tag": ""}):
         twin = CheckpointSync.from_spec(spec, tmp_path / "s")

@@ -15,6 +15,8 @@ from pogona_job.dataset import Options, inspect_dataset, stage_dataset
 from pogona_job.dataset.model import ImageItem
 from pogona_job.dataset.split import (
     LEAKAGE_COMPARED,
+    SEQUENCE_DISTANCE,
+    _alike,
     _share,
     _take,
     assign_splits,
@@ -421,3 +423,10 @@ def test_near_duplicates_are_looked_for_between_train_and_test_when_there_is_no_
     assert (found["pairs"], found["share"], found["examples"]) == (1, 1.0, [["a.jpg", "b.jpg", 0]])
     alone = near_duplicates(items[:1], {"a.jpg": "train"})
     assert (alone["pairs"], alone["share"], alone["examples"]) == (0, 0.0, [])
+
+
+def test_neighbouring_frames_are_alike_within_twenty_bits_and_an_unknown_hash_is_alike() -> None:
+    assert SEQUENCE_DISTANCE == 20
+    assert _alike(0, (1 << 20) - 1) and not _alike(0, (1 << 21) - 1)
+    assert _alike(1 << 63, (1 << 63) | 0b111) and not _alike(1 << 63, (1 << 21) - 1)
+    assert _alike(None, 5) and _alike(5, None) and _alike(None, None)
