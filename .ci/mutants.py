@@ -56,6 +56,9 @@ class Target:
     # pytest-timeout per test: a mutant that deadlocks (the checkpoint worker thread) fails its test after this
     # long instead of running into mutmut's limit, (the covering tests' time + 2 s) * 15 per mutant
     test_timeout_s: int = 60
+    # mutmut's max_stack_depth: a function's mutants run only against the tests that reach it through at most
+    # this many of the package's frames (-1: every test that calls it, however deep)
+    depth: int = -1
 
 
 TARGETS = {
@@ -74,6 +77,11 @@ TARGETS = {
     # (_check_image: Pillow's draft and verify calls, whose mutants change hash bits, not rules), and the
     # pixel comparison of labelled regions (same_labelled_regions and its helpers, pair_sheet), which only the
     # cheque test reaches. test_dataset_e2e (real training) is left out.
+    # And each rule's mutants run only against the tests that call it directly or through one other function
+    # of the package (depth 2): the tests that reach the rules through inspect_dataset or stage_dataset build
+    # datasets of real images on disk, 1-12 s each and 3 minutes together on an idle machine, which every
+    # surviving mutant of parse_line would otherwise pay. The specification tests at the rules' edges
+    # (milliseconds each) are the ones that pin them down; the pipeline tests run once, unmutated (mutmut's stats).
     "dataset": Target(
         ("pogona_job/dataset/validate.py", "pogona_job/dataset/split.py"),
         ("tests/test_dataset_validate.py", "tests/test_dataset_split.py", "tests/test_dataset_stage.py"),
@@ -99,6 +107,7 @@ TARGETS = {
             "split.near_duplicates",
         ),
         test_timeout_s=120,
+        depth=2,
     ),
     # The answer table: what S3 (botocore or obstore) answered after retries -> the job's exit code and
     # sentence, and the two helpers those sentences are made of. errors_for, the @contextmanager that calls
@@ -115,7 +124,53 @@ TARGETS = {
 # Mutants that survive the tests on purpose: each is equivalent (no input the code can receive tells it apart
 # from the original) or out of the tests' reach for a stated reason. mutmut numbers a function's mutants in
 # order: a changed function renumbers them, and `make mutants` then lists a survivor without a reason.
-SURVIVORS: dict[str, str] = {}
+_CK = "pogona_job.training.checkpoint."
+_SYNC = _CK + "xǁCheckpointSyncǁ"
+_FOLDER_EXISTS = (
+    "equivalent: ignore_errors only matters for a folder that is not there, and a snapshot's staging folder is "
+    "there until it is removed, once, by whoever drops or finishes it (under the condition's lock)"
+)
+_FALSY = "equivalent: the flag is only ever read as a truth value, and None is false like False"
+SURVIVORS: dict[str, str] = {
+    # checkpoint
+    _SYNC + "__post_init____mutmut_2": "equivalent: _queue sets the log context before any snapshot exists, and "
+    "the worker reads it only for a snapshot",
+    _SYNC + "__post_init____mutmut_5": "equivalent: -1e9 and -1e9-1 s are both long before any offer (the "
+    "interval is measured from the last offer; no interval setting comes near 30 years)",
+    _SYNC + "__post_init____mutmut_7": _FALSY,
+    _SYNC + "__post_init____mutmut_9": _FALSY,
+    _SYNC + "_worker__mutmut_36": _FALSY,
+    _SYNC + "_queue__mutmut_38": _FOLDER_EXISTS,
+    _SYNC + "_queue__mutmut_40": _FOLDER_EXISTS,
+    _SYNC + "_queue__mutmut_41": _FOLDER_EXISTS,
+    _SYNC + "_worker__mutmut_32": _FOLDER_EXISTS,
+    _SYNC + "_worker__mutmut_34": _FOLDER_EXISTS,
+    _SYNC + "_worker__mutmut_35": _FOLDER_EXISTS,
+    _SYNC + "close__mutmut_5": _FOLDER_EXISTS,
+    _SYNC + "close__mutmut_7": _FOLDER_EXISTS,
+    _SYNC + "close__mutmut_8": _FOLDER_EXISTS,
+    _SYNC + "_upload__mutmut_24": "equivalent in outcome: a set's three files upload 16 at once instead of 3 at "
+    "once (the limit keeps the background upload from taking the training's bandwidth; no test can see it)",
+    _SYNC + "_upload__mutmut_25": "equivalent in outcome: 4 uploads at once instead of 3 for a set of three files",
+    _SYNC + "flush__mutmut_7": "equivalent: `left < 0` and `left <= 0` differ only when the time left is exactly "
+    "0.0, and then a zero wait and the next check return False the same way",
+    _SYNC + "offer__mutmut_8": "equivalent in practice: `<` and `<=` differ only when the time since the last "
+    "offer equals min_interval_s to the nanosecond (with the default 0: two offers in the same nanosecond)",
+    _CK + "x__sets__mutmut_10": "equivalent: the first part of a key is the same however many times it is split",
+    _CK + "x__sets__mutmut_13": "equivalent: the first part of a key is the same however many times it is split",
+    _CK + "x__sets__mutmut_11": "equivalent for every key the job writes: rsplit takes a different folder only for "
+    "keys two levels below a set folder, and a set is flat (last.pt, best.pt, results.csv, set.json)",
+    _CK + "x_restore__mutmut_19": "equivalent: without a pointer the list holds None instead of nothing, and None "
+    "is skipped as an incomplete set (`if not entry: continue`)",
+    _CK + "x__fetch__mutmut_16": "equivalent in outcome: the files download into the system's temporary folder "
+    "instead of one inside save_dir, and are moved into save_dir the same (TemporaryDirectory removes it)",
+    _CK + "x__fetch__mutmut_58": "equivalent: save_dir was created just above and weights/ is one level below "
+    "it, so `parents` is never needed",
+    _CK + "x__fetch__mutmut_60": "equivalent: save_dir was created just above and weights/ is one level below "
+    "it, so `parents` is never needed",
+    _CK + "x__fetch__mutmut_63": "equivalent: save_dir was created just above and weights/ is one level below "
+    "it, so `parents` is never needed",
+}
 
 ORDER_PLUGIN = '''"""Written by .ci/mutants.py into mutmut's copy: run a mutant's tests fastest first (by the
 durations mutmut measured), so that a killed mutant costs its fastest failing test, not the slowest ones."""
@@ -175,6 +230,7 @@ def _config(target: Target, tests: list[str]) -> str:
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         f"pytest_add_cli_args = {toml_list(pytest_args)}\n"
         'process_isolation = "forkserver"\n'
+        f"max_stack_depth = {target.depth}\n"
         # mutmut's wall limit per mutant is (the tests' measured time + this) * 15: room for pytest's start
         # in the forked process on a loaded machine
         "timeout_constant = 2.0\n"
