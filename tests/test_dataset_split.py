@@ -17,7 +17,9 @@ from pogona_job.dataset.split import (
     LEAKAGE_COMPARED,
     SEQUENCE_DISTANCE,
     _alike,
+    _sequences,
     _share,
+    _size,
     _take,
     assign_splits,
     check_rules,
@@ -334,6 +336,8 @@ def test_a_test_fraction_makes_a_test_split_from_the_rest_unless_the_export_has_
 def test_the_test_split_never_takes_the_last_training_image() -> None:
     splits, _ = assign_splits(_groups([1, 1, 1]), 0.34, 0.9, seed=0)
     assert _count(splits) == {"train": 1, "val": 1, "test": 1}
+    splits, _ = assign_splits(_groups([1, 1]), 0.5, 0.5, seed=0)
+    assert _count(splits) == {"train": 1, "val": 1, "test": 0}
 
 
 def test_when_no_group_fits_the_held_out_share_the_smallest_group_is_held_out() -> None:
@@ -395,20 +399,22 @@ def test_near_duplicates_are_pairs_within_the_distance_across_each_pair_of_split
         _item("va/a.jpg", phash=base ^ 0b111111),  # 6 bits from tr/a: a near-duplicate at the limit
         _item("va/far.jpg", phash=base ^ 0b1111111 << 8),  # 7 bits from tr/a, 8 from tr/b
         _item("te/a.jpg", phash=base ^ 0b11),  # 2 from tr/a, 1 from tr/b, 4 from va/a
+        _item("te/z.jpg", phash=base ^ 0b111111 << 16),  # 6 from tr/a only
     ]
     splits = {"tr/a.jpg": "train", "tr/b.jpg": "train", "va/a.jpg": "val", "va/far.jpg": "val", "te/a.jpg": "test"}
+    splits["te/z.jpg"] = "test"
     assert near_duplicates(items, splits) == {
         "compared": LEAKAGE_COMPARED.format(distance=6),
-        "pairs": 5,
-        "held_out_images_with_a_near_duplicate": 2,
-        "share": round(2 / 3, 4),
+        "pairs": 6,
+        "held_out_images_with_a_near_duplicate": 3,
+        "share": round(3 / 4, 4),
         "max_hash_distance": 6,
         "examples": [
             ["tr/b.jpg", "te/a.jpg", 1],
             ["tr/a.jpg", "te/a.jpg", 2],
             ["va/a.jpg", "te/a.jpg", 4],
             ["tr/b.jpg", "va/a.jpg", 5],
-            ["tr/a.jpg", "va/a.jpg", 6],
+            ["tr/a.jpg", "te/z.jpg", 6],  # five examples of the six pairs, closest first
         ],
         "alike_but_labels_differ": 0,
         "alike_but_labels_differ_examples": [],
@@ -430,3 +436,91 @@ def test_neighbouring_frames_are_alike_within_twenty_bits_and_an_unknown_hash_is
     assert _alike(0, (1 << 20) - 1) and not _alike(0, (1 << 21) - 1)
     assert _alike(1 << 63, (1 << 63) | 0b111) and not _alike(1 << 63, (1 << 21) - 1)
     assert _alike(None, 5) and _alike(5, None) and _alike(None, None)
+
+
+def _sequence_keys(numbers: list[int], hashes: dict[str, int | None] | None = None, name: str = "v/f_") -> list[str]:
+    rels = [f"{name}{n:04d}.jpg" for n in numbers]
+    keys = _sequences(rels, hashes or {})
+    assert keys == {rel: key for rel, key in group_keys(rels, "sequence", {}, hashes).items() if rel in keys}
+    return [keys.get(rel, "none") for rel in rels]
+
+
+def test_a_frame_sequence_is_keyed_by_its_folder_prefix_and_run() -> None:
+    assert _sequence_keys([1, 2, 3]) == ["seq:v/f_#0"] * 3
+    keys = group_keys(
+        ["a/clip_1.jpg", "a/clip_2.jpg", "a/take_1.jpg", "a/take_2.jpg", "b/clip_3.jpg", "b/clip_4.jpg"], "sequence", {}
+    )
+    assert keys == {
+        "a/clip_1.jpg": "seq:a/clip_#0",
+        "a/clip_2.jpg": "seq:a/clip_#0",
+        "a/take_1.jpg": "seq:a/take_#0",
+        "a/take_2.jpg": "seq:a/take_#0",
+        "b/clip_3.jpg": "seq:b/clip_#0",  # another folder: another recording
+        "b/clip_4.jpg": "seq:b/clip_#0",
+    }
+    assert group_keys(["v/0001.jpg", "v/0002.jpg"], "sequence", {}) == {
+        "v/0001.jpg": "seq:v/#0",
+        "v/0002.jpg": "seq:v/#0",
+    }
+
+
+def test_a_single_numbered_frame_is_no_sequence_and_two_are_one() -> None:
+    rels = ["a/lone_7.jpg", "b/pair_1.jpg", "b/pair_2.jpg", "c/notes.jpg"]
+    assert _sequences(rels, {}) == {"b/pair_1.jpg": "seq:b/pair_#0", "b/pair_2.jpg": "seq:b/pair_#0"}
+    assert group_keys(rels, "sequence", {})["a/lone_7.jpg"] == "img:a/lone_7.jpg"
+
+
+def test_a_sequence_is_cut_where_the_numbers_jump_past_twice_the_usual_step() -> None:
+    assert _sequence_keys([10, 20, 30, 40, 60]) == ["seq:v/f_#0"] * 5  # a jump of exactly twice the step: kept
+    assert _sequence_keys([10, 20, 30, 40, 65]) == ["seq:v/f_#0"] * 4 + ["seq:v/f_#1"]
+    assert _sequence_keys([10, 20, 30, 40, 90]) == ["seq:v/f_#0"] * 4 + ["seq:v/f_#1"]
+    assert _sequence_keys([1, 2, 3, 4, 7]) == ["seq:v/f_#0"] * 4 + ["seq:v/f_#1"]  # a step of 1: a gap of 2
+    assert _sequence_keys([0, 2, 4, 6]) == ["seq:v/f_#0"] * 4  # every second frame kept: still one recording
+    assert _sequence_keys([1, 2, 3, 10, 11, 30]) == ["seq:v/f_#0"] * 3 + ["seq:v/f_#1"] * 2 + ["seq:v/f_#2"]
+
+
+def test_frames_with_the_same_number_do_not_shrink_the_usual_step() -> None:
+    rels = ["v/f_5.jpg", "v/f_05.jpg", "v/f_005.jpg", "v/f_10.jpg", "v/f_20.jpg"]  # steps 5 and 10: gap 15
+    assert set(_sequences(rels, {}).values()) == {"seq:v/f_#0"}
+    assert set(_sequences(rels[:3], {}).values()) == {"seq:v/f_#0"}  # no step at all: one number, one run
+
+
+def test_a_group_set_counts_its_images() -> None:
+    assert _size({"a", "c"}, {"a": ["1", "2"], "b": ["3"], "c": ["4", "5", "6"]}) == 5
+    assert _size(set(), {"a": ["1"]}) == 0
+
+
+def test_a_recording_longer_than_a_tenth_of_the_dataset_or_eight_frames_is_cut_into_blocks() -> None:
+    assert _sequence_keys(list(range(16))) == ["seq:v/f_#0"] * 8 + ["seq:v/f_#1"] * 8  # 16 images: blocks of 8
+    keys = _sequence_keys(list(range(120)))  # 120 images: blocks of 12
+    assert keys == [f"seq:v/f_#{i // 12}" for i in range(120)]
+
+
+def test_each_picture_unlike_the_previous_one_starts_a_new_run() -> None:
+    far = (1 << 64) - 1
+    hashes = {"v/f_0001.jpg": 0, "v/f_0002.jpg": far, "v/f_0003.jpg": far, "v/f_0004.jpg": 0}
+    assert _sequence_keys([1, 2, 3, 4], hashes) == ["seq:v/f_#0", "seq:v/f_#1", "seq:v/f_#1", "seq:v/f_#2"]
+
+
+def test_the_rule_list_keeps_its_order_and_a_regex_needs_a_capture_group() -> None:
+    assert check_rules(" csv; re:(site)/ ;;sequence ") == ["csv", "re:(site)/", "sequence"]
+    with pytest.raises(ValueError) as err:
+        check_rules("csv;frames")
+    assert str(err.value) == "'frames': use csv, roboflow, sequence, folder, none or re:<regex>, separated by ;"
+    with pytest.raises(ValueError) as err:
+        check_rules("re:site")
+    assert str(err.value) == "'re:site': the regex needs a capture group (the group key)"
+
+
+def test_a_group_is_split_with_the_images_of_its_majority_modality() -> None:
+    majority = [_item("n/1.jpg", "n", "thermal"), _item("n/2.jpg", "n", "thermal"), _item("n/3.jpg", "n", "visible")]
+    thermal = [_item(f"t{i}.jpg", f"t{i}", "thermal") for i in range(3)]
+    for seed in range(6):
+        for known in ("thermal", "visible"):  # a known modality wins a tie with unknown
+            tie = [_item("m/1.jpg", "m", "unknown"), _item("m/2.jpg", "m", known)]
+            others = [_item(f"k{i}.jpg", f"k{i}", known) for i in range(3)]
+            # with the known images: 5 of them, 2 held out; alone, 2 unknown images could hold out none
+            assert _count(assign_splits(tie + others, 0.4, 0.0, seed=seed)[0])["val"] == 2
+        # 6 thermal images, 2 held out (the 3-image group is too big for round(0.4 * 6) = 2)
+        splits, _ = assign_splits(majority + thermal, 0.4, 0.0, seed=seed)
+        assert _count(splits)["val"] == 2 and {splits[f"n/{i}.jpg"] for i in (1, 2, 3)} == {"train"}

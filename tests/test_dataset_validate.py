@@ -23,6 +23,7 @@ from pogona_job.dataset.validate import (
     _dataset_problems,
     _duplicate_stem_problem,
     _extension_problem,
+    _is_number,
     _looks_like_labels,
     _pixels_problem,
     check_label,
@@ -579,6 +580,14 @@ def test_an_unpaired_text_file_is_a_lost_label_only_when_it_reads_like_one(
     assert _looks_like_labels(path) is looks
 
 
+def test_a_label_file_with_a_byte_order_mark_or_stray_bytes_is_still_read_as_labels_or_not(tmp_path: Path) -> None:
+    path = tmp_path / "x.txt"
+    path.write_bytes(b"\xef\xbb\xbf0 0.5 0.5 0.2 0.2\r\n")  # Windows tools write a BOM
+    assert _looks_like_labels(path) is True
+    path.write_bytes(b"0 0.5 0.5 0.2 0.2\nnotes: caf\xe9\n")  # Latin-1: not UTF-8, and not labels either
+    assert _looks_like_labels(path) is False
+
+
 def test_an_unreadable_text_file_does_not_read_like_labels(tmp_path: Path) -> None:
     assert _looks_like_labels(tmp_path / "gone.txt") is False
     assert _looks_like_labels(tmp_path) is False  # a folder
@@ -627,6 +636,14 @@ def test_an_overlong_label_line_is_one_problem_and_the_next_line_is_read(tmp_pat
     assert check_label(path, "l.txt", ["a"]) == (2, [])
 
 
+def test_stray_bytes_in_a_label_file_are_a_problem_on_their_line_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "l.txt"
+    path.write_bytes(b"\xef\xbb\xbf0 0.5 0.5 0.2 0.2\r\n0 0.5 0.5 0.2 0.2\xe9\n0 0.3 0.3 0.1 0.1\n")
+    boxes, problems = check_label(path, "l.txt", ["a"])
+    assert boxes == 2
+    assert problems == [Problem("l.txt", 2, "malformed-line", "l.txt line 2: '0.2\ufffd' is not a number")]
+
+
 def test_a_label_file_that_cannot_be_opened_is_one_problem_saying_why(tmp_path: Path) -> None:
     assert check_label(tmp_path / "missing.txt", "labels/missing.txt", ["a"]) == (
         0,
@@ -654,25 +671,37 @@ def test_the_valid_ids_are_said_in_full_up_to_four_names(names: list[str], says:
     assert valid_ids(names) == says
 
 
+OUTSIDE = "is outside [0, 1] (coordinates are normalised to the image)"
+
+
 @pytest.mark.parametrize(
-    ("line", "says"),
+    ("line", "kind", "says"),
     [
-        ("0 0.5 0.5 0.2", "expected 5 values (class x_center y_center width height), found 4"),
-        ("0 0.5 x 0.2 0.2", "'x' is not a number"),
-        ("0 0.5 0.5 0.2 inf", "'inf' is not a number"),
-        ("0 0.5 0.5 0.2 -inf", "'-inf' is not a number"),
-        ("1.5 0.5 0.5 0.2 0.2", "class id 1.5 is not a whole number"),
-        ("0 0.5 0.5 0 0.2", "box width and height must be positive, found width=0 height=0.2"),
-        ("0 0.5 0.5 0.2 -1e-9", "box width and height must be positive, found width=0.2 height=-1e-9"),
-        ("0 0.5 1.01 0.2 0.2", "y_center=1.01 is outside [0, 1] (coordinates are normalised to the image)"),
-        ("0 0.5 0.5 1.5 0.2", "width=1.5 is outside [0, 1] (coordinates are normalised to the image)"),
-        ("0 0.5 0.5 0.2 1.0000011", "height=1.0000011 is outside [0, 1] (coordinates are normalised to the image)"),
+        ("0 0.5 0.5 0.2", "malformed-line", "expected 5 values (class x_center y_center width height), found 4"),
+        ("0 0.5 x 0.2 0.2", "malformed-line", "'x' is not a number"),
+        ("0 0.5 0.5 0.2 inf", "malformed-line", "'inf' is not a number"),
+        ("0 0.5 0.5 0.2 -inf", "malformed-line", "'-inf' is not a number"),
+        ("1.5 0.5 0.5 0.2 0.2", "class-id", "class id 1.5 is not a whole number"),
+        ("2 0.5 0.5 0.2 0.2", "class-id", "class id 2 is not valid: valid ids are 0-1 (names 'a', 'b')"),
+        ("0 0.5 0.5 0 0.2", "size", "box width and height must be positive, found width=0 height=0.2"),
+        ("0 0.5 0.5 0.2 -1e-9", "size", "box width and height must be positive, found width=0.2 height=-1e-9"),
+        ("0 -0.01 0.5 0.2 0.2", "coords", f"x_center=-0.01 {OUTSIDE}"),
+        ("0 0.5 1.01 0.2 0.2", "coords", f"y_center=1.01 {OUTSIDE}"),
+        ("0 0.5 0.5 1.5 0.2", "coords", f"width=1.5 {OUTSIDE}"),
+        ("0 0.5 0.5 0.2 1.0000011", "coords", f"height=1.0000011 {OUTSIDE}"),
     ],
 )
-def test_each_bad_label_line_says_what_is_wrong_with_it(line: str, says: str) -> None:
+def test_each_bad_label_line_says_what_is_wrong_with_it(line: str, kind: str, says: str) -> None:
     values, problem = parse_line(line, "l.txt", 7, ["a", "b"])
-    assert values is None and problem is not None
-    assert (problem.path, problem.line, problem.message) == ("l.txt", 7, f"l.txt line 7: {says}")
+    assert values is None and problem == Problem("l.txt", 7, kind, f"l.txt line 7: {says}")
+
+
+def test_a_coordinate_exactly_at_the_rounding_tolerance_is_valid() -> None:
+    for edge in (-1e-6, 1 + 1e-6):
+        for i in range(1, 5):
+            fields = ["0", "0.5", "0.5", "0.2", "0.2"]
+            fields[i] = repr(edge) if edge > 0 or i < 3 else fields[i]  # a size is positive: only 1 + 1e-6 there
+            assert parse_line(" ".join(fields), "l.txt", 1, ["a"])[1] is None, fields
 
 
 def test_a_good_label_line_gives_its_five_values() -> None:
@@ -731,3 +760,15 @@ def test_a_dataset_without_one_box_or_one_image_is_fatal(tmp_path: Path) -> None
     assert empty == Problem(".", None, "empty-dataset", f"no images found under {tmp_path} ({ok})", fatal=True)
     refused_only = _dataset_problems(tmp_path, Scan(unsupported=["a.gif"]), [], 2)  # an image, if one it refuses
     assert [p.kind for p in refused_only] == ["too-few-images"]
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        *[("0", True), ("-0.5", True), ("1e-3", True), (".5", True), ("1_0", True)],
+        *[("nan", False), ("NaN", False), ("inf", False), ("-inf", False), ("Infinity", False), ("1e999", False)],
+        *[("0x1", False), ("", False), ("five", False)],
+    ],
+)
+def test_a_number_in_a_label_line_is_a_finite_float(text: str, number: bool) -> None:
+    assert _is_number(text) is number
