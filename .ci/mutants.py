@@ -8,10 +8,13 @@ summary line per target; exits 1 when a mutant survives without a reason. Not pa
 target.
 
     python .ci/mutants.py [--show] [--keep DIR] [--write] [--max-children N] [gate|checkpoint|dataset|storage ...]
+    python .ci/mutants.py --explain
 
 --show prints each survivor's diff (`mutmut show` takes seconds per mutant); --keep DIR keeps each target's
 scratch tree in DIR/<target> (for `mutmut show NAME` there); --write records the counts in BENCHMARKS.md's
-`mutants.py` section (`make mutants` does), keeping the other targets' last counts.
+`mutants.py` section (`make mutants` does), keeping the other targets' last counts; --explain only re-writes
+that section's reasons from SURVIVORS (after a reason was given for a survivor), the counts as measured.
+Run it under `nice` on a shared machine: 2 test processes at a time (--max-children).
 
 How the tests run (what made the checkpoint target end every mutant in a timeout before):
 - mutmut's fork server (`process_isolation = "forkserver"`): the default forks each mutant's test run from
@@ -24,6 +27,8 @@ How the tests run (what made the checkpoint target end every mutant in a timeout
 - The fork server passes a mutant's tests in no particular order; a small plugin written into the copy
   (ORDER_PLUGIN) runs them fastest first, as mutmut's plain fork runner does, so a killed mutant costs its
   fastest failing test rather than the slowest tests that cover it.
+- A per-test timeout (pytest-timeout, per target): a mutant that deadlocks fails its test after seconds
+  instead of running into mutmut's own limit, minutes per mutant.
 """
 
 from __future__ import annotations
