@@ -135,7 +135,8 @@ _CK = "pogona_job.training.checkpoint."
 _SYNC = _CK + "xǁCheckpointSyncǁ"
 _FOLDER_EXISTS = (
     "equivalent: ignore_errors only matters for a folder that is not there, and a snapshot's staging folder is "
-    "there until it is removed, once, by whoever drops or finishes it (under the condition's lock)"
+    "there until it is removed, once, by whoever drops or finishes it (under the condition's lock; the trainer "
+    "offers each epoch of a phase once, and the stop path queues only an epoch that was skipped)"
 )
 _ZIP = (
     "equivalent: zip's strict only matters for unequal lengths, and the four names, four values and four "
@@ -192,6 +193,8 @@ SURVIVORS: dict[str, str] = {
     "pogona_job.dataset.validate.x_parse_line__mutmut_90": _ZIP,
     "pogona_job.dataset.validate.x_parse_line__mutmut_92": _ZIP,
     "pogona_job.dataset.validate.x_check_label__mutmut_10": "equivalent: newline=None is open()'s default",
+    "pogona_job.dataset.validate.x_check_label__mutmut_31": "equivalent: the loop ends at line max_lines + 1 "
+    "whatever its bound past that (end of file, or the line-limit problem and break)",
     "pogona_job.dataset.validate.x_check_label__mutmut_12": _CODEC,
     "pogona_job.dataset.validate.x__looks_like_labels__mutmut_7": _CODEC,
     "pogona_job.dataset.split.x_assign_splits__mutmut_31": "equivalent: the inner dict's entries are assigned "
@@ -199,6 +202,10 @@ SURVIVORS: dict[str, str] = {
     "pogona_job.dataset.split.x_near_duplicates__mutmut_25": "equivalent: with one side of a pair of splits empty "
     "there is nothing to compare whether the pair is skipped or not",
     "pogona_job.dataset.split.x__sequences__mutmut_42": _SAME_NUMBER,
+    "pogona_job.dataset.split.x_group_keys__mutmut_7": "equivalent in outcome: the frame sequences are worked out "
+    "even when no rule asks for them, and only the sequence rule reads them (time, not keys)",
+    "pogona_job.dataset.split.x_group_keys__mutmut_19": "equivalent: an image no rule matched gets `key or "
+    "img:<rel>`, and '' is as false as None",
     "pogona_job.dataset.split.x__sequences__mutmut_52": _SAME_NUMBER,
     # storage
     "pogona_job.s3.storage.x_obstore_error__mutmut_51": "equivalent: this branch has an S3 code whenever it has "
@@ -322,7 +329,7 @@ def _mutmut_version(mutmut: str) -> str:
 
 def run_target(name: str, target: Target, workers: int, show: bool = False, keep: Path | None = None) -> Outcome:
     """Mutate, run, and return the counts and the surviving mutants (a missing module or test is an error)."""
-    started, load_start = time.monotonic(), _load()
+    started, load_start, commit = time.monotonic(), _load(), _commit()  # what is measured: the tree as it is now
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     with tempfile.TemporaryDirectory(prefix=f"mutants-{name}-") as tmp:
         work = Path(tmp)
@@ -392,7 +399,7 @@ def run_target(name: str, target: Target, workers: int, show: bool = False, keep
         date=date,
         load=f"{load_start} at the start, {_load()} at the end",
         mutmut=version,
-        commit=_commit(),
+        commit=commit,
         notes=notes,
     )
     print(

@@ -357,7 +357,7 @@ def test_groups_are_taken_in_the_seeded_order_until_none_fits() -> None:
     assert _take(["a", "b", "c"], groups, 3) == {"a", "b"}
     assert _take(["c", "b", "a"], groups, 3) == {"c", "b"}
     assert _take(["a", "c", "b"], groups, 3) == {"a", "b"}  # c passes the target; b still fits
-    assert _take(["a", "b"], {"a": ["a1", "a2"], "b": ["b1", "b2", "b3"]}, 1) == {"a"}  # the smallest
+    assert _take(["a", "b"], {"a": ["a1", "a2", "a3"], "b": ["b1", "b2"]}, 1) == {"b"}  # the smallest
     assert _take(["a"], {"a": ["a1", "a2"]}, 1) == set()  # never everything
     assert _take(["a", "b"], groups, 0) == set()
 
@@ -524,3 +524,66 @@ def test_a_group_is_split_with_the_images_of_its_majority_modality() -> None:
         # 6 thermal images, 2 held out (the 3-image group is too big for round(0.4 * 6) = 2)
         splits, _ = assign_splits(majority + thermal, 0.4, 0.0, seed=seed)
         assert _count(splits)["val"] == 2 and {splits[f"n/{i}.jpg"] for i in (1, 2, 3)} == {"train"}
+
+
+def test_the_groups_are_taken_in_an_order_the_seed_decides() -> None:
+    items = _groups([1] * 20)
+
+    def held_out(seed: int) -> set[str]:
+        return {rel for rel, s in assign_splits(items, 0.25, 0.0, seed=seed)[0].items() if s == "val"}
+
+    assert held_out(3) == held_out(3)
+    assert len({frozenset(held_out(seed)) for seed in range(4)}) > 1
+    assert held_out(0) != {f"g{i}/0.jpg" for i in range(5)}  # not simply the first names
+
+
+def test_the_leaked_share_is_rounded_to_four_places() -> None:
+    items = [
+        _item("a.jpg", phash=1),
+        _item("b.jpg", phash=1),
+        _item("c.jpg", phash=(1 << 40) - 1),
+        _item("d.jpg", phash=(1 << 64) - 1),
+    ]
+    found = near_duplicates(items, {"a.jpg": "train", "b.jpg": "test", "c.jpg": "test", "d.jpg": "val"})
+    assert (found["held_out_images_with_a_near_duplicate"], found["share"]) == (1, 0.3333)
+
+
+def test_images_alike_as_a_whole_but_not_where_they_are_labelled_are_set_apart(tmp_path: Path) -> None:
+    """Two forms on one template: the same hash, different contents inside the labelled box."""
+    paths = {}
+    for name, inside in (("a", 0), ("b", 255)):
+        pixels = np.full((64, 64), 128, np.uint8)
+        pixels[24:40, 24:40] = inside
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(pixels, "L").save(paths[name])
+        (tmp_path / f"{name}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    items = [ImageItem(paths[n], tmp_path / f"{n}.txt", f"{n}.png", "visible", 1, None, phash=7) for n in ("a", "b")]
+    found = near_duplicates(items, {"a.png": "train", "b.png": "val"})
+    assert (found["pairs"], found["examples"]) == (0, [])
+    assert (found["alike_but_labels_differ"], found["alike_but_labels_differ_examples"]) == (1, [["a.png", "b.png", 0]])
+
+
+def test_each_group_rule_names_its_group_and_an_image_no_rule_matches_is_alone() -> None:
+    rf = ["a/lizard_jpg.rf.0123456789abcdef.jpg", "a/lizard_jpg.rf.fedcba9876543210.jpg", "a/plain.jpg"]
+    assert group_keys(rf, "roboflow", {}) == {
+        "a/lizard_jpg.rf.0123456789abcdef.jpg": "rf:a/lizard",
+        "a/lizard_jpg.rf.fedcba9876543210.jpg": "rf:a/lizard",
+        "a/plain.jpg": "img:a/plain.jpg",
+    }
+    folders = ["rec_3/x.jpg", "rec_3/y.jpg", "photos/x.jpg", "photos/y.jpg"]
+    assert group_keys(folders, "folder", {}) == {
+        "rec_3/x.jpg": "dir:rec_3",
+        "rec_3/y.jpg": "dir:rec_3",
+        "photos/x.jpg": "img:photos/x.jpg",  # a folder named like no recording groups nothing
+        "photos/y.jpg": "img:photos/y.jpg",
+    }
+    mine = ["site1/a.jpg", "site1/b.jpg", "other/c.jpg"]
+    assert group_keys(mine, r"re:(site\d+)/", {}) == {
+        "site1/a.jpg": "re:site1",
+        "site1/b.jpg": "re:site1",
+        "other/c.jpg": "img:other/c.jpg",
+    }
+    assert group_keys(["v/f_1.jpg", "v/f_2.jpg"], "csv;roboflow;folder", {}) == {
+        "v/f_1.jpg": "img:v/f_1.jpg",  # frames, but the sequence rule is not asked for
+        "v/f_2.jpg": "img:v/f_2.jpg",
+    }

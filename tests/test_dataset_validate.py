@@ -772,3 +772,26 @@ def test_a_dataset_without_one_box_or_one_image_is_fatal(tmp_path: Path) -> None
 )
 def test_a_number_in_a_label_line_is_a_finite_float(text: str, number: bool) -> None:
     assert _is_number(text) is number
+
+
+def test_a_last_line_without_a_newline_is_read() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "l.txt"
+        path.write_text("0 0.3 0.3 0.1 0.1\n0 0.5 0.5 0.2 0.2")
+        assert check_label(path, "l.txt", ["a"]) == (2, [])
+
+
+def test_a_line_of_exactly_the_read_size_is_one_line_and_the_next_is_read(tmp_path: Path) -> None:
+    line = "0 0.5 0.5 0.2 0.2".ljust(4095) + "\n"  # 4,096 characters with its newline: read in one piece
+    path = tmp_path / "l.txt"
+    path.write_text(line + "0 0.3 0.3 0.1 0.1\n")
+    assert check_label(path, "l.txt", ["a"]) == (2, [])
+
+
+def test_boxes_equal_to_a_millionth_are_duplicates_and_finer_differences_do_not_count(tmp_path: Path) -> None:
+    path = tmp_path / "l.txt"
+    path.write_text("0 0.5 0.5 0.2 0.2\n0 0.5000004 0.5 0.2 0.2\n0 0.500001 0.5 0.2 0.2\n")
+    boxes, problems = check_label(path, "l.txt", ["a"])
+    assert boxes == 2 and [(p.line, p.kind) for p in problems] == [(2, "duplicate-box")]
