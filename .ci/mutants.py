@@ -4,8 +4,8 @@ Each target mutates one module (or only its named functions) and runs only the t
 scratch copy of the tree (mutmut writes a `mutants/` folder there and reads its settings from pyproject.toml,
 which differ per target). Prints each target's count by status (killed, survived, no tests, timeout, ...),
 every surviving mutant with the reason it may survive (SURVIVORS below: an equivalent mutant, say why) and a
-summary line per target; exits 1 when a mutant survives without a reason. Not part of `make test`: minutes per
-target.
+summary line per target; exits 1 when a mutant survives that is not equivalent (no reason, or a known missing
+test listed in GAPS). Not part of `make test`: minutes per target.
 
     python .ci/mutants.py [--show] [--keep DIR] [--write] [--max-children N] [gate|checkpoint|dataset|storage ...]
     python .ci/mutants.py --explain
@@ -213,6 +213,45 @@ SURVIVORS: dict[str, str] = {
     "(301/307, 401/403, 5xx, 408/429)",
 }
 
+# Survivors that are NOT equivalent: a test is missing, and what it must assert (by mutant name glob). They are
+# listed with their reason and still fail `make mutants` until a test kills them.
+_GATE = "pogona_job.training.gate."
+_GATE_FILE = "tests/test_gate.py was not among the files of the change that first measured this"
+GAPS: dict[str, str] = {
+    _GATE + "x_backend_cause__*": f"missing assertion: the MPS cause's sentence in full; {_GATE_FILE}",
+    _GATE + "x__likely__*": f"missing assertion: the sentence when no likely cause is known; {_GATE_FILE}",
+    _GATE + "x_watchdog_causes__*": "missing assertion: the watchdog's likely causes per kind ('nan', 'zero', "
+    f"'no-foreground'), AMP named only off the CPU, each sentence in full; {_GATE_FILE}",
+    _GATE
+    + "x_require_parity__*": f"missing assertion: the parity failure names the probed device's cause; {_GATE_FILE}",
+    _GATE + "xǁVerdictǁcauses__*": "missing assertion: which causes a failed verdict names for each combination "
+    f"of failed criteria (zero epochs, no labels, still weights, trend, mAP, from scratch); {_GATE_FILE}",
+    _GATE
+    + "xǁZeroMapWatchǁcheck__*": f"missing assertion: the zero-mAP hint in full, from scratch or not; {_GATE_FILE}",
+    _GATE + "xǁStallWatchdogǁoverdue__*": f"missing assertion: the stall sentence's advice in full; {_GATE_FILE}",
+    _GATE
+    + "xǁStallWatchdogǁstart__*": f"missing assertion: one daemon thread named pogona-stall-watchdog; {_GATE_FILE}",
+    _GATE + "xǁStallWatchdogǁstop__*": "missing assertion: stop() before start() and from the watchdog's own "
+    f"thread, and its bounded join; {_GATE_FILE}",
+    _GATE + "xǁStallWatchdogǁ_watch__*": f"missing assertion: `fired` holds the failure reported; {_GATE_FILE}",
+    _GATE + "xǁBatchWatchdogǁcheck__*": "missing assertion: the watchdog's kind ('zero', 'no-foreground'), its "
+    f"count of batches with boxes and the history it keeps; {_GATE_FILE}",
+    _GATE + "xǁBatchWatchdogǁ_trip__*": f"missing assertion: the kind a tripped watchdog keeps; {_GATE_FILE}",
+    _GATE + "x_batch_trends__*": "missing assertion: the trends at their edges (a third of at least one batch, "
+    f"two finite values, non-finite values left out); {_GATE_FILE}",
+    _GATE + "x_verdict__*": "missing assertion: the verdict's criteria at their edges (mAP >= the minimum, a drop "
+    f"<= -min, 3 batches for trends, the expected texts, labelled batches > 0); {_GATE_FILE}",
+}
+
+
+def reason(mutant: str) -> str:
+    """Why a mutant may survive: equivalent (SURVIVORS), a known missing test (GAPS, 'GAP: ...'), or ''."""
+    if mutant in SURVIVORS:
+        return SURVIVORS[mutant]
+    gap = next((why for glob, why in GAPS.items() if fnmatch.fnmatch(mutant, glob)), "")
+    return f"GAP: {gap}" if gap else ""
+
+
 ORDER_PLUGIN = '''"""Written by .ci/mutants.py into mutmut's copy: run a mutant's tests fastest first (by the
 durations mutmut measured), so that a killed mutant costs its fastest failing test, not the slowest ones."""
 
@@ -315,16 +354,21 @@ class Outcome:
 
     @property
     def unexplained(self) -> list[str]:
-        return sorted(m for m, why in self.survivors.items() if not why)
+        """Survivors without an equivalence reason: none given, or a known missing test (a gap)."""
+        return sorted(m for m, why in self.survivors.items() if not why or why.startswith("GAP: "))
 
 
 def _load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _mutmut_version(mutmut: str) -> str:
-    out = subprocess.run([mutmut, "--version"], capture_output=True, text=True, check=False).stdout
-    return out.strip().rpartition(" ")[2] or "?"
+def _mutmut_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mutmut")
+    except PackageNotFoundError:
+        return "?"
 
 
 def run_target(name: str, target: Target, workers: int, show: bool = False, keep: Path | None = None) -> Outcome:
@@ -371,7 +415,7 @@ def run_target(name: str, target: Target, workers: int, show: bool = False, keep
         if not statuses or tally.get("not checked", 0) == len(statuses):
             # mutmut's clean run failed (e.g. a test that cannot run in its copy): no mutant was checked
             raise SystemExit(f"{name}: mutmut checked no mutant; its output ends:\n{(run.stdout + run.stderr)[-3000:]}")
-        survivors = {m: SURVIVORS.get(m, "") for m, st in sorted(statuses.items()) if st in ("survived", "no tests")}
+        survivors = {m: reason(m) for m, st in sorted(statuses.items()) if st in ("survived", "no tests")}
         others = {m: st for m, st in sorted(statuses.items()) if st not in ("killed", "survived", "no tests")}
         count = f"{len(statuses)} mutants: " + ", ".join(f"{n} {status}" for status, n in sorted(tally.items()))
         print(count, flush=True)
@@ -386,7 +430,7 @@ def run_target(name: str, target: Target, workers: int, show: bool = False, keep
         notes = [f"a reason is given for {m}, which no longer survives" for m in stale]
         for note in notes:
             print(f"-- note: {note}")
-        version = _mutmut_version(mutmut)
+        version = _mutmut_version()
     minutes = (time.monotonic() - started) / 60
     outcome = Outcome(
         files=list(target.files),
@@ -404,7 +448,7 @@ def run_target(name: str, target: Target, workers: int, show: bool = False, keep
     )
     print(
         f"== {name}: {tally.get('killed', 0)}/{len(statuses)} killed, {len(survivors)} survived "
-        f"({len(outcome.unexplained)} without a reason), {len(others)} otherwise; {minutes:.1f} min",
+        f"({len(outcome.unexplained)} not shown equivalent), {len(others)} otherwise; {minutes:.1f} min",
         flush=True,
     )
     return outcome
@@ -416,6 +460,14 @@ def _commit() -> str:
     return head.strip() + (" + uncommitted changes" if dirty else "")
 
 
+HISTORY = (
+    "Before these measurements (2026-12-02): gate 248 of 248 killed (gate.py has grown since); checkpoint not "
+    "measurable (each mutant started SeaweedFS and obstore hung in mutmut's forked process: every mutant checked "
+    "ended in mutmut's timeout); the dataset rules 242 of 1,520 checked in 13 minutes (44 survivors); storage never "
+    "measured. The mutants found two bugs, fixed on the way: an overlong label line was reported as several "
+    "lines, with line numbers past the file's (53c96eb); with POGONA_CHECKPOINT_EVERY_EPOCHS > 1 a stop "
+    "request queued no checkpoint of the skipped epoch it named (eb110ef)."
+)
 DATA = re.compile(r"<!-- mutants.json (.*?) -->", re.DOTALL)
 STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "segfault", "not checked")
 
@@ -432,7 +484,8 @@ def record(outcomes: dict[str, Outcome], output: Path) -> None:
     known.update(outcomes)
     known = {name: known[name] for name in TARGETS if name in known}
     for o in known.values():  # the reasons as they are now (a reason given after the run); counts as measured
-        o.survivors = {m: SURVIVORS.get(m, "") for m in o.survivors}
+        o.survivors = {m: reason(m) for m in o.survivors}
+        o.mutmut = o.mutmut if o.mutmut not in ("", "?") else _mutmut_version()
     rows = []
     for name, o in known.items():
         mutated = ", ".join(f"`{f}`" for f in o.files)
@@ -453,6 +506,8 @@ def record(outcomes: dict[str, Outcome], output: Path) -> None:
         "",
         markdown_grid(headers, rows),
         "",
+        HISTORY,
+        "",
     ]
     for name, o in known.items():
         lines.append(
@@ -462,7 +517,14 @@ def record(outcomes: dict[str, Outcome], output: Path) -> None:
         )
         if o.functions:
             lines.append(f"  - mutated: {', '.join(f'`{f}`' for f in o.functions)}")
-        lines += [f"  - `{m}`: {why or '**no reason given**'}" for m, why in o.survivors.items()]
+        gaps: dict[str, list[str]] = {}
+        for m, why in o.survivors.items():
+            if why.startswith("GAP: "):
+                gaps.setdefault(why.removeprefix("GAP: "), []).append(m.rpartition(".")[2])
+            else:
+                lines.append(f"  - `{m}`: {why or '**no reason given**'}")
+        for why, mutants in gaps.items():
+            lines.append(f"  - **not killed, not equivalent** ({len(mutants)}: {', '.join(mutants)}): {why}")
         lines += [f"  - `{m}`: {status}" for m, status in o.others.items()]
         lines += [f"  - note: {n}" for n in o.notes]
     data = json.dumps({k: asdict(v) for k, v in known.items()}, ensure_ascii=False)
@@ -495,7 +557,7 @@ def main(argv: list[str]) -> int:
     print("\nmutants surviving: " + ", ".join(f"{n} {len(o.survivors)}" for n, o in outcomes.items()))
     unexplained = [m for o in outcomes.values() for m in o.unexplained]
     if unexplained:
-        print(f"without a reason (SURVIVORS in {Path(__file__).relative_to(ROOT)}): {' '.join(unexplained)}")
+        print(f"not shown equivalent (SURVIVORS, GAPS in {Path(__file__).relative_to(ROOT)}): {' '.join(unexplained)}")
     if args.write:
         record(outcomes, args.output)
         print(f"Wrote {args.output}")
