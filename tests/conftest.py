@@ -5,6 +5,7 @@ Everything runs offline on loopback; servers are started on free ports and stopp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -53,12 +54,55 @@ def _reap_job_processes() -> Iterator[None]:
     JobProcess.reap()
 
 
+# Servers someone else started and stops: .ci/mutants.py runs hundreds of pytest sessions (one per mutant, some
+# at once) against a few SeaweedFS servers instead of starting one per session. JSON, a list of
+# {"port": N, "data_dir": "...", "buckets": [...]}.
+SHARED_S3 = "TESTS_SHARED_S3"
+
+
 @pytest.fixture(scope="session")
 def s3() -> Iterator[LocalS3]:
-    with LocalS3(buckets=[BUCKET, "pogona-other"]) as server:
+    buckets = [BUCKET, "pogona-other"]
+    with _shared_s3(buckets) if os.environ.get(SHARED_S3) else LocalS3(buckets=buckets) as server:
         yield server
         invalid = published_manifests_that_do_not_validate(server)
         assert not invalid, f"manifests that do not match docs/manifest.schema.json: {invalid}"
+
+
+@contextlib.contextmanager
+def _shared_s3(buckets: list[str]) -> Iterator[LocalS3]:
+    """The first of the SHARED_S3 servers no other session holds (a lock for the session's lifetime, released
+    however the process ends), its buckets emptied first: the session starts as on a server of its own."""
+    import fcntl
+    import json
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for spec in json.loads(os.environ[SHARED_S3]):
+            assert set(buckets) <= set(spec["buckets"]), f"{SHARED_S3} serves {spec['buckets']}, not {buckets}"
+            with open(Path(spec["data_dir"]) / "session.lock", "w") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                server = LocalS3(buckets=spec["buckets"], data_dir=Path(spec["data_dir"]), port=int(spec["port"]))
+                client = boto3.client(
+                    "s3",
+                    endpoint_url=server.endpoint,
+                    aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
+                    aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
+                    region_name="us-east-1",
+                )
+                for bucket in server.buckets:
+                    while keys := [
+                        {"Key": o["Key"]} for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])
+                    ]:
+                        client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+                yield server
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"every server in {SHARED_S3} stayed held by another session for 60 s")
 
 
 def published_manifests_that_do_not_validate(server: LocalS3) -> dict[str, str]:

@@ -12,7 +12,21 @@ import pytest
 from PIL import Image
 
 from pogona_job.dataset import Options, inspect_dataset, stage_dataset
-from pogona_job.dataset.split import check_rules, group_keys, source_name
+from pogona_job.dataset.model import ImageItem
+from pogona_job.dataset.split import (
+    LEAKAGE_COMPARED,
+    SEQUENCE_DISTANCE,
+    _alike,
+    _sequences,
+    _share,
+    _size,
+    _take,
+    assign_splits,
+    check_rules,
+    group_keys,
+    near_duplicates,
+    source_name,
+)
 from pogona_job.errors import DatasetError
 from pogona_job.tools.demo import write_demo
 from tests.fixtures import exports
@@ -263,3 +277,313 @@ def test_filled_in_forms_on_one_template_are_not_leaks_but_a_real_copy_is(tmp_pa
 def root_file(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --- the split rules at their edges (synthetic images: no files, milliseconds) ---------------------------------
+
+
+def _item(rel: str, group: str = "", modality: str = "visible", split: str | None = None, phash: int = 0) -> ImageItem:
+    return ImageItem(Path(rel), None, rel, modality, 1, split, group=group, phash=phash)
+
+
+def _groups(n_images_per_group: list[int], modality: str = "visible") -> list[ImageItem]:
+    """Groups g0, g1 ... of the given sizes; image `g<i>/<j>.jpg`."""
+    return [_item(f"g{i}/{j}.jpg", f"g{i}", modality) for i, n in enumerate(n_images_per_group) for j in range(n)]
+
+
+def _count(splits: dict[str, str]) -> dict[str, int]:
+    return {s: sum(1 for v in splits.values() if v == s) for s in ("train", "val", "test")}
+
+
+def test_an_export_with_a_val_split_is_kept_as_it_is_and_its_unsplit_images_train() -> None:
+    items = [_item("a.jpg", split="val"), _item("b.jpg", split="test"), _item("c.jpg"), _item("d.jpg", split="train")]
+    assert assign_splits(items, 0.5, 0.5, seed=0) == (
+        {"a.jpg": "val", "b.jpg": "test", "c.jpg": "train", "d.jpg": "train"},
+        "export",
+    )
+
+
+def test_one_image_of_two_is_held_out_however_small_the_fraction() -> None:
+    splits, source = assign_splits(_groups([1, 1]), 0.01, 0.0, seed=0)
+    assert _count(splits) == {"train": 1, "val": 1, "test": 0} and source == "made by the job"
+
+
+def test_the_train_split_keeps_one_image_however_large_the_fraction() -> None:
+    assert _count(assign_splits(_groups([1, 1, 1]), 0.99, 0.0, seed=0)[0]) == {"train": 1, "val": 2, "test": 0}
+
+
+def test_the_held_out_share_is_the_rounded_fraction_of_each_modality() -> None:
+    items = _groups([1] * 10) + [_item(f"t{i}.jpg", f"t{i}", "thermal") for i in range(20)]
+    splits, _ = assign_splits(items, 0.3, 0.0, seed=5)
+    val = [rel for rel, s in splits.items() if s == "val"]
+    assert sum(rel.startswith("g") for rel in val) == 3 and sum(rel.startswith("t") for rel in val) == 6
+
+
+def test_a_modality_with_a_single_image_holds_nothing_out() -> None:
+    items = [*_groups([1, 1, 1, 1]), _item("lonely.jpg", "lonely", "thermal")]
+    splits, _ = assign_splits(items, 0.5, 0.0, seed=0)
+    assert splits["lonely.jpg"] == "train" and _count(splits) == {"train": 3, "val": 2, "test": 0}
+
+
+def test_a_test_fraction_makes_a_test_split_from_the_rest_unless_the_export_has_one() -> None:
+    splits, _ = assign_splits(_groups([1] * 10), 0.2, 0.3, seed=1)
+    assert _count(splits) == {"train": 5, "val": 2, "test": 3}
+    exported_test = [*_groups([1] * 10), _item("given.jpg", split="test")]
+    splits, _ = assign_splits(exported_test, 0.2, 0.3, seed=1)
+    assert _count(splits) == {"train": 8, "val": 2, "test": 1} and splits["given.jpg"] == "test"
+
+
+def test_the_test_split_never_takes_the_last_training_image() -> None:
+    splits, _ = assign_splits(_groups([1, 1, 1]), 0.34, 0.9, seed=0)
+    assert _count(splits) == {"train": 1, "val": 1, "test": 1}
+    splits, _ = assign_splits(_groups([1, 1]), 0.5, 0.5, seed=0)
+    assert _count(splits) == {"train": 1, "val": 1, "test": 0}
+
+
+def test_when_no_group_fits_the_held_out_share_the_smallest_group_is_held_out() -> None:
+    for seed in range(5):  # whatever the seeded order
+        splits, _ = assign_splits(_groups([3, 2, 4]), 0.1, 0.0, seed=seed)
+        assert {rel for rel, s in splits.items() if s == "val"} == {"g1/0.jpg", "g1/1.jpg"}
+
+
+def test_whole_groups_fill_the_held_out_share_up_to_exactly_its_size() -> None:
+    for seed in range(8):
+        splits, _ = assign_splits(_groups([2, 1, 2, 1, 2, 2]), 0.4, 0.0, seed=seed)
+        assert _count(splits)["val"] == 4  # round(0.4 * 10): groups that exactly fill it are taken
+
+
+def test_groups_are_taken_in_the_seeded_order_until_none_fits() -> None:
+    groups = {"a": ["a1", "a2"], "b": ["b1"], "c": ["c1", "c2"]}
+    assert _take(["a", "b", "c"], groups, 3) == {"a", "b"}
+    assert _take(["c", "b", "a"], groups, 3) == {"c", "b"}
+    assert _take(["a", "c", "b"], groups, 3) == {"a", "b"}  # c passes the target; b still fits
+    assert _take(["a", "b"], {"a": ["a1", "a2", "a3"], "b": ["b1", "b2"]}, 1) == {"b"}  # the smallest
+    assert _take(["a"], {"a": ["a1", "a2"]}, 1) == set()  # never everything
+    assert _take(["a", "b"], groups, 0) == set()
+
+
+def test_the_share_held_out_at_its_edges() -> None:
+    assert [_share(n, 0.5) for n in (0, 1, 2, 3)] == [0, 0, 1, 2]
+    assert [_share(10, f) for f in (-0.1, 0.0, 0.01, 0.26, 0.99, 1.0)] == [0, 0, 1, 3, 9, 9]
+
+
+def test_a_group_goes_with_the_modality_most_of_its_images_have_and_a_known_one_wins_a_tie() -> None:
+    mixed = [_item("m/1.jpg", "m", "unknown"), _item("m/2.jpg", "m", "thermal")]
+    items = mixed + [_item(f"t{i}.jpg", f"t{i}", "thermal") for i in range(3)] + _groups([1] * 4)
+    for seed in range(6):  # the mixed group is thermal: 5 thermal images, 2 held out; 4 visible, 2 held out
+        splits, _ = assign_splits(items, 0.5, 0.0, seed=seed)
+        assert splits["m/1.jpg"] == splits["m/2.jpg"]
+        thermal = [rel for rel in ("m/1.jpg", "m/2.jpg", "t0.jpg", "t1.jpg", "t2.jpg") if splits[rel] == "val"]
+        assert len(thermal) == 2 and _count(splits)["val"] == 4
+
+
+def test_an_image_without_a_group_is_a_group_of_its_own() -> None:
+    items = [_item(f"{i}.jpg") for i in range(4)]  # group ""
+    assert _count(assign_splits(items, 0.5, 0.0, seed=0)[0]) == {"train": 2, "val": 2, "test": 0}
+
+
+def test_a_dataset_that_cannot_be_split_names_its_counts() -> None:
+    with pytest.raises(DatasetError) as err:
+        assign_splits(_groups([3]), 0.2, 0.0, seed=0)
+    assert err.value.sentence == (
+        "The dataset cannot be split into train and val without leakage (3 / 0 images): its images form too few "
+        "groups (POGONA_GROUP_RULES). Give a split or a groups.csv."
+    )
+
+
+def test_near_duplicates_are_pairs_within_the_distance_across_each_pair_of_splits() -> None:
+    base = 0b1111 << 60  # a high bit set: hashes are unsigned 64-bit
+    items = [
+        _item("tr/a.jpg", phash=base),
+        _item("tr/b.jpg", phash=base ^ 0b1),
+        _item("va/a.jpg", phash=base ^ 0b111111),  # 6 bits from tr/a: a near-duplicate at the limit
+        _item("va/far.jpg", phash=base ^ 0b1111111 << 8),  # 7 bits from tr/a, 8 from tr/b
+        _item("te/a.jpg", phash=base ^ 0b11),  # 2 from tr/a, 1 from tr/b, 4 from va/a
+        _item("te/z.jpg", phash=base ^ 0b111111 << 16),  # 6 from tr/a only
+    ]
+    splits = {"tr/a.jpg": "train", "tr/b.jpg": "train", "va/a.jpg": "val", "va/far.jpg": "val", "te/a.jpg": "test"}
+    splits["te/z.jpg"] = "test"
+    assert near_duplicates(items, splits) == {
+        "compared": LEAKAGE_COMPARED.format(distance=6),
+        "pairs": 6,
+        "held_out_images_with_a_near_duplicate": 3,
+        "share": round(3 / 4, 4),
+        "max_hash_distance": 6,
+        "examples": [
+            ["tr/b.jpg", "te/a.jpg", 1],
+            ["tr/a.jpg", "te/a.jpg", 2],
+            ["va/a.jpg", "te/a.jpg", 4],
+            ["tr/b.jpg", "va/a.jpg", 5],
+            ["tr/a.jpg", "te/z.jpg", 6],  # five examples of the six pairs, closest first
+        ],
+        "alike_but_labels_differ": 0,
+        "alike_but_labels_differ_examples": [],
+    }
+    tight = near_duplicates(items, splits, distance=1, examples=1)
+    assert (tight["pairs"], tight["examples"], tight["max_hash_distance"]) == (1, [["tr/b.jpg", "te/a.jpg", 1]], 1)
+
+
+def test_near_duplicates_are_looked_for_between_train_and_test_when_there_is_no_val() -> None:
+    items = [_item("a.jpg", phash=1), _item("b.jpg", phash=1), _item("c.jpg", phash=None)]  # type: ignore[arg-type]
+    found = near_duplicates(items, {"a.jpg": "train", "b.jpg": "test", "c.jpg": "val"})
+    assert (found["pairs"], found["share"], found["examples"]) == (1, 1.0, [["a.jpg", "b.jpg", 0]])
+    alone = near_duplicates(items[:1], {"a.jpg": "train"})
+    assert (alone["pairs"], alone["share"], alone["examples"]) == (0, 0.0, [])
+
+
+def test_neighbouring_frames_are_alike_within_twenty_bits_and_an_unknown_hash_is_alike() -> None:
+    assert SEQUENCE_DISTANCE == 20
+    assert _alike(0, (1 << 20) - 1) and not _alike(0, (1 << 21) - 1)
+    assert _alike(1 << 63, (1 << 63) | 0b111) and not _alike(1 << 63, (1 << 21) - 1)
+    assert _alike(None, 5) and _alike(5, None) and _alike(None, None)
+
+
+def _sequence_keys(numbers: list[int], hashes: dict[str, int | None] | None = None, name: str = "v/f_") -> list[str]:
+    rels = [f"{name}{n:04d}.jpg" for n in numbers]
+    keys = _sequences(rels, hashes or {})
+    assert keys == {rel: key for rel, key in group_keys(rels, "sequence", {}, hashes).items() if rel in keys}
+    return [keys.get(rel, "none") for rel in rels]
+
+
+def test_a_frame_sequence_is_keyed_by_its_folder_prefix_and_run() -> None:
+    assert _sequence_keys([1, 2, 3]) == ["seq:v/f_#0"] * 3
+    keys = group_keys(
+        ["a/clip_1.jpg", "a/clip_2.jpg", "a/take_1.jpg", "a/take_2.jpg", "b/clip_3.jpg", "b/clip_4.jpg"], "sequence", {}
+    )
+    assert keys == {
+        "a/clip_1.jpg": "seq:a/clip_#0",
+        "a/clip_2.jpg": "seq:a/clip_#0",
+        "a/take_1.jpg": "seq:a/take_#0",
+        "a/take_2.jpg": "seq:a/take_#0",
+        "b/clip_3.jpg": "seq:b/clip_#0",  # another folder: another recording
+        "b/clip_4.jpg": "seq:b/clip_#0",
+    }
+    assert group_keys(["v/0001.jpg", "v/0002.jpg"], "sequence", {}) == {
+        "v/0001.jpg": "seq:v/#0",
+        "v/0002.jpg": "seq:v/#0",
+    }
+
+
+def test_a_single_numbered_frame_is_no_sequence_and_two_are_one() -> None:
+    rels = ["a/lone_7.jpg", "b/pair_1.jpg", "b/pair_2.jpg", "c/notes.jpg"]
+    assert _sequences(rels, {}) == {"b/pair_1.jpg": "seq:b/pair_#0", "b/pair_2.jpg": "seq:b/pair_#0"}
+    assert group_keys(rels, "sequence", {})["a/lone_7.jpg"] == "img:a/lone_7.jpg"
+
+
+def test_a_sequence_is_cut_where_the_numbers_jump_past_twice_the_usual_step() -> None:
+    assert _sequence_keys([10, 20, 30, 40, 60]) == ["seq:v/f_#0"] * 5  # a jump of exactly twice the step: kept
+    assert _sequence_keys([10, 20, 30, 40, 65]) == ["seq:v/f_#0"] * 4 + ["seq:v/f_#1"]
+    assert _sequence_keys([10, 20, 30, 40, 90]) == ["seq:v/f_#0"] * 4 + ["seq:v/f_#1"]
+    assert _sequence_keys([1, 2, 3, 4, 7]) == ["seq:v/f_#0"] * 4 + ["seq:v/f_#1"]  # a step of 1: a gap of 2
+    assert _sequence_keys([0, 2, 4, 6]) == ["seq:v/f_#0"] * 4  # every second frame kept: still one recording
+    assert _sequence_keys([1, 2, 3, 10, 11, 30]) == ["seq:v/f_#0"] * 3 + ["seq:v/f_#1"] * 2 + ["seq:v/f_#2"]
+
+
+def test_frames_with_the_same_number_do_not_shrink_the_usual_step() -> None:
+    rels = ["v/f_5.jpg", "v/f_05.jpg", "v/f_005.jpg", "v/f_10.jpg", "v/f_20.jpg"]  # steps 5 and 10: gap 15
+    assert set(_sequences(rels, {}).values()) == {"seq:v/f_#0"}
+    assert set(_sequences(rels[:3], {}).values()) == {"seq:v/f_#0"}  # no step at all: one number, one run
+
+
+def test_a_group_set_counts_its_images() -> None:
+    assert _size({"a", "c"}, {"a": ["1", "2"], "b": ["3"], "c": ["4", "5", "6"]}) == 5
+    assert _size(set(), {"a": ["1"]}) == 0
+
+
+def test_a_recording_longer_than_a_tenth_of_the_dataset_or_eight_frames_is_cut_into_blocks() -> None:
+    assert _sequence_keys(list(range(16))) == ["seq:v/f_#0"] * 8 + ["seq:v/f_#1"] * 8  # 16 images: blocks of 8
+    keys = _sequence_keys(list(range(120)))  # 120 images: blocks of 12
+    assert keys == [f"seq:v/f_#{i // 12}" for i in range(120)]
+
+
+def test_each_picture_unlike_the_previous_one_starts_a_new_run() -> None:
+    far = (1 << 64) - 1
+    hashes = {"v/f_0001.jpg": 0, "v/f_0002.jpg": far, "v/f_0003.jpg": far, "v/f_0004.jpg": 0}
+    assert _sequence_keys([1, 2, 3, 4], hashes) == ["seq:v/f_#0", "seq:v/f_#1", "seq:v/f_#1", "seq:v/f_#2"]
+
+
+def test_the_rule_list_keeps_its_order_and_a_regex_needs_a_capture_group() -> None:
+    assert check_rules(" csv; re:(site)/ ;;sequence ") == ["csv", "re:(site)/", "sequence"]
+    with pytest.raises(ValueError) as err:
+        check_rules("csv;frames")
+    assert str(err.value) == "'frames': use csv, roboflow, sequence, folder, none or re:<regex>, separated by ;"
+    with pytest.raises(ValueError) as err:
+        check_rules("re:site")
+    assert str(err.value) == "'re:site': the regex needs a capture group (the group key)"
+
+
+def test_a_group_is_split_with_the_images_of_its_majority_modality() -> None:
+    majority = [_item("n/1.jpg", "n", "thermal"), _item("n/2.jpg", "n", "thermal"), _item("n/3.jpg", "n", "visible")]
+    thermal = [_item(f"t{i}.jpg", f"t{i}", "thermal") for i in range(3)]
+    for seed in range(6):
+        for known in ("thermal", "visible"):  # a known modality wins a tie with unknown
+            tie = [_item("m/1.jpg", "m", "unknown"), _item("m/2.jpg", "m", known)]
+            others = [_item(f"k{i}.jpg", f"k{i}", known) for i in range(3)]
+            # with the known images: 5 of them, 2 held out; alone, 2 unknown images could hold out none
+            assert _count(assign_splits(tie + others, 0.4, 0.0, seed=seed)[0])["val"] == 2
+        # 6 thermal images, 2 held out (the 3-image group is too big for round(0.4 * 6) = 2)
+        splits, _ = assign_splits(majority + thermal, 0.4, 0.0, seed=seed)
+        assert _count(splits)["val"] == 2 and {splits[f"n/{i}.jpg"] for i in (1, 2, 3)} == {"train"}
+
+
+def test_the_groups_are_taken_in_an_order_the_seed_decides() -> None:
+    items = _groups([1] * 20)
+
+    def held_out(seed: int) -> set[str]:
+        return {rel for rel, s in assign_splits(items, 0.25, 0.0, seed=seed)[0].items() if s == "val"}
+
+    assert held_out(3) == held_out(3)
+    assert len({frozenset(held_out(seed)) for seed in range(4)}) > 1
+    assert held_out(0) != {f"g{i}/0.jpg" for i in range(5)}  # not simply the first names
+
+
+def test_the_leaked_share_is_rounded_to_four_places() -> None:
+    items = [
+        _item("a.jpg", phash=1),
+        _item("b.jpg", phash=1),
+        _item("c.jpg", phash=(1 << 40) - 1),
+        _item("d.jpg", phash=(1 << 64) - 1),
+    ]
+    found = near_duplicates(items, {"a.jpg": "train", "b.jpg": "test", "c.jpg": "test", "d.jpg": "val"})
+    assert (found["held_out_images_with_a_near_duplicate"], found["share"]) == (1, 0.3333)
+
+
+def test_images_alike_as_a_whole_but_not_where_they_are_labelled_are_set_apart(tmp_path: Path) -> None:
+    """Two forms on one template: the same hash, different contents inside the labelled box."""
+    paths = {}
+    for name, inside in (("a", 0), ("b", 255)):
+        pixels = np.full((64, 64), 128, np.uint8)
+        pixels[24:40, 24:40] = inside
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(pixels, "L").save(paths[name])
+        (tmp_path / f"{name}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    items = [ImageItem(paths[n], tmp_path / f"{n}.txt", f"{n}.png", "visible", 1, None, phash=7) for n in ("a", "b")]
+    found = near_duplicates(items, {"a.png": "train", "b.png": "val"})
+    assert (found["pairs"], found["examples"]) == (0, [])
+    assert (found["alike_but_labels_differ"], found["alike_but_labels_differ_examples"]) == (1, [["a.png", "b.png", 0]])
+
+
+def test_each_group_rule_names_its_group_and_an_image_no_rule_matches_is_alone() -> None:
+    rf = ["a/lizard_jpg.rf.0123456789abcdef.jpg", "a/lizard_jpg.rf.fedcba9876543210.jpg", "a/plain.jpg"]
+    assert group_keys(rf, "roboflow", {}) == {
+        "a/lizard_jpg.rf.0123456789abcdef.jpg": "rf:a/lizard",
+        "a/lizard_jpg.rf.fedcba9876543210.jpg": "rf:a/lizard",
+        "a/plain.jpg": "img:a/plain.jpg",
+    }
+    folders = ["rec_3/x.jpg", "rec_3/y.jpg", "photos/x.jpg", "photos/y.jpg"]
+    assert group_keys(folders, "folder", {}) == {
+        "rec_3/x.jpg": "dir:rec_3",
+        "rec_3/y.jpg": "dir:rec_3",
+        "photos/x.jpg": "img:photos/x.jpg",  # a folder named like no recording groups nothing
+        "photos/y.jpg": "img:photos/y.jpg",
+    }
+    mine = ["site1/a.jpg", "site1/b.jpg", "other/c.jpg"]
+    assert group_keys(mine, r"re:(site\d+)/", {}) == {
+        "site1/a.jpg": "re:site1",
+        "site1/b.jpg": "re:site1",
+        "other/c.jpg": "img:other/c.jpg",
+    }
+    assert group_keys(["v/f_1.jpg", "v/f_2.jpg"], "csv;roboflow;folder", {}) == {
+        "v/f_1.jpg": "img:v/f_1.jpg",  # frames, but the sequence rule is not asked for
+        "v/f_2.jpg": "img:v/f_2.jpg",
+    }

@@ -17,8 +17,19 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pogona_job.dataset import MIN_IMAGE_SIDE, Options, inspect_dataset, stage_dataset
-from pogona_job.dataset.layouts import IMG_FORMATS
-from pogona_job.dataset.validate import parse_line
+from pogona_job.dataset.layouts import IMG_FORMATS, SUPPORTED_EXTENSIONS, Scan
+from pogona_job.dataset.model import ImageItem, Problem
+from pogona_job.dataset.validate import (
+    _dataset_problems,
+    _duplicate_stem_problem,
+    _extension_problem,
+    _is_number,
+    _looks_like_labels,
+    _pixels_problem,
+    check_label,
+    parse_line,
+    valid_ids,
+)
 from pogona_job.errors import DatasetError
 from tests.fixtures.files import BOX, CLASSES, flat_dataset, image, inspect, only_problem, pre_split_dataset, text
 
@@ -508,3 +519,279 @@ def _jpeg(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG")
     return buf.getvalue()
+
+
+# --- the rules' exact sentences and edges (no images decoded: milliseconds) ----------------------------------
+
+
+def test_an_unsupported_extension_lists_every_supported_one_in_order() -> None:
+    assert _extension_problem("images/extra.gif") == Problem(
+        "images/extra.gif",
+        None,
+        "extension",
+        "images/extra.gif: unsupported or odd image extension; use one of "
+        ".avif .bmp .dng .heic .heif .jp2 .jpeg .jpg .mpo .png .tif .tiff .webp",
+    )
+
+
+def test_images_sharing_a_stem_name_each_other_and_the_label_they_would_share() -> None:
+    assert _duplicate_stem_problem("cam/a.png", ["cam/a.png", "cam/a.jpg"]) == Problem(
+        "cam/a.png",
+        None,
+        "duplicate-stem",
+        "cam/a.png: images a.jpg, a.png share one stem, so a single a.txt would label both",
+    )
+
+
+def test_an_image_over_the_pixel_limit_says_its_size_or_that_pillow_refused_it() -> None:
+    assert _pixels_problem("big.png", 20000, 6000, 100_000_000) == Problem(
+        "big.png",
+        None,
+        "image-pixels",
+        "big.png: image is 20000x6000 px, over the limit of 100,000,000 pixels (POGONA_MAX_IMAGE_PIXELS)",
+    )
+    bomb = _pixels_problem("bomb.png", 0, 0, 1000)
+    assert bomb.message == (
+        "bomb.png: image is over twice Pillow's pixel limit, over the limit of 1,000 pixels (POGONA_MAX_IMAGE_PIXELS)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "looks"),
+    [
+        ("0 0.5 0.5 0.2 0.2\n1 0.1 0.1 0.05 0.05\n", True),
+        ("\n\n0 0.5 0.5 0.2 0.2\n\n", True),  # blank lines are not evidence either way
+        ("".join(f"0 0.5 0.5 0.{i % 9 + 1} 0.1\n" for i in range(20)) + "read me\n", True),  # 20 lines are read
+        ("".join(f"0 0.5 0.5 0.{i % 9 + 1} 0.1\n" for i in range(19)) + "read me\n", False),
+        ("", False),
+        ("\n  \n", False),
+        ("0 0.5 0.5 0.2\n", False),  # four numbers
+        ("0 0.5 0.5 0.2 0.2 7\n", False),  # six
+        ("0 0.5 0.5 0.2 nan\n", False),
+        ("images/a.jpg\nimages/b.jpg\n", False),  # a list file
+        ("A dataset exported by a tool, 2024.\n", False),  # a README
+    ],
+)
+def test_an_unpaired_text_file_is_a_lost_label_only_when_it_reads_like_one(
+    tmp_path: Path, content: str, looks: bool
+) -> None:
+    path = tmp_path / "x.txt"
+    path.write_text(content)
+    assert _looks_like_labels(path) is looks
+
+
+def test_a_label_file_with_a_byte_order_mark_or_stray_bytes_is_still_read_as_labels_or_not(tmp_path: Path) -> None:
+    path = tmp_path / "x.txt"
+    path.write_bytes(b"\xef\xbb\xbf0 0.5 0.5 0.2 0.2\r\n")  # Windows tools write a BOM
+    assert _looks_like_labels(path) is True
+    path.write_bytes(b"0 0.5 0.5 0.2 0.2\nnotes: caf\xe9\n")  # Latin-1: not UTF-8, and not labels either
+    assert _looks_like_labels(path) is False
+
+
+def test_an_unreadable_text_file_does_not_read_like_labels(tmp_path: Path) -> None:
+    assert _looks_like_labels(tmp_path / "gone.txt") is False
+    assert _looks_like_labels(tmp_path) is False  # a folder
+
+
+def test_a_label_file_counts_its_boxes_and_lists_each_bad_line_with_its_number(tmp_path: Path) -> None:
+    path = tmp_path / "l.txt"
+    path.write_text(
+        "0 0.5 0.5 0.2 0.2\n\n0 0.3 0.3 0.1 0.1\n0 0.5 0.5 0.2 0.2\n2 0.5 0.5 0.2 0.2\n0 0.5000000001 0.5 0.2 0.2\n"
+    )
+    boxes, problems = check_label(path, "labels/l.txt", ["a", "b"])
+    assert boxes == 2
+    assert problems == [
+        Problem("labels/l.txt", 4, "duplicate-box", "labels/l.txt line 4: repeats the box on line 1"),
+        Problem(
+            "labels/l.txt",
+            5,
+            "class-id",
+            "labels/l.txt line 5: class id 2 is not valid: valid ids are 0-1 (names 'a', 'b')",
+        ),
+        Problem("labels/l.txt", 6, "duplicate-box", "labels/l.txt line 6: repeats the box on line 1"),  # to 1e-6
+    ]
+
+
+def test_a_label_file_stops_at_the_line_limit_with_one_problem(tmp_path: Path) -> None:
+    path = tmp_path / "l.txt"
+    path.write_text("".join(f"0 0.5 0.5 0.{i + 1} 0.1\n" for i in range(4)))
+    assert check_label(path, "l.txt", ["a"], max_lines=4) == (4, [])
+    assert check_label(path, "l.txt", ["a"], max_lines=3) == (
+        3,
+        [Problem("l.txt", 4, "label-lines", "l.txt line 4: more than 3 lines (POGONA_MAX_LABEL_LINES); not read on")],
+    )
+    path.write_text("".join(f"0 0.5 0.5 0.{i + 1} 0.1\n" for i in range(4)) + "\n" * 2000)
+    big = check_label(path, "l.txt", ["a"], max_lines=1500)[1]
+    assert [(p.line, p.message) for p in big] == [
+        (1501, "l.txt line 1501: more than 1,500 lines (POGONA_MAX_LABEL_LINES); not read on")
+    ]
+
+
+def test_an_overlong_label_line_is_one_problem_and_the_next_line_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "l.txt"
+    path.write_text("0 0.5 0.5 0.2 0.2" + " 0" * 5000 + "\n0 0.3 0.3 0.1 0.1\n")
+    boxes, problems = check_label(path, "l.txt", ["a"])
+    assert boxes == 1 and [(p.line, p.kind) for p in problems] == [(1, "malformed-line")]
+    path.write_text("0 0.5 0.5 0.2 0.2" + " " * 5000 + "\n0 0.3 0.3 0.1 0.1\n")  # a valid box, padded
+    assert check_label(path, "l.txt", ["a"]) == (2, [])
+
+
+def test_stray_bytes_in_a_label_file_are_a_problem_on_their_line_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "l.txt"
+    path.write_bytes(b"\xef\xbb\xbf0 0.5 0.5 0.2 0.2\r\n0 0.5 0.5 0.2 0.2\xe9\n0 0.3 0.3 0.1 0.1\n")
+    boxes, problems = check_label(path, "l.txt", ["a"])
+    assert boxes == 2
+    assert problems == [Problem("l.txt", 2, "malformed-line", "l.txt line 2: '0.2\ufffd' is not a number")]
+
+
+def test_a_label_file_that_cannot_be_opened_is_one_problem_saying_why(tmp_path: Path) -> None:
+    assert check_label(tmp_path / "missing.txt", "labels/missing.txt", ["a"]) == (
+        0,
+        [
+            Problem(
+                "labels/missing.txt",
+                None,
+                "unreadable",
+                "labels/missing.txt: label file cannot be read (No such file or directory)",
+            )
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("names", "says"),
+    [
+        ([], "no classes are configured"),
+        (["a"], "the only valid id is 0 (name 'a')"),
+        (["a", "b", "c", "d"], "valid ids are 0-3 (names 'a', 'b', 'c', 'd')"),
+        (["a", "b", "c", "d", "e"], "valid ids are 0-4 (names 'a', 'b' ... 'e')"),
+    ],
+)
+def test_the_valid_ids_are_said_in_full_up_to_four_names(names: list[str], says: str) -> None:
+    assert valid_ids(names) == says
+
+
+OUTSIDE = "is outside [0, 1] (coordinates are normalised to the image)"
+
+
+@pytest.mark.parametrize(
+    ("line", "kind", "says"),
+    [
+        ("0 0.5 0.5 0.2", "malformed-line", "expected 5 values (class x_center y_center width height), found 4"),
+        ("0 0.5 x 0.2 0.2", "malformed-line", "'x' is not a number"),
+        ("0 0.5 0.5 0.2 inf", "malformed-line", "'inf' is not a number"),
+        ("0 0.5 0.5 0.2 -inf", "malformed-line", "'-inf' is not a number"),
+        ("1.5 0.5 0.5 0.2 0.2", "class-id", "class id 1.5 is not a whole number"),
+        ("2 0.5 0.5 0.2 0.2", "class-id", "class id 2 is not valid: valid ids are 0-1 (names 'a', 'b')"),
+        ("0 0.5 0.5 0 0.2", "size", "box width and height must be positive, found width=0 height=0.2"),
+        ("0 0.5 0.5 0.2 -1e-9", "size", "box width and height must be positive, found width=0.2 height=-1e-9"),
+        ("0 -0.01 0.5 0.2 0.2", "coords", f"x_center=-0.01 {OUTSIDE}"),
+        ("0 0.5 1.01 0.2 0.2", "coords", f"y_center=1.01 {OUTSIDE}"),
+        ("0 0.5 0.5 1.5 0.2", "coords", f"width=1.5 {OUTSIDE}"),
+        ("0 0.5 0.5 0.2 1.0000011", "coords", f"height=1.0000011 {OUTSIDE}"),
+    ],
+)
+def test_each_bad_label_line_says_what_is_wrong_with_it(line: str, kind: str, says: str) -> None:
+    values, problem = parse_line(line, "l.txt", 7, ["a", "b"])
+    assert values is None and problem == Problem("l.txt", 7, kind, f"l.txt line 7: {says}")
+
+
+def test_a_coordinate_exactly_at_the_rounding_tolerance_is_valid() -> None:
+    for edge in (-1e-6, 1 + 1e-6):
+        for i in range(1, 5):
+            fields = ["0", "0.5", "0.5", "0.2", "0.2"]
+            fields[i] = repr(edge) if edge > 0 or i < 3 else fields[i]  # a size is positive: only 1 + 1e-6 there
+            assert parse_line(" ".join(fields), "l.txt", 1, ["a"])[1] is None, fields
+
+
+def test_a_good_label_line_gives_its_five_values() -> None:
+    assert parse_line("1 0.5 0.25 1.0000009 0.125\n", "l.txt", 1, ["a", "b"]) == (
+        (1.0, 0.5, 0.25, 1.0000009, 0.125),
+        None,
+    )
+    assert parse_line("0 0 1 1 1e-3", "l.txt", 1, ["a"]) == ((0.0, 0.0, 1.0, 1.0, 0.001), None)
+
+
+def _items(*splits: str | None, boxes: int = 1) -> list[ImageItem]:
+    return [ImageItem(Path(f"{i}.jpg"), None, f"{i}.jpg", "visible", boxes, s) for i, s in enumerate(splits)]
+
+
+def test_an_export_split_needs_one_train_image_and_the_minimum_of_val_images(tmp_path: Path) -> None:
+    found = Scan(images=["a.jpg"])
+    assert _dataset_problems(tmp_path, found, _items("train", "val", "val"), 2) == []
+    assert _dataset_problems(tmp_path, found, _items("train", "val", "val", "val"), 3) == []
+    (short,) = _dataset_problems(tmp_path, found, _items("train", "train", "val"), 2)
+    assert short == Problem(
+        ".",
+        None,
+        "too-few-images",
+        "only 2 valid train and 1 valid val images: at least 1 train and 2 val images are needed",
+        fatal=True,
+    )
+    (no_train,) = _dataset_problems(tmp_path, found, _items("val", "val", "test"), 2)
+    assert no_train.message.startswith("only 0 valid train and 2 valid val images")
+
+
+def test_without_an_export_split_one_image_more_than_the_val_minimum_is_needed(tmp_path: Path) -> None:
+    found = Scan(images=["a.jpg"])
+    assert _dataset_problems(tmp_path, found, _items(None, None, "train"), 2) == []
+    (short,) = _dataset_problems(tmp_path, found, _items(None, "train", "test", "test"), 2)
+    assert short == Problem(
+        ".",
+        None,
+        "too-few-images",
+        "only 2 valid images: at least 3 are needed to hold out 2 for validation and train on the rest",
+        fatal=True,
+    )
+
+
+def test_a_dataset_without_one_box_or_one_image_is_fatal(tmp_path: Path) -> None:
+    (no_boxes,) = _dataset_problems(tmp_path, Scan(images=["a.jpg"]), _items(None, None, None, boxes=0), 2)
+    assert no_boxes == Problem(
+        ".",
+        None,
+        "no-labels",
+        "none of the 3 valid images has a box: label files are missing or empty (labels go in labels/ mirroring "
+        "images/, or beside each image, same stem, .txt)",
+        fatal=True,
+    )
+    (empty,) = _dataset_problems(tmp_path, Scan(), [], 2)
+    ok = " ".join(sorted(SUPPORTED_EXTENSIONS))
+    assert empty == Problem(".", None, "empty-dataset", f"no images found under {tmp_path} ({ok})", fatal=True)
+    refused_only = _dataset_problems(tmp_path, Scan(unsupported=["a.gif"]), [], 2)  # an image, if one it refuses
+    assert [p.kind for p in refused_only] == ["too-few-images"]
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        *[("0", True), ("-0.5", True), ("1e-3", True), (".5", True), ("1_0", True)],
+        *[("nan", False), ("NaN", False), ("inf", False), ("-inf", False), ("Infinity", False), ("1e999", False)],
+        *[("0x1", False), ("", False), ("five", False)],
+    ],
+)
+def test_a_number_in_a_label_line_is_a_finite_float(text: str, number: bool) -> None:
+    assert _is_number(text) is number
+
+
+def test_a_last_line_without_a_newline_is_read() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "l.txt"
+        path.write_text("0 0.3 0.3 0.1 0.1\n0 0.5 0.5 0.2 0.2")
+        assert check_label(path, "l.txt", ["a"]) == (2, [])
+
+
+def test_a_line_of_exactly_the_read_size_is_one_line_and_the_next_is_read(tmp_path: Path) -> None:
+    line = "0 0.5 0.5 0.2 0.2".ljust(4095) + "\n"  # 4,096 characters with its newline: read in one piece
+    path = tmp_path / "l.txt"
+    path.write_text(line + "0 0.3 0.3 0.1 0.1\n")
+    assert check_label(path, "l.txt", ["a"]) == (2, [])
+
+
+def test_boxes_equal_to_a_millionth_are_duplicates_and_finer_differences_do_not_count(tmp_path: Path) -> None:
+    path = tmp_path / "l.txt"
+    path.write_text("0 0.5 0.5 0.2 0.2\n0 0.5000004 0.5 0.2 0.2\n0 0.500001 0.5 0.2 0.2\n")
+    boxes, problems = check_label(path, "l.txt", ["a"])
+    assert boxes == 2 and [(p.line, p.kind) for p in problems] == [(2, "duplicate-box")]

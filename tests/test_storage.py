@@ -552,3 +552,26 @@ def test_a_redirect_without_a_region_is_exit_2_not_a_recursion_error(
             storage.check_bucket(client, S3Path(BUCKET, "x"), "checking the bucket")
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "where"),
+    [
+        ({}, "endpoint AWS S3, region (unset)"),
+        ({"AWS_DEFAULT_REGION": "ap-south-1"}, "endpoint AWS S3, region ap-south-1"),
+        ({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "ap-south-1"}, "endpoint AWS S3, region eu-west-1"),
+        ({"AWS_ENDPOINT_URL": "https://minio.lab:9000"}, "endpoint https://minio.lab:9000, region (unset)"),
+    ],
+)
+def test_a_redirect_says_which_endpoint_and_region_the_job_used_whichever_variables_set_them(
+    env: dict[str, str], where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    err = storage._refusal("data-bkt", "reading the dataset from", "PermanentRedirect", "301", "")
+    assert err.sentence == (
+        f"The bucket 'data-bkt' is not served at {where} (the server answered PermanentRedirect while reading the "
+        "dataset from): set AWS_REGION to the bucket's region or AWS_ENDPOINT_URL_S3 to its endpoint."
+    )

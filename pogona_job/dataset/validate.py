@@ -433,6 +433,9 @@ def check_label(
             line = f.readline(_MAX_LINE_CHARS)
             if not line:
                 break
+            rest = line
+            while not rest.endswith("\n") and len(rest) >= _MAX_LINE_CHARS:
+                rest = f.readline(_MAX_LINE_CHARS)  # skip the rest of an overlong line: one line, one verdict
             if number > max_lines:
                 problems.append(
                     Problem(
@@ -458,8 +461,6 @@ def check_label(
                 continue
             seen[key] = number
             boxes += 1
-            while line and not line.endswith("\n") and len(line) >= _MAX_LINE_CHARS:
-                line = f.readline(_MAX_LINE_CHARS)  # skip the rest of an overlong line
     return boxes, problems
 
 

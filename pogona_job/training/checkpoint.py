@@ -86,6 +86,10 @@ class CheckpointSync:
         if not final and (epoch % self.every_epochs or time.monotonic() - self._last_offer < self.min_interval_s):
             self._skipped_last = (phase, epoch, epochs, save_dir, state)
             return
+        self._queue(phase, epoch, epochs, save_dir, state)
+
+    def _queue(self, phase: str, epoch: int, epochs: int, save_dir: Path, state: dict[str, Any]) -> None:
+        """Copy the epoch's files aside and hand them to the worker (replacing a snapshot still pending)."""
         self._skipped_last = None
         self._last_offer = time.monotonic()
         folder = self.staging / f"{phase}-{epoch}"
@@ -110,9 +114,8 @@ class CheckpointSync:
         if self._skipped_last is None or self._closed:
             return None
         phase, epoch, epochs, save_dir, state = self._skipped_last
-        self._skipped_last = None
-        self._last_offer = -1e9
-        self.offer(phase, epoch, epochs, save_dir, state)
+        self._raise_failure()
+        self._queue(phase, epoch, epochs, save_dir, state)  # past both interval settings, not only the time
         return epoch
 
     def spec(self) -> dict[str, Any]:
