@@ -89,7 +89,7 @@ def _artifact_set(s3_client: Any, env: dict[str, str], run: str) -> set[str]:
 def test_job_completes_through_a_flaky_store_with_the_same_artifacts(
     s3: LocalS3, s3_client: Any, demo_uri: str, proxy_factory: Any, tmp_path: Path
 ) -> None:
-    proxy = proxy_factory("503:0.08,500:0.04,reset:0.04,slow:0.02", slow_s=1)
+    proxy = proxy_factory("503:0.025,500:0.01,reset:0.01,slow:0.01", slow_s=1)
     env = job_env(
         s3,
         tmp_path,
