@@ -38,7 +38,7 @@ chromium:
 # 1,695 s against 1,922 s in one process: the trainings overlap the waits on S3, signals and leases).
 TEST_WORKERS ?= 2
 test: setup tools
-	@$(PY) -m pytest -p randomly -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
+	@$(PY) -m pytest -p randomly -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
 	$(MAKE) --no-print-directory infra-validate
 
 # The fast loop (< 2 min): every test that neither trains nor starts the job or a script as a process
