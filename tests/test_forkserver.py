@@ -11,7 +11,11 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import forkserver
+
+pytestmark = pytest.mark.slow  # each test starts job processes
 
 
 def test_a_forked_child_runs_the_command_with_its_own_environment_and_session(tmp_path: Path) -> None:
