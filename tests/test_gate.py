@@ -922,6 +922,7 @@ def test_one_labelled_batch_is_enough_and_the_count_needs_the_batches_it_counts(
 
 STILL_WEIGHTS = "a learning rate of 0 (POGONA_LR0) or every layer frozen: the weights did not change"
 FALLING = [{"box_loss": 2.0 - 0.1 * i, "cls_loss": 1.0, "dfl_loss": 1.0} for i in range(9)]
+EMPTY = [{"box_loss": 0.0, "cls_loss": 0.5 - i * 0.03, "dfl_loss": 0.0} for i in range(9)]  # no labelled box
 
 
 @pytest.mark.parametrize(
@@ -941,6 +942,14 @@ FALLING = [{"box_loss": 2.0 - 0.1 * i, "cls_loss": 1.0, "dfl_loss": 1.0} for i i
             f"likely causes: {STILL_WEIGHTS}; or labels that do not match their images (12 of 12 sanity batches "
             "carried labelled boxes), or a threshold too strict for this data",
             id="flat-loss-and-still-weights-on-a-gpu-never-blame-the-backend",
+        ),
+        pytest.param(
+            [_row(1, 0.0, 0.5, 0.0), _row(2, 0.0, 0.5, 0.0)],
+            {"batches": EMPTY, "labelled": 0, "weight_change": 0.05, "context": Context("0")},
+            ["no epoch with box_loss = dfl_loss = 0", LABELLED_NAME],
+            "likely causes: labels that ultralytics cannot see (0 of 9 sanity batches carried labelled boxes; check "
+            "`pogona-job dataset validate`)",
+            id="no-labelled-box-on-a-gpu-blames-the-labels-not-the-backend",
         ),
         pytest.param(
             RISING,
