@@ -214,34 +214,9 @@ SURVIVORS: dict[str, str] = {
 }
 
 # Survivors that are NOT equivalent: a test is missing, and what it must assert (by mutant name glob). They are
-# listed with their reason and still fail `make mutants` until a test kills them.
-_GATE = "pogona_job.training.gate."
-_GATE_FILE = "tests/test_gate.py was not among the files of the change that first measured this"
-GAPS: dict[str, str] = {
-    _GATE + "x_backend_cause__*": f"missing assertion: the MPS cause's sentence in full; {_GATE_FILE}",
-    _GATE + "x__likely__*": f"missing assertion: the sentence when no likely cause is known; {_GATE_FILE}",
-    _GATE + "x_watchdog_causes__*": "missing assertion: the watchdog's likely causes per kind ('nan', 'zero', "
-    f"'no-foreground'), AMP named only off the CPU, each sentence in full; {_GATE_FILE}",
-    _GATE
-    + "x_require_parity__*": f"missing assertion: the parity failure names the probed device's cause; {_GATE_FILE}",
-    _GATE + "xǁVerdictǁcauses__*": "missing assertion: which causes a failed verdict names for each combination "
-    f"of failed criteria (zero epochs, no labels, still weights, trend, mAP, from scratch); {_GATE_FILE}",
-    _GATE
-    + "xǁZeroMapWatchǁcheck__*": f"missing assertion: the zero-mAP hint in full, from scratch or not; {_GATE_FILE}",
-    _GATE + "xǁStallWatchdogǁoverdue__*": f"missing assertion: the stall sentence's advice in full; {_GATE_FILE}",
-    _GATE
-    + "xǁStallWatchdogǁstart__*": f"missing assertion: one daemon thread named pogona-stall-watchdog; {_GATE_FILE}",
-    _GATE + "xǁStallWatchdogǁstop__*": "missing assertion: stop() before start() and from the watchdog's own "
-    f"thread, and its bounded join; {_GATE_FILE}",
-    _GATE + "xǁStallWatchdogǁ_watch__*": f"missing assertion: `fired` holds the failure reported; {_GATE_FILE}",
-    _GATE + "xǁBatchWatchdogǁcheck__*": "missing assertion: the watchdog's kind ('zero', 'no-foreground'), its "
-    f"count of batches with boxes and the history it keeps; {_GATE_FILE}",
-    _GATE + "xǁBatchWatchdogǁ_trip__*": f"missing assertion: the kind a tripped watchdog keeps; {_GATE_FILE}",
-    _GATE + "x_batch_trends__*": "missing assertion: the trends at their edges (a third of at least one batch, "
-    f"two finite values, non-finite values left out); {_GATE_FILE}",
-    _GATE + "x_verdict__*": "missing assertion: the verdict's criteria at their edges (mAP >= the minimum, a drop "
-    f"<= -min, 3 batches for trends, the expected texts, labelled batches > 0); {_GATE_FILE}",
-}
+# listed with their reason and still fail `make mutants` until a test kills them. (The gate's were killed by
+# tests/test_gate.py's specification tests: every cause sentence in full, the criteria at their edges.)
+GAPS: dict[str, str] = {}
 
 
 def reason(mutant: str) -> str:

@@ -12,6 +12,13 @@ from pogona_job.errors import ConfigError, SanityFailed
 from pogona_job.training.gate import (
     BatchWatchdog,
     Context,
+    Criterion,
+    StallWatchdog,
+    Trend,
+    Verdict,
+    ZeroMapWatch,
+    backend_cause,
+    batch_trends,
     frozen_layers,
     parity_probe,
     require_parity,
@@ -532,3 +539,460 @@ def test_zero_map_stops_after_k_consecutive_zero_epochs_and_a_nonzero_one_resets
     off = ZeroMapWatch(0)
     for epoch in range(1, 100):
         off.check(epoch, 0.0)
+
+
+# --- every cause in full: the words a user acts on ------------------------------------------------------
+# Spelled out here (not imported from gate.py): a changed word is a changed sentence and should fail a test.
+
+MPS_CAUSE = "Apple's MPS backend (known to train YOLO on zero or NaN losses; use POGONA_DEVICE=cpu or a CUDA GPU)"
+GPU0_CAUSE = "the GPU backend on device 0 (compare with POGONA_DEVICE=cpu on the same data)"
+HIGH_LR = "a learning rate too high for this model and batch (lower POGONA_LR0)"
+AMP = "mixed precision overflowing (AMP)"
+PATCHED_LOSS = "a loss function that was replaced or patched"
+UNASSIGNED_BOXES = (
+    "labelled boxes that reach the loss but that no prediction is assigned to: boxes far smaller than the model's "
+    "8-pixel grid at this image size (raise POGONA_IMGSZ) or lying outside their image (check `pogona-job dataset "
+    "validate`)"
+)
+NO_CAUSE = "no likely cause is known for this run"
+
+
+def test_a_backend_is_named_as_a_cause_only_off_the_cpu_and_the_mps_one_says_what_to_use_instead() -> None:
+    assert backend_cause(Context("cpu")) is None
+    assert backend_cause(Context("mps")) == MPS_CAUSE
+    assert backend_cause(Context("0")) == GPU0_CAUSE
+    assert backend_cause(Context("0,1")) == (
+        "the GPU backend on device 0,1 (compare with POGONA_DEVICE=cpu on the same data)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "device", "causes"),
+    [
+        ("nan", "cpu", f"likely causes: {HIGH_LR}"),  # the CPU is the reference: no backend, no AMP
+        ("nan", "mps", f"likely causes: {MPS_CAUSE}; or {HIGH_LR}; or {AMP}"),
+        ("nan", "0", f"likely causes: {GPU0_CAUSE}; or {HIGH_LR}; or {AMP}"),
+        ("zero", "cpu", f"likely causes: {PATCHED_LOSS}"),
+        ("zero", "0", f"likely causes: {GPU0_CAUSE}; or {PATCHED_LOSS}"),
+        ("no-foreground", "cpu", f"likely causes: {UNASSIGNED_BOXES}"),
+        ("no-foreground", "mps", f"likely causes: {MPS_CAUSE}; or {UNASSIGNED_BOXES}"),
+    ],
+)
+def test_each_kind_of_watchdog_trip_names_its_own_likely_causes_in_full(kind: str, device: str, causes: str) -> None:
+    assert watchdog_causes(kind, Context(device)) == causes
+
+
+def test_a_refused_device_names_its_own_backend_as_the_likely_cause() -> None:
+    """The refusal's cause is the probed device's backend, whichever device the run's context says."""
+
+    def refusal(device: str) -> str:
+        result = parity_probe(lambda d: HEALTHY if d == "cpu" else SIGNATURE, device)
+        with pytest.raises(SanityFailed) as err:
+            require_parity(result)
+        return err.value.sentence
+
+    assert refusal("0") == (
+        "Refusing device 0: its training loss disagrees with the CPU's on the same batch (box_loss is 0 on 0 but "
+        f"1.4 on the CPU); likely causes: {GPU0_CAUSE}."
+    )
+    assert refusal("mps").endswith(f"(box_loss is 0 on mps but 1.4 on the CPU); likely causes: {MPS_CAUSE}.")
+    require_parity(parity_probe(lambda d: HEALTHY, "0"))  # agreement: no refusal
+
+
+# --- the batch watchdog's state: what the trip and the verdict read -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("losses", "boxes", "kind"),
+    [
+        ({**HEALTHY, "box_loss": math.inf}, 3, "nan"),
+        (dict.fromkeys(HEALTHY, 0.0), 3, "zero"),
+        (SIGNATURE, 3, "no-foreground"),
+    ],
+)
+def test_a_tripped_watchdog_keeps_the_kind_of_its_trip_and_its_signature(
+    losses: dict[str, float], boxes: int, kind: str
+) -> None:
+    dog = BatchWatchdog(zero_batches=1)
+    assert (dog.kind, dog.tripped) == ("", None)
+    with pytest.raises(SanityFailed) as err:
+        dog.check(losses, boxes_in_batch=boxes)
+    assert dog.kind == kind
+    assert err.value.sentence == f"The model is not learning: {dog.tripped}; {watchdog_causes(kind, Context())}."
+
+
+def test_the_zero_trip_names_the_batch_and_the_patched_loss() -> None:
+    dog = BatchWatchdog(phase="full", context=Context("0"))
+    dog.check(HEALTHY, boxes_in_batch=0)
+    with pytest.raises(SanityFailed) as err:
+        dog.check(dict.fromkeys(HEALTHY, 0.0), boxes_in_batch=0)
+    assert err.value.sentence == (
+        f"The model is not learning: all losses exactly 0 at full batch 2; likely causes: {GPU0_CAUSE}; or "
+        f"{PATCHED_LOSS}."
+    )
+
+
+def test_the_watchdog_keeps_the_first_sanity_batches_losses_and_counts_those_with_a_labelled_box() -> None:
+    """`keep` batches for the verdict (the sanity batches): only the three losses, as floats; a batch with one
+    box is labelled, one with none is not; later batches are neither kept nor counted."""
+    dog = BatchWatchdog(keep=3)
+    sent = [{"box_loss": 1 + i, "cls_loss": 2, "dfl_loss": 3, "lr": 0.01} for i in range(5)]
+    for losses, boxes in zip(sent, (0, 1, 5, 7, 9), strict=True):
+        dog.check(losses, boxes_in_batch=boxes)
+    assert dog.history == [{"box_loss": 1.0 + i, "cls_loss": 2.0, "dfl_loss": 3.0} for i in range(3)]
+    assert dog.labelled == 2 and dog.batches == 5
+    nothing_kept = BatchWatchdog()
+    nothing_kept.check(HEALTHY, boxes_in_batch=4)
+    assert (nothing_kept.history, nothing_kept.labelled) == ([], 0)
+
+
+# --- the stall watchdog: its thread, its stop, its sentence ---------------------------------------------
+
+
+def _stall_dog(on_stall: Any, **kw: Any) -> StallWatchdog:
+    """A watchdog that fires at its first poll (10 ms) unless told otherwise."""
+    return StallWatchdog(**{"factor": 2, "min_s": 0.2, "first_s": 0.0, "on_stall": on_stall, "poll_s": 0.01, **kw})
+
+
+def test_the_stall_callback_runs_on_a_daemon_thread_named_for_it_and_may_stop_its_own_watchdog() -> None:
+    """A daemon never keeps the process alive; the name is what a thread dump shows. The job's callback reports
+    and stops the watchdog from that very thread: stop() must not try to join the thread it runs on."""
+    import threading
+
+    seen: dict[str, Any] = {}
+    done = threading.Event()
+
+    def on_stall(err: Any) -> None:
+        me = threading.current_thread()
+        seen.update(name=me.name, daemon=me.daemon, err=err, fired=dog.fired)
+        try:
+            dog.stop()
+        except Exception as exc:  # reported to the test, not lost in the thread
+            seen["stop"] = exc
+        done.set()
+
+    dog = _stall_dog(on_stall).start()
+    assert done.wait(5)
+    dog.stop()
+    assert (seen["name"], seen["daemon"], seen.get("stop")) == ("pogona-stall-watchdog", True, None)
+    assert seen["fired"] is seen["err"] and dog.fired is seen["err"]  # `fired` is the failure reported
+
+
+def test_stop_before_start_is_harmless_and_the_watchdog_then_never_fires() -> None:
+    fired: list[Any] = []
+    dog = _stall_dog(fired.append)
+    dog.stop()  # nothing started yet: nothing to join
+    dog.start()
+    dog.stop()
+    assert fired == [] and dog.fired is None
+
+
+def test_stop_waits_for_the_watchdog_thread_at_most_five_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A callback stuck in C must not hold the job's own exit path for ever: the join is bounded."""
+    import threading
+
+    joins: list[float | None] = []
+
+    class Recorded(threading.Thread):
+        def join(self, timeout: float | None = None) -> None:
+            joins.append(timeout)
+            super().join(timeout)
+
+    monkeypatch.setattr(threading, "Thread", Recorded)
+    dog = _stall_dog(lambda err: None, first_s=60.0).start()
+    dog.stop()
+    assert joins == [5] and not dog._thread.is_alive()
+
+
+def test_the_stall_sentences_say_what_waited_how_long_and_what_to_try() -> None:
+    clock = _Clock()
+    advice = (
+        " - a stalled data loader, a hung multi-GPU collective or a dead worker; the run is stopped and may be "
+        "retried (it resumes from its last checkpoint). If the data loader is the cause, try POGONA_WORKERS=0; "
+        "raise POGONA_STALL_FACTOR or POGONA_STALL_MIN_S if some batches are legitimately that slow."
+    )
+    first = _stall_dog(None, clock=clock, phase="sanity", first_s=600)
+    first.last = clock()
+    clock.now += 601
+    err = first.overdue()
+    assert err is not None and err.sentence == (
+        "Training made no progress: the first sanity batch has not finished after 601 s (limit 600 s)" + advice
+    )
+    later = _stall_dog(None, clock=clock, factor=2.5, min_s=12.5)
+    for gap in (0.0, 20.0, 8.0):
+        clock.now += gap
+        later.beat()
+    clock.now += 51
+    err = later.overdue()
+    assert err is not None and err.sentence == (
+        "Training made no progress: no full batch finished for 51 s after 3 finished train/val batches whose longest "
+        "gap was 20.0 s (limit 50 s: 2.5x that, at least 12.5 s)" + advice
+    )
+
+
+# --- the zero-mAP stop ----------------------------------------------------------------------------------
+
+ZERO_MAP_HINT = (
+    "labels that do not belong to their images (a shuffled or mismatched export: compare a few label files with "
+    "their images), boxes in the wrong coordinate format, or val labels from another dataset"
+)
+
+
+@pytest.mark.parametrize(
+    ("from_scratch", "hint"),
+    [
+        (False, ZERO_MAP_HINT),
+        (True, ZERO_MAP_HINT + "; a from-scratch model can also need longer: raise POGONA_GATE_ZERO_MAP_EPOCHS"),
+    ],
+    ids=["pretrained", "from-scratch"],
+)
+def test_the_zero_map_stop_names_the_labels_and_tells_a_from_scratch_run_to_wait_longer(
+    from_scratch: bool, hint: str
+) -> None:
+    watch = ZeroMapWatch(2, from_scratch=from_scratch)
+    watch.check(4, 0.0)
+    with pytest.raises(SanityFailed) as err:
+        watch.check(5, 0.0)
+    assert err.value.sentence == (
+        "The model is not learning: val mAP@0.5 stayed exactly 0 for 2 full-training epochs (to epoch 5) although "
+        f"the training loss passed the gate; likely causes: {hint}."
+    )
+
+
+# --- a model with nothing left to train: the refusal in full ---------------------------------------------
+
+
+def test_the_refusal_names_the_argument_the_layers_and_what_would_train() -> None:
+    with pytest.raises(ConfigError) as err:
+        require_trainable(24, YOLO11N, "yolo11n.yaml")
+    assert err.value.sentence == (
+        "The trainer argument freeze=24 freezes every layer of yolo11n.yaml (layers 0-23 hold its 23 parameter "
+        "tensors; the DFL is always frozen): nothing is left to train, so the run is refused before training. "
+        "Freeze fewer layers (freeze=23 trains the detection head only) or remove the argument."
+    )
+
+
+def test_only_parameters_in_numbered_layers_count_as_layers() -> None:
+    """`model.<index>.` is a layer; a name outside the numbered layers is counted as a tensor, not as a layer."""
+    with pytest.raises(ConfigError) as err:
+        require_trainable(2, ["model.0.conv.weight", "model.1.conv.weight", "model.dfl.conv.weight"], "odd.yaml")
+    assert "(layers 0-1 hold its 3 parameter tensors;" in err.value.sentence
+    assert "(freeze=1 trains the detection head only)" in err.value.sentence
+    # No numbered layer at all (only the always-frozen DFL): the sentence counts from layer 0.
+    with pytest.raises(ConfigError) as err:
+        require_trainable(3, ["head.dfl.weight"], "dfl-only.yaml")
+    assert "(layers 0-0 hold its 1 parameter tensors;" in err.value.sentence
+    assert "(freeze=0 trains the detection head only)" in err.value.sentence
+
+
+# --- batch trends at their edges --------------------------------------------------------------------------
+
+
+def test_a_batch_trend_compares_the_medians_of_the_first_and_last_third_at_least_one_batch_each() -> None:
+    three = [{"box_loss": 3.0}, {"box_loss": 2.0}, {"box_loss": 1.0}]
+    assert batch_trends(three) == [Trend("box_loss", 3.0, 1.0)]  # a third of 3 is one batch each side
+    six = [{"box_loss": v} for v in (6.0, 4.0, 9.0, 9.0, 2.0, 1.0)]
+    assert batch_trends(six) == [Trend("box_loss", 5.0, 1.5)]
+    assert batch_trends([{"box_loss": 2.0}, {"box_loss": 1.0}]) == [Trend("box_loss", 2.0, 1.0)]  # 2 is enough
+    assert batch_trends([{"box_loss": 2.0}]) == [] and batch_trends([]) == []
+
+
+def test_a_batch_trend_leaves_out_non_finite_and_missing_values_and_needs_two_finite_ones() -> None:
+    batches = [
+        {"box_loss": 4.0, "cls_loss": math.nan, "dfl_loss": 1.0},
+        {"box_loss": math.inf, "cls_loss": 2.0},
+        {"box_loss": 3.0, "cls_loss": math.nan, "dfl_loss": 1.0},
+        {"box_loss": 2.0, "cls_loss": 1.0, "dfl_loss": 1.0},
+    ]
+    # box: 4, 3, 2 (inf left out); cls: 2, 1 (two NaN left out); dfl: 1, 1, 1 (one batch without it)
+    assert batch_trends(batches) == [Trend("box_loss", 4.0, 2.0), Trend("cls_loss", 2.0, 1.0), Trend("dfl_loss", 1, 1)]
+    one_finite = [{"cls_loss": 1.0}, {"cls_loss": math.nan}, {"cls_loss": -math.inf}]
+    assert batch_trends(one_finite) == []
+
+
+# --- the verdict's criteria at their edges ------------------------------------------------------------------
+
+TREND_NAME = "a loss falls over the sanity batches (median of the last third vs the first third)"
+EPOCH_TREND_NAME = "train loss fell (first sanity epoch to the best later one)"
+WEIGHTS_NAME = "the weights changed during the sanity epochs (relative L2 change)"
+LABELLED_NAME = "sanity batches with at least one labelled box"
+FLAT = [{"box_loss": 0.5, "cls_loss": 0.4, "dfl_loss": 0.9}] * 12
+
+
+def _criterion(v: Verdict, name: str) -> Criterion:
+    (found,) = [c for c in v.criteria if c.name == name]
+    return found
+
+
+def test_without_an_epoch_the_verdict_keeps_the_context_and_what_was_seen_and_names_no_cause() -> None:
+    gpu = Context("0", from_scratch=True, sanity_epochs=2)
+    v = verdict([], min_loss_drop=0.02, min_map50=0.0, batches=[HEALTHY] * 3, labelled=2, context=gpu)
+    assert (v.context, v.seen) == (gpu, "2 of 3 sanity batches carried labelled boxes")
+    assert v.failure_sentence() == (
+        f"The sanity epochs show the model is not learning (epochs completed: observed 0, needed >= 1); {NO_CAUSE}."
+    )
+
+
+def test_a_pretrained_run_whose_batch_loss_fell_by_exactly_the_minimum_passes_and_one_short_of_it_fails() -> None:
+    def trend(last_box: float) -> Criterion:
+        batches = [{"box_loss": 1.0, "cls_loss": 1.0, "dfl_loss": 1.0}, HEALTHY, {"box_loss": last_box}]
+        v = verdict(_rows((1, 1, 1), (1, 1, 1)), min_loss_drop=0.25, min_map50=0.0, batches=batches, labelled=3)
+        return _criterion(v, TREND_NAME)  # three batches are enough for a batch trend
+
+    assert trend(0.75) == Criterion(
+        TREND_NAME,
+        "one loss <= -25%, or mAP@0.5 >= 0",
+        "box_loss 1 -> 0.75 (-25%), cls_loss 1 -> 1.3 (+30%), dfl_loss 1 -> 1.1 (+10%) over 3 batches",
+        True,
+    )
+    assert not trend(0.76).passed
+
+
+def test_two_sanity_batches_are_too_few_for_a_batch_trend_and_the_epoch_means_judge() -> None:
+    v = verdict(RISING, min_loss_drop=0.02, min_map50=0.0, batches=BATCHES[:2], labelled=2, weight_change=0.1)
+    assert [c.name for c in v.criteria][1] == EPOCH_TREND_NAME and not v.passed
+
+
+def test_a_sanity_map_exactly_at_the_minimum_shows_learning_where_the_loss_is_flat() -> None:
+    rows = [_row(1, 0.5, 0.4, 0.9, **{"metrics/mAP50(B)": 0.05}), _row(2, 0.5, 0.4, 0.9, **{"metrics/mAP50(B)": 0.05})]
+    v = verdict(rows, min_loss_drop=0.02, min_map50=0.05, batches=FLAT, labelled=12, weight_change=0.002)
+    assert v.passed
+    assert _criterion(v, TREND_NAME) == Criterion(
+        TREND_NAME,
+        "one loss <= -2%, or mAP@0.5 >= 0.05",
+        "box_loss 0.5 -> 0.5 (+0%), cls_loss 0.4 -> 0.4 (+0%), dfl_loss 0.9 -> 0.9 (+0%) over 12 batches; "
+        "mAP@0.5 0.050 shows learning",
+        True,
+    )
+
+
+def test_the_map_is_named_as_evidence_only_where_the_loss_did_not_fall() -> None:
+    falling = [{"box_loss": 2.0 - 0.1 * i, "cls_loss": 1.0, "dfl_loss": 1.0} for i in range(6)]
+    rows = _rows((1, 1, 1), (1, 1, 1), map50=0.5)
+    fell = verdict(rows, min_loss_drop=0.02, min_map50=0.05, batches=falling, labelled=6, weight_change=0.1)
+    assert _criterion(fell, TREND_NAME).observed == (
+        "box_loss 1.95 -> 1.55 (-21%), cls_loss 1 -> 1 (+0%), dfl_loss 1 -> 1 (+0%) over 6 batches"
+    )
+    flat = verdict(_rows((1, 1, 1), (1, 1, 1)), min_loss_drop=0.02, min_map50=0.0, batches=FLAT, labelled=12)
+    assert _criterion(flat, TREND_NAME).observed == (
+        "box_loss 0.5 -> 0.5 (+0%), cls_loss 0.4 -> 0.4 (+0%), dfl_loss 0.9 -> 0.9 (+0%) over 12 batches"
+    )
+
+
+def test_from_scratch_without_batches_the_epoch_trend_is_shown_not_judged() -> None:
+    """A resumed from-scratch run: only the epoch means, which can rise in warm-up."""
+    v = verdict(RISING, min_loss_drop=0.02, min_map50=0.0, context=SCRATCH_CPU)
+    assert v.passed
+    assert _criterion(v, EPOCH_TREND_NAME) == Criterion(
+        EPOCH_TREND_NAME,
+        "shown, not judged: from scratch all losses can rise in warm-up",
+        "-10.2% (12.8 -> 14.1)",
+        True,
+    )
+
+
+def test_the_weights_criterion_shows_the_measured_change_or_why_it_was_not_judged() -> None:
+    def weights(change: float | None) -> Criterion:
+        v = verdict(RISING, min_loss_drop=0.02, min_map50=0.0, batches=BATCHES, labelled=15, weight_change=change)
+        return _criterion(v, WEIGHTS_NAME)
+
+    assert weights(0.0123456) == Criterion(WEIGHTS_NAME, "> 0", "0.0123", True)
+    assert weights(0.0) == Criterion(WEIGHTS_NAME, "> 0", "0", False)
+    assert weights(None) == Criterion(
+        WEIGHTS_NAME,
+        "> 0",
+        "not judged: too few sanity batches for an optimizer step with a learning rate (ultralytics accumulates "
+        "64/POGONA_BATCH batches a step); more sanity epochs judge it",
+        True,
+    )
+
+
+def test_one_labelled_batch_is_enough_and_the_count_needs_the_batches_it_counts() -> None:
+    def labelled(n: int | None, batches: list[dict[str, float]]) -> list[Criterion]:
+        v = verdict(RISING, min_loss_drop=0.02, min_map50=0.0, batches=batches, labelled=n, context=SCRATCH_CPU)
+        return [c for c in v.criteria if c.name == LABELLED_NAME]
+
+    assert labelled(1, BATCHES) == [Criterion(LABELLED_NAME, ">= 1", "1 of 15", True)]
+    assert labelled(0, BATCHES) == [Criterion(LABELLED_NAME, ">= 1", "0 of 15", False)]
+    assert labelled(None, BATCHES) == []  # the trainer did not count them
+    assert labelled(4, []) == []  # a resumed run: no sanity batch seen
+
+
+# --- which causes a failed verdict names ----------------------------------------------------------------
+
+STILL_WEIGHTS = "a learning rate of 0 (POGONA_LR0) or every layer frozen: the weights did not change"
+FALLING = [{"box_loss": 2.0 - 0.1 * i, "cls_loss": 1.0, "dfl_loss": 1.0} for i in range(9)]
+EMPTY = [{"box_loss": 0.0, "cls_loss": 0.5 - i * 0.03, "dfl_loss": 0.0} for i in range(9)]  # no labelled box
+
+
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "failed", "causes"),
+    [
+        pytest.param(
+            RISING,
+            {"batches": FALLING, "labelled": 9, "weight_change": 0.0, "context": Context("0")},
+            [WEIGHTS_NAME],
+            f"likely causes: {STILL_WEIGHTS}",
+            id="still-weights-on-a-gpu-blame-the-learning-rate-alone",
+        ),
+        pytest.param(
+            RISING,
+            {"batches": FLAT, "labelled": 12, "weight_change": 0.0, "context": Context("0")},
+            [TREND_NAME, WEIGHTS_NAME],
+            f"likely causes: {STILL_WEIGHTS}; or labels that do not match their images (12 of 12 sanity batches "
+            "carried labelled boxes), or a threshold too strict for this data",
+            id="flat-loss-and-still-weights-on-a-gpu-never-blame-the-backend",
+        ),
+        pytest.param(
+            [_row(1, 0.0, 0.5, 0.0), _row(2, 0.0, 0.5, 0.0)],
+            {"batches": EMPTY, "labelled": 0, "weight_change": 0.05, "context": Context("0")},
+            ["no epoch with box_loss = dfl_loss = 0", LABELLED_NAME],
+            "likely causes: labels that ultralytics cannot see (0 of 9 sanity batches carried labelled boxes; check "
+            "`pogona-job dataset validate`)",
+            id="no-labelled-box-on-a-gpu-blames-the-labels-not-the-backend",
+        ),
+        pytest.param(
+            RISING,
+            {"batches": FALLING, "labelled": 9, "weight_change": 0.0, "context": Context("0", from_scratch=True)},
+            [WEIGHTS_NAME],
+            f"likely causes: {STILL_WEIGHTS}",
+            id="still-weights-from-scratch",
+        ),
+        pytest.param(
+            _rows((1, 1, 1), (1, 1, 1)),
+            {"min_map50": 0.05, "batches": FALLING, "labelled": 9, "weight_change": 0.1, "context": SCRATCH_CPU},
+            ["mAP@0.5 after the sanity epochs"],
+            "likely causes: too few sanity epochs for a from-scratch model to score (3; raise POGONA_SANITY_EPOCHS, "
+            "lower POGONA_GATE_MIN_MAP50, or start from pretrained weights)",
+            id="from-scratch-below-the-map-minimum-on-the-cpu",
+        ),
+        pytest.param(
+            _rows((1, 1, 1), (1, 1, 1)),
+            {"min_map50": 0.05, "batches": FALLING, "labelled": 9, "weight_change": 0.1, "context": Context("mps")},
+            ["mAP@0.5 after the sanity epochs"],
+            f"likely causes: {MPS_CAUSE}; or labels that do not match their images (9 of 9 sanity batches carried "
+            "labelled boxes), or a threshold too strict for this data",
+            id="pretrained-below-the-map-minimum-on-mps",
+        ),
+        pytest.param(
+            [_row(1, 0.0, 27.0, 0.0), _row(2, 0.0, 26.0, 0.0)],
+            {"batches": FALLING, "labelled": 9, "weight_change": 0.1, "context": Context("mps", from_scratch=True)},
+            ["no epoch with box_loss = dfl_loss = 0"],
+            f"likely causes: {MPS_CAUSE}",
+            id="zero-epochs-on-mps-from-scratch-blame-the-backend",
+        ),
+        pytest.param(
+            [_row(1, 0.0, 27.0, 0.0), _row(2, 0.0, 26.0, 0.0)],
+            {"batches": FALLING, "labelled": 9, "weight_change": 0.1, "context": Context("cpu", from_scratch=True)},
+            ["no epoch with box_loss = dfl_loss = 0"],
+            "likely causes: labelled boxes no prediction is assigned to (9 of 9 sanity batches carried labelled boxes)",
+            id="zero-epochs-on-the-cpu-blame-the-boxes",
+        ),
+    ],
+)
+def test_a_failed_verdict_names_the_causes_that_fit_its_failed_criteria(
+    rows: list[dict[str, float]], kwargs: dict[str, Any], failed: list[str], causes: str
+) -> None:
+    v = verdict(rows, **{"min_loss_drop": 0.02, "min_map50": 0.0, **kwargs})
+    assert [c.name for c in v.criteria if not c.passed] == failed
+    assert v.failure_sentence().endswith(f"); {causes}.")

@@ -322,7 +322,9 @@ class Verdict:
             causes.append("a learning rate of 0 (POGONA_LR0) or every layer frozen: the weights did not change")
         if NO_LABELS in names:
             causes.append(f"labels that ultralytics cannot see ({self.seen}; check `pogona-job dataset validate`)")
-        if ZERO_EPOCHS in names or (NO_LABELS not in names and not weights_still and (trend_failed or MAP in names)):
+        # No labelled box explains zero box and dfl losses, and no backend makes labels (they are counted on the
+        # CPU side, from the batch): the backend is a cause only where labels reached the loss.
+        if NO_LABELS not in names and (ZERO_EPOCHS in names or (not weights_still and (trend_failed or MAP in names))):
             causes.append(backend_cause(ctx))
         if MAP in names and ctx.from_scratch:
             causes.append(
