@@ -439,9 +439,10 @@ HISTORY = (
     "Before these measurements (2026-12-02): gate 248 of 248 killed (gate.py has grown since); checkpoint not "
     "measurable (each mutant started SeaweedFS and obstore hung in mutmut's forked process: every mutant checked "
     "ended in mutmut's timeout); the dataset rules 242 of 1,520 checked in 13 minutes (44 survivors); storage never "
-    "measured. The mutants found two bugs, fixed on the way: an overlong label line was reported as several "
+    "measured. The mutants found three bugs, fixed on the way: an overlong label line was reported as several "
     "lines, with line numbers past the file's (53c96eb); with POGONA_CHECKPOINT_EVERY_EPOCHS > 1 a stop "
-    "request queued no checkpoint of the skipped epoch it named (eb110ef)."
+    "request queued no checkpoint of the skipped epoch it named (eb110ef); on a GPU, sanity batches without one "
+    "labelled box named the backend as a likely cause (aeb2d12)."
 )
 DATA = re.compile(r"<!-- mutants.json (.*?) -->", re.DOTALL)
 STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "segfault", "not checked")
