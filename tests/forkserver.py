@@ -46,9 +46,19 @@ def _preload() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot
+    import markdown
+    import requests
+    import scipy.fft
+    import scipy.special
+    import thop
     import torch
     import torch._dynamo
+    import torchvision
     import ultralytics.models.yolo.detect  # noqa: F401
+
+    # What a job's first training imports besides (measured: a second's CPU in every child). Not polars:
+    # its import starts a thread pool that a forked child would find without its threads.
+    del markdown, requests, scipy, thop, torchvision
 
     import pogona_job.cli
     import pogona_job.evaluation.export
