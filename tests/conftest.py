@@ -284,10 +284,12 @@ SLOW_CALLS = (
     "Popen(",
     "subprocess.run(",
     "job.run(",
+    'run_here(["run"]',  # the job in this process: it trains, unless the test is about a refusal
     ".train(",
     "train_phase(",
     "batch_loss_fn(",  # a real model's loss on a real batch
     "ship_models",
+    "trained_model(",  # the session's shared trained model: whichever test asks first trains it
 )
 UNIT_LIMIT_S = 10.0
 
