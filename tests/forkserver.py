@@ -45,8 +45,8 @@ def _preload() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot
     import markdown
+    import matplotlib.pyplot
     import requests
     import scipy.fft
     import scipy.special
