@@ -80,7 +80,7 @@ install_tools() {
     "$python" -m venv "$TOOLS_VENV"
     # uv installs the pinned set in seconds (pip: ~30 s of CPU beside the job's own set-up in CI).
     "$TOOLS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check uv
-    "$TOOLS_VENV/bin/uv" pip install --quiet --python "$TOOLS_VENV/bin/python" -r "$REQUIREMENTS"
+    "$TOOLS_VENV/bin/uv" pip install --quiet --compile-bytecode --python "$TOOLS_VENV/bin/python" -r "$REQUIREMENTS"
     if ! command -v npm >/dev/null 2>&1; then
         log "validate: npm (Node.js >= 18) is needed for the IAM policy evaluator the tests use"
         return 1
