@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import boto3
 import pytest
 
 from pogona_job import logs
@@ -26,6 +25,7 @@ from tests.helpers import (  # noqa: F401
     TINY,
     JobProcess,
     Result,
+    client_for,
     job_env,
     out_key,
     output_uri,
@@ -87,13 +87,7 @@ def _shared_s3(buckets: list[str]) -> Iterator[LocalS3]:
                 except BlockingIOError:
                     continue
                 server = LocalS3(buckets=spec["buckets"], data_dir=Path(spec["data_dir"]), port=int(spec["port"]))
-                client = boto3.client(
-                    "s3",
-                    endpoint_url=server.endpoint,
-                    aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
-                    aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
-                    region_name="us-east-1",
-                )
+                client = client_for(server)
                 for bucket in server.buckets:
                     while keys := [
                         {"Key": o["Key"]} for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])
@@ -115,13 +109,7 @@ def published_manifests_that_do_not_validate(server: LocalS3) -> dict[str, str]:
 
     from pogona_job.run.manifest import Manifest
 
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+    client = client_for(server)
     invalid: dict[str, str] = {}
     for bucket in server.buckets:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
@@ -144,13 +132,7 @@ def published_manifests_that_do_not_validate(server: LocalS3) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def s3_client(s3: LocalS3):  # type: ignore[no-untyped-def]
-    return boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint,
-        aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+    return client_for(s3)
 
 
 @pytest.fixture(scope="session")

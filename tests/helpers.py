@@ -221,6 +221,19 @@ class JobProcess:
 # --- what the job left in the bucket ----------------------------------------------------------------
 
 
+def client_for(server: LocalS3) -> Any:
+    """A boto3 client of the test server with its credentials (a reader independent of the job's own client)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+
+
 def objects(client: Any, prefix: str, *, relative: bool = False) -> dict[str, dict[str, Any]]:
     """Every object under `prefix`, by key (by the key after `prefix` when `relative`)."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 
@@ -19,7 +18,7 @@ from pogona_job.evaluation.uncertainty import PerImage
 from pogona_job.s3 import storage
 from pogona_job.tools.demo import write_demo
 from pogona_job.tools.locals3 import LocalS3
-from tests.conftest import BUCKET, job_env, run_cli, run_here
+from tests.conftest import BUCKET, client_for, job_env, run_cli, run_here
 from tests.ship_models import trained_model
 
 # ---------------------------------------------------------------------------------------------
@@ -151,13 +150,7 @@ def _race(s3: LocalS3, output_uri: str, runs: list[str], against: str | None) ->
     won: dict[str, bool] = {}
 
     def go(run_id: str) -> None:
-        client = boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint,
-            aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
-        )
+        client = client_for(s3)
         manifest = _manifest(run_id, against)
         barrier.wait()
         won[run_id] = promotion.promote(client, output_uri, manifest, 128)
