@@ -3,9 +3,11 @@ keeps the objects, and `make run-local-stop` (rehearsal --stop) stops it and rem
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -24,17 +26,39 @@ def _client(env: dict[str, str]):  # type: ignore[no-untyped-def]
     )
 
 
-def test_the_kept_server_is_found_again_keeps_its_objects_across_a_restart_and_stops(tmp_path: Path) -> None:
+def _start_kept_and_exit(data: Path) -> None:
+    """What `make run-local` does: a process starts the kept server, then ends."""
+    start = (
+        "from pathlib import Path; from pogona_job.tools.locals3 import start_kept; "
+        f"start_kept(Path({str(data)!r}), ['pogona-demo'])"
+    )
+    subprocess.run([sys.executable, "-c", start], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=60)
+
+
+def _ended(pid: int) -> bool:
+    """The process has exited (gone, or a zombie its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_kept_server_outlives_its_command_keeps_its_objects_across_a_restart_and_stops(tmp_path: Path) -> None:
+    """Before: the server died with the `make run-local` that started it (the die-with-parent signal every
+    test server gets), and the commands it printed to try next found nothing listening."""
     data = tmp_path / ".run-local" / "s3"
     data.mkdir(parents=True)
-    first = last = start_kept(data, ["pogona-demo"])
-    pid = first.proc.pid if first.proc else 0
+    _start_kept_and_exit(data)
+    first = running(data, ["pogona-demo"])  # what the user's next command, or the next `make run-local`, finds
+    last = None
+    assert first is not None, "the kept server ended with the process that started it"
+    pid = int(json.loads((data / "server.json").read_text())["pid"])
     try:
         _client(first.env).put_object(Bucket="pogona-demo", Key="runs/r1/manifest.json", Body=b"{}")
-        again = running(data, ["pogona-demo"])  # what the next `make run-local` does
-        assert again is not None and again.endpoint == first.endpoint
         os.killpg(pid, 15)  # the machine rebooted, say
-        first.proc.wait(10)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 20
+        while not _ended(pid) and time.monotonic() < deadline:  # not our child: no wait(); its whole exit
+            time.sleep(0.2)
         assert running(data, ["pogona-demo"]) is None
         restarted = last = start_kept(data, ["pogona-demo"])
         assert restarted.port == first.port  # the printed commands stay valid
@@ -53,5 +77,5 @@ def test_the_kept_server_is_found_again_keeps_its_objects_across_a_restart_and_s
     assert proc.returncode == 0, proc.stderr
     assert "Stopped the local S3 server" in proc.stdout
     assert not (tmp_path / ".run-local").exists()
-    # The server is this test's child here (a zombie until reaped): it has exited when wait() returns.
-    assert last.proc is not None and last.proc.wait(timeout=10) is not None
+    # The restarted server is this test's child (a zombie until reaped): it has exited when wait() returns.
+    assert last is not None and last.proc is not None and last.proc.wait(timeout=10) is not None

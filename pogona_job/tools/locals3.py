@@ -80,7 +80,9 @@ class LocalS3:
             ]
         }
 
-    def start(self, timeout: float = 30.0) -> LocalS3:
+    def start(self, timeout: float = 30.0, *, outlive_starter: bool = False) -> LocalS3:
+        """Start the server and wait until its buckets answer. It ends with the thread that started it
+        (`_die_with_parent`) unless `outlive_starter`: the server `make run-local` leaves for the user."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3.json"
         config.write_text(json.dumps(self._identities()))
@@ -113,7 +115,11 @@ class LocalS3:
         (self.data_dir / "data").mkdir(exist_ok=True)
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=None if outlive_starter else _die_with_parent,
         )
         self._wait_ready(timeout)
         return self
@@ -193,7 +199,7 @@ def start_kept(data_dir: Path, buckets: list[str]) -> LocalS3:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:  # taken by something else now
                 port = None
-    server = LocalS3(buckets, data_dir=data_dir, port=port).start()
+    server = LocalS3(buckets, data_dir=data_dir, port=port).start(outlive_starter=True)
     assert server.proc is not None
     (data_dir / "server.json").write_text(json.dumps({"pid": server.proc.pid, "port": server.port}))
     return server
