@@ -40,8 +40,9 @@ def weed_binary() -> str:
 def _die_with_parent() -> None:
     """Runs in the server's process before exec: on Linux the kernel sends it SIGTERM when the thread
     that started it ends, however that ends (a killed test run, a mutmut worker that exits without
-    finalising its session fixtures, a SIGTERM to `make run-local`). Without this, each of those left a
-    server of about 120 MB running. Start a LocalS3 from a thread that outlives its use (the main thread)."""
+    finalising its session fixtures). Without this, each of those left a server of about 120 MB running.
+    Start a LocalS3 from a thread that outlives its use (the main thread). Not for the server `make
+    run-local` keeps for the user (`start_kept`): `make run-local-stop` ends that one."""
     if sys.platform.startswith("linux"):
         import ctypes
 
