@@ -41,7 +41,7 @@ chromium:
 # "Using --randomly-seed=N" first: reproduce an order with  make test PYTEST_ARGS="-p randomly --randomly-seed=N".
 # TEST_WORKERS=N spreads the test files over N pytest-xdist workers (a whole file per worker, so its module
 # fixtures run once; 0: one process). Two by default, one per core: in a fresh clone on this 2-core machine
-# the 841 tests took 433-458 s with two workers and 441 s with three (the suite is CPU-bound: no gain).
+# the 841 tests took 413-458 s with two workers and 441 s with three (the suite is CPU-bound: no gain).
 TEST_WORKERS ?= 2
 test: setup tools
 	@$(PY) -m pytest -p randomly -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) || { code=$$?; [ $$code -ne 5 ] || echo "pytest ran no tests: that is a failure." >&2; exit $$code; }
