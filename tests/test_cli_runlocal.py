@@ -10,20 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
-
 from pogona_job.tools.locals3 import running, start_kept
 from tests.conftest import ROOT
-
-
-def _client(env: dict[str, str]):  # type: ignore[no-untyped-def]
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+from tests.helpers import client_for
 
 
 def _start_kept_and_exit(data: Path) -> None:
@@ -54,7 +43,7 @@ def test_the_kept_server_outlives_its_command_keeps_its_objects_across_a_restart
     assert first is not None, "the kept server ended with the process that started it"
     pid = int(json.loads((data / "server.json").read_text())["pid"])
     try:
-        _client(first.env).put_object(Bucket="pogona-demo", Key="runs/r1/manifest.json", Body=b"{}")
+        client_for(first).put_object(Bucket="pogona-demo", Key="runs/r1/manifest.json", Body=b"{}")
         os.killpg(pid, 15)  # the machine rebooted, say
         deadline = time.monotonic() + 20
         while not _ended(pid) and time.monotonic() < deadline:  # not our child: no wait(); its whole exit
@@ -63,7 +52,7 @@ def test_the_kept_server_outlives_its_command_keeps_its_objects_across_a_restart
         restarted = last = start_kept(data, ["pogona-demo"])
         assert restarted.port == first.port  # the printed commands stay valid
         assert (
-            _client(restarted.env).get_object(Bucket="pogona-demo", Key="runs/r1/manifest.json")["Body"].read() == b"{}"
+            client_for(restarted).get_object(Bucket="pogona-demo", Key="runs/r1/manifest.json")["Body"].read() == b"{}"
         )
     finally:
         proc = subprocess.run(

@@ -15,9 +15,7 @@ object (nor the lease) is left behind.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 import secrets
@@ -27,7 +25,9 @@ from typing import Any
 
 from pogona_job.tools.locals3 import LocalS3
 from tests.conftest import BUCKET, FaultProxy, job_env
-from tests.helpers import JobProcess, run_here
+from tests.helpers import JobProcess, objects, run_here
+from tests.helpers import body as _body
+from tests.helpers import epochs as _epochs
 
 EPOCHS, SANITY = 3, 2  # one training: epochs 1-2 are the sanity epochs, judged at the end of epoch 2
 
@@ -68,20 +68,6 @@ class PauseProxy(FaultProxy):
         return None
 
 
-def _objects(s3_client: Any, prefix: str) -> dict[str, Any]:
-    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"].removeprefix(prefix): o for page in pages for o in page.get("Contents", [])}
-
-
-def _body(s3_client: Any, key: str) -> bytes:
-    data: bytes = s3_client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-    return data
-
-
-def _epochs(s3_client: Any, key: str) -> list[int]:
-    return [int(r["epoch"]) for r in csv.DictReader(io.StringIO(_body(s3_client, key).decode()))]
-
-
 def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
     s3: LocalS3, demo_uri: str, s3_client: Any, tmp_path: Path
 ) -> None:
@@ -116,7 +102,7 @@ def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
             leg.kill()
             assert paused, f"leg {attempt} never reached {name} (exit {leg.proc.returncode}):\n{leg.tail()}"
             seen.append(paused)
-            manifest = _objects(s3_client, prefix).get("manifest.json")
+            manifest = objects(s3_client, prefix, relative=True).get("manifest.json")
             if name in ("latest.json", "champion.json", "the checkpoint clean-up"):
                 assert json.loads(_body(s3_client, prefix + "manifest.json"))["status"] == "succeeded"
             else:
@@ -151,5 +137,5 @@ def test_a_kill_9_at_every_crash_point_still_ends_in_one_exact_run(
     assert (
         champion["run_id"] == run and champion["weights_sha256"] == manifest["artifacts"]["weights/best.pt"]["sha256"]
     )
-    left = set(_objects(s3_client, prefix))
+    left = set(objects(s3_client, prefix, relative=True))
     assert not {k for k in left if k.startswith("checkpoint/") or k == "lease.json"}, sorted(left)
