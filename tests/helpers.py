@@ -218,6 +218,16 @@ class JobProcess:
                 job.log.unlink(missing_ok=True)
 
 
+def alive(pid: int) -> bool:
+    """The process is running: neither gone nor a zombie its parent has not reaped yet (a process that is
+    not this one's child cannot be waited for)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 # --- what the job left in the bucket ----------------------------------------------------------------
 
 

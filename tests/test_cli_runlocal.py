@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pogona_job.tools.locals3 import running, start_kept
 from tests.conftest import ROOT
-from tests.helpers import client_for
+from tests.helpers import alive, client_for
 
 
 def _start_kept_and_exit(data: Path) -> None:
@@ -22,14 +22,6 @@ def _start_kept_and_exit(data: Path) -> None:
         f"start_kept(Path({str(data)!r}), ['pogona-demo'])"
     )
     subprocess.run([sys.executable, "-c", start], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=60)
-
-
-def _ended(pid: int) -> bool:
-    """The process has exited (gone, or a zombie its new parent has not reaped yet)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_the_kept_server_outlives_its_command_keeps_its_objects_across_a_restart_and_stops(tmp_path: Path) -> None:
@@ -46,7 +38,7 @@ def test_the_kept_server_outlives_its_command_keeps_its_objects_across_a_restart
         client_for(first).put_object(Bucket="pogona-demo", Key="runs/r1/manifest.json", Body=b"{}")
         os.killpg(pid, 15)  # the machine rebooted, say
         deadline = time.monotonic() + 20
-        while not _ended(pid) and time.monotonic() < deadline:  # not our child: no wait(); its whole exit
+        while alive(pid) and time.monotonic() < deadline:  # not our child: no wait(); its whole exit
             time.sleep(0.2)
         assert running(data, ["pogona-demo"]) is None
         restarted = last = start_kept(data, ["pogona-demo"])

@@ -50,6 +50,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+_START_ATTEMPTS = 3
+
+
+class _PortTaken(RuntimeError):
+    """The server could not bind a port picked for it: another process took it in between."""
+
+
 class LocalS3:
     """`with LocalS3(buckets=["demo"]) as s3: s3.env` gives AWS_* variables for boto3."""
 
@@ -57,8 +64,10 @@ class LocalS3:
         self.buckets = buckets
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="pogona-s3-"))
+        self._port_given = port is not None
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_from = 0  # where the current start's lines begin in weed.log
 
     @property
     def endpoint(self) -> str:
@@ -83,7 +92,22 @@ class LocalS3:
 
     def start(self, timeout: float = 30.0, *, outlive_starter: bool = False) -> LocalS3:
         """Start the server and wait until its buckets answer. It ends with the thread that started it
-        (`_die_with_parent`) unless `outlive_starter`: the server `make run-local` leaves for the user."""
+        (`_die_with_parent`) unless `outlive_starter`: the server `make run-local` leaves for the user.
+
+        Its dozen ports are picked free just before the start, and another process can bind one in between
+        (seen in CI: two test workers starting servers at once, "bind: address already in use"); such a
+        start is tried again with new ports."""
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                return self._start_once(timeout, outlive_starter)
+            except _PortTaken:
+                if attempt == _START_ATTEMPTS:
+                    raise
+                if not self._port_given:
+                    self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float, outlive_starter: bool) -> LocalS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3.json"
         config.write_text(json.dumps(self._identities()))
@@ -115,6 +139,7 @@ class LocalS3:
         ]
         (self.data_dir / "data").mkdir(exist_ok=True)
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self._log_from = log.tell()
         self.proc = subprocess.Popen(
             args,
             stdout=log,
@@ -129,6 +154,12 @@ class LocalS3:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
+                with open(self.data_dir / "weed.log", "rb") as log:
+                    log.seek(self._log_from)
+                    said = log.read()
+                    # weed's own check of the ports it was given, or the bind that lost a race after it
+                    if b"is not available on" in said or b"address already in use" in said:
+                        raise _PortTaken(f"SeaweedFS found a port taken; see {self.data_dir / 'weed.log'}")
                 raise RuntimeError(f"SeaweedFS exited early; see {self.data_dir / 'weed.log'}")
             if self._buckets_ready():
                 return
